@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the PKD losses (installed as pkd_fast.kernels)."""

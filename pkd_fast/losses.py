@@ -1,0 +1,207 @@
+"""The PKD objective.
+
+The eager functions here are the specification: tests and benchmarks compare the fused Triton kernels
+(`pkd_fast.kernels`) against them, never the reverse. `pkd_loss` is the seam where the training loop, the
+teacher cache and the kernels meet; `LOSS_IMPLS` picks who computes each term.
+
+    L = (1-α)·CE(y, s) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + β·PT
+    PT = patient loss between L2-normalised student and mapped teacher hidden states
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+KD_REDUCTIONS = ("batchmean", "sum", "none", "mean")
+PT_REDUCTIONS = ("elementwise_mean", "mean", "sum")
+LOSS_IMPLS = ("auto", "triton", "eager", "compile")
+
+Hidden = Sequence[torch.Tensor] | torch.Tensor
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, labels), computed in fp32.
+
+    KL reductions: batchmean ÷N (Hinton, the PKD paper), sum, none (per row), mean ÷N·V (the authors' code).
+    The CE term is averaged over the rows whose label is not `ignore_index` (torch's CE semantics) for
+    batchmean/mean, summed for sum, per row for none; a batch with every row ignored contributes 0.
+    Teacher entries of -inf have probability 0 and add nothing to the KL.
+    """
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    s = student_logits.float()
+    n_rows, vocab = s.shape
+    loss = s.new_zeros(n_rows if reduction == "none" else ())
+    if alpha != 0.0:
+        t = teacher_logits.float()
+        log_p_s = F.log_softmax(s / temperature, dim=-1)
+        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl_rows = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
+        kl = {
+            "batchmean": lambda: kl_rows.sum() / n_rows,
+            "sum": kl_rows.sum,
+            "none": lambda: kl_rows,
+            "mean": lambda: kl_rows.sum() / (n_rows * vocab),
+        }[reduction]()
+        loss = loss + alpha * temperature**2 * kl
+    if alpha != 1.0:
+        if labels is None:
+            raise ValueError("labels are required when alpha < 1 (the CE term has weight 1 - alpha)")
+        valid = labels != ignore_index
+        safe_labels = torch.where(valid, labels, 0).long()
+        ce_rows = -F.log_softmax(s, dim=-1).gather(-1, safe_labels[:, None]).squeeze(-1)
+        ce_rows = torch.where(valid, ce_rows, 0.0)
+        if reduction == "none":
+            ce = ce_rows
+        elif reduction == "sum":
+            ce = ce_rows.sum()
+        else:
+            ce = ce_rows.sum() / valid.sum().clamp(min=1)
+        loss = loss + (1.0 - alpha) * ce
+    return loss
+
+
+def patient_loss_reference(
+    student_hidden: Hidden,
+    teacher_hidden: Hidden,
+    normalize: bool = True,
+    reduction: str = "elementwise_mean",
+) -> torch.Tensor:
+    """Σ_l mean_i ‖ĥs_li − ĥt_li‖² over L layer pairs of [N, H] rows, ĥ = h / max(‖h‖, 1e-12).
+
+    reduction: mean as written; elementwise_mean further ÷(L·H), the authors' code scale on which their
+    β grid (10–1000) was searched; sum is the paper's Σ_l Σ_i form.
+    """
+    if reduction not in PT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
+    if len(student_hidden) == 0:
+        return torch.zeros(())
+    total = 0.0
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        hs, ht = hs.float(), ht.float()
+        if normalize:
+            hs, ht = F.normalize(hs, dim=-1, eps=1e-12), F.normalize(ht, dim=-1, eps=1e-12)
+        rows = (hs - ht).pow(2).sum(-1)
+        total = total + (rows.sum() if reduction == "sum" else rows.mean())
+    if reduction == "elementwise_mean":
+        total = total / (len(student_hidden) * student_hidden[0].shape[-1])
+    return total
+
+
+def regression_kd_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor | None, labels: torch.Tensor, alpha: float):
+    """Regression (STS-B) counterpart of the KD term: (1-α)·MSE to the label + α·MSE to the teacher."""
+    s = student_pred.float().view(-1)
+    loss = (1.0 - alpha) * F.mse_loss(s, labels.float().view(-1)) if alpha != 1.0 else s.new_zeros(())
+    if alpha != 0.0:
+        loss = loss + alpha * F.mse_loss(s, teacher_pred.float().view(-1))
+    return loss
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+def _fused():
+    try:
+        from pkd_fast import kernels
+    except ImportError as err:  # triton missing or the kernels not built for this platform
+        raise RuntimeError(f"--loss-impl triton needs pkd_fast.kernels, which failed to import: {err}") from err
+    return kernels
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' means the fused Triton kernels on CUDA and the eager reference elsewhere."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "eager"
+    return impl
+
+
+def kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+    """`kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
+    if impl == "triton":
+        return _fused().fused_kd_loss(*args, **kwargs)
+    return (_compiled(kd_loss_reference) if impl == "compile" else kd_loss_reference)(*args, **kwargs)
+
+
+def patient_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+    """`patient_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
+    if impl == "triton":
+        return _fused().fused_patient_loss(*args, **kwargs)
+    return (_compiled(patient_loss_reference) if impl == "compile" else patient_loss_reference)(*args, **kwargs)
+
+
+@dataclass
+class LossTerms:
+    """The step's loss and, when asked for, its detached unweighted parts for logging."""
+
+    total: torch.Tensor
+    ce: torch.Tensor | None = None  # CE (or MSE to the label, for regression)
+    kd: torch.Tensor | None = None  # T²·KL (or MSE to the teacher's prediction)
+    pt: torch.Tensor | None = None  # patient loss, before β
+
+
+def pkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    student_hidden: Sequence[torch.Tensor] = (),
+    teacher_hidden: Sequence[torch.Tensor] = (),
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+    regression: bool = False,
+    pt_reduction: str = "elementwise_mean",
+    impl: str = "eager",
+    return_terms: bool = False,
+) -> LossTerms:
+    """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
+
+    `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
+    loss reads ([CLS] or every real token), so a live teacher and the teacher cache feed it alike.
+    With `return_terms`, the unweighted parts are recomputed eagerly without grad, for logging only.
+    """
+    if alpha > 0.0 and teacher_logits is None:
+        raise ValueError("alpha > 0 needs teacher logits")
+    if regression:
+        total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
+    else:
+        total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl)
+    use_pt = beta > 0.0 and len(student_hidden) > 0
+    if use_pt:
+        total = total + beta * patient_loss(student_hidden, teacher_hidden, reduction=pt_reduction, impl=impl)
+    terms = LossTerms(total)
+    if return_terms:
+        with torch.no_grad():
+            s = student_logits.detach()
+            if regression:
+                terms.ce = regression_kd_loss(s, None, labels, 0.0)
+                terms.kd = regression_kd_loss(s, teacher_logits, labels, 1.0) if teacher_logits is not None else None
+            else:
+                terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0)
+                if teacher_logits is not None:
+                    terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0)
+            if use_pt:
+                terms.pt = patient_loss_reference(
+                    [h.detach() for h in student_hidden], teacher_hidden, reduction=pt_reduction
+                )
+    return terms
