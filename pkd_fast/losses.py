@@ -79,7 +79,7 @@ def patient_loss_reference(
     student_hidden: Hidden,
     teacher_hidden: Hidden,
     normalize: bool = True,
-    reduction: str = "elementwise_mean",
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Σ_l mean_i ‖ĥs_li − ĥt_li‖² over L layer pairs of [N, H] rows, ĥ = h / max(‖h‖, 1e-12).
 
