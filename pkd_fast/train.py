@@ -1,0 +1,374 @@
+"""The PKD recipe: fine-tune a BERT teacher on a GLUE task, distil it into shallower students (FT, KD,
+PKD-Skip, PKD-Last), evaluate on dev and print the comparison.
+
+    deepspeed pkd_fast/train.py --deepspeed ds_configs/zero2.json [flags]      (or plain `python`)
+
+Read top to bottom: parse → data → teacher → students → table. Components live beside this file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging as hf_logging
+
+from pkd_fast import data as glue_data
+from pkd_fast import engine as ds
+from pkd_fast.config import PRESETS, Config, parse_config
+from pkd_fast.errors import PkdError
+from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.metrics import glue_metrics
+from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, num_layers, pt_rows
+from pkd_fast.tasks import Task, get_task
+
+log = logging.getLogger("pkd_fast")
+KILL_AT_STEP_ENV = "PKD_FAST_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL after that step's checkpoint
+
+
+@dataclass
+class Run:
+    """One training run: the teacher's fine-tuning or one student's distillation."""
+
+    name: str  # "teacher" or the strategy
+    strategy: str  # ft | kd | skip | last
+    layer_map: tuple[int, ...]  # 1-based teacher layers for student layers 1..k-1
+    alpha: float
+    beta: float
+    lr: float
+    epochs: int
+    out: Path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    try:
+        return run(parse_config(argv))
+    except PkdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(cfg: Config) -> dict:
+    # -- setup ---------------------------------------------------------------------------------------
+    world = ds.init_distributed()
+    _configure_logging(world.is_main)
+    task = get_task(cfg.task)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds_config = ds.read_ds_config(cfg.deepspeed)
+    if world.is_main:
+        cfg.to_json(out / "resolved_config.json")
+    log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
+
+    # -- data ----------------------------------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    raw = glue_data.load_glue(task, cfg.glue_dir)
+    full_train_rows = len(raw["train"])
+    train_set = glue_data.tokenize(
+        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.seed), tokenizer, cfg.max_seq_length
+    )
+    dev_sets = {
+        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
+        for split in task.dev_splits
+    }
+    ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets)
+
+    # -- teacher -------------------------------------------------------------------------------------
+    teacher_path, results = cfg.teacher, {}
+    finetuned = is_finetuned(cfg.teacher, task)
+    if not finetuned and cfg.stage in ("all", "teacher"):
+        teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
+        set_seed(cfg.seed)
+        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), None, teacher_run)
+        teacher_path = str(teacher_run.out / "model")
+    elif not finetuned and cfg.distilled:
+        raise PkdError(f"--stage student needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
+    elif finetuned:
+        results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
+
+    # -- students ------------------------------------------------------------------------------------
+    if cfg.stage in ("all", "student"):
+        teacher = load_classifier(teacher_path, task)
+        n = num_layers(teacher)
+        k = cfg.student_layers or max(1, n // 2)
+        init_source = teacher if cfg.init_from == "teacher" else load_classifier(_base_model(cfg, teacher_path), task)
+        for strategy in cfg.strategy:
+            lmap = layer_map(strategy, n, k, cfg.layer_map)
+            alpha = 0.0 if strategy == "ft" else cfg.alpha
+            beta = cfg.beta if lmap else 0.0
+            student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
+            set_seed(cfg.seed)  # the same fresh head for every strategy
+            student = build_student(init_source, k, task)
+            results[strategy] = ctx.fit(student, teacher if strategy != "ft" else None, student_run)
+
+    # -- table ---------------------------------------------------------------------------------------
+    summary = {
+        "task": task.name,
+        "teacher": cfg.teacher,
+        "train_rows": len(train_set),
+        "train_rows_available": full_train_rows,
+        "preset": cfg.preset,
+        "runs": results,
+    }
+    if world.is_main:
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = render_table(summary, task)
+        (out / "results.md").write_text(table + "\n")
+        print("\n" + table, flush=True)
+    return summary
+
+
+_PT_SCALES = {
+    "elementwise_mean": "the authors' code: mean over batch × layers × hidden; β grid 10–1000",
+    "mean": "sum over layers of the batch-mean squared distance",
+    "sum": "the paper's form: sum over batch and layers of squared distances",
+}
+
+
+def _base_model(cfg: Config, teacher_path: str) -> str:
+    if cfg.base_model:
+        return cfg.base_model
+    if teacher_path != cfg.teacher:  # we fine-tuned it, so --teacher is the pretrained base
+        return cfg.teacher
+    raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
+
+
+def _configure_logging(is_main: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+class Context:
+    """What every run of one invocation shares: config, data, process group, tokenizer."""
+
+    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
+        self.cfg, self.task, self.world, self.ds_config = cfg, task, world, ds_config
+        self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
+        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = ds_config.get("gradient_accumulation_steps", 1)
+
+    # -- one training run ----------------------------------------------------------------------------
+    def fit(self, model, teacher, spec: Run) -> dict:
+        cfg, world, task = self.cfg, self.world, self.task
+        spec.out.mkdir(parents=True, exist_ok=True)
+        done = spec.out / "results.json"
+        if cfg.resume and done.is_file():
+            log.info("%s: finished earlier, reusing %s", spec.name, done)
+            return json.loads(done.read_text())
+
+        loader = glue_data.make_loader(
+            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank, world_size=world.world_size
+        )
+        steps_per_epoch = len(loader) // self.accum
+        if steps_per_epoch == 0:
+            raise PkdError(
+                f"{len(self.train_set)} training rows make no full step of {self.micro_batch}×{self.accum}×{world.world_size} rows"
+            )
+        total_steps = steps_per_epoch * spec.epochs
+        config = ds.resolve_ds_config(
+            self.ds_config, lr=spec.lr, total_steps=total_steps, warmup_steps=int(cfg.warmup_ratio * total_steps),
+            tensorboard_dir=spec.out / "tensorboard",
+        )
+        engine = ds.student_engine(model, config)
+        live_teacher = ds.frozen_teacher(teacher, config, world.device) if teacher is not None else None
+        impl = resolve_impl(cfg.loss_impl, world.device)
+        ckpt_dir = spec.out / "checkpoints"
+        start = ds.load_checkpoint(engine, ckpt_dir, world.rank) if cfg.resume else 0
+        metrics_file = spec.out / "metrics.jsonl"
+        if world.is_main:
+            _keep_metrics_until(metrics_file, start)
+            log.info(
+                "%s: %d steps (%d epochs × %d), %d rows × %d ranks per step, layer map %s, α=%g β=%g T=%g, loss impl %s%s",
+                spec.name, total_steps, spec.epochs, steps_per_epoch, self.micro_batch * self.accum, world.world_size,
+                list(spec.layer_map) or "-", spec.alpha, spec.beta, cfg.temperature, impl,
+                f", resumed at step {start}" if start else "",
+            )
+
+        tokens_index = cfg.pt_tokens == "all" and bool(spec.layer_map)
+        t0 = time.time()
+        bar = tqdm(total=total_steps, initial=start, desc=spec.name, disable=not world.is_main, dynamic_ncols=True)
+        eval_metrics = None
+        for epoch in range(start // steps_per_epoch, spec.epochs):
+            engine.train()
+            loader.sampler.set_epoch(epoch)
+            skip = (start - epoch * steps_per_epoch) * self.accum if start > epoch * steps_per_epoch else 0
+            batches = itertools.islice(loader, skip, steps_per_epoch * self.accum)
+            for batch in batches:
+                if tokens_index:  # positions of real tokens, found on the host before the copy: no sync later
+                    batch["token_index"] = batch["attention_mask"].flatten().nonzero().squeeze(1)
+                batch = glue_data.batch_to_device(batch, world.device)
+                boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
+                step = engine.global_steps + 1
+                log_now = boundary and step % cfg.log_steps == 0
+                terms = self._loss(engine, live_teacher, batch, spec, impl, log_now)
+                engine.backward(terms.total)
+                engine.step()
+                if not boundary:
+                    continue
+                bar.update(1)
+                if log_now:
+                    self._log_terms(engine, terms, step, bar)
+                if step % steps_per_epoch == 0 or (cfg.save_steps and step % cfg.save_steps == 0):
+                    ds.save_checkpoint(engine, ckpt_dir, step, world.rank)
+                    _maybe_kill(step)
+            eval_metrics = self.evaluate(engine, epoch_step := engine.global_steps)
+            if world.is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps({"step": epoch_step, "epoch": epoch + 1, **eval_metrics}) + "\n")
+                log.info("%s epoch %d: %s", spec.name, epoch + 1, _fmt(eval_metrics))
+        bar.close()
+        if eval_metrics is None:  # resumed after the last step: the final evaluation is still owed
+            eval_metrics = self.evaluate(engine, engine.global_steps)
+
+        ds.save_pretrained(engine, spec.out / "model", self.tokenizer, world.rank)
+        result = {
+            "task": task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
+            "student_layers": engine.module.config.num_hidden_layers,
+            "alpha": spec.alpha, "beta": spec.beta, "temperature": cfg.temperature, "lr": spec.lr,
+            "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
+            "train_rows": len(self.train_set), "steps": total_steps,
+            "train_seconds": round(time.time() - t0, 1), "dev": eval_metrics,
+        }
+        if world.is_main:
+            done.write_text(json.dumps(result, indent=2) + "\n")
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run finished: the saved model replaces them
+        dist.barrier()
+        return result
+
+    def _loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool):
+        """One forward of the student (and the live teacher) → the PKD loss terms."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        need_hidden = bool(spec.layer_map)
+        student = engine(**inputs, output_hidden_states=need_hidden)
+        t_logits, s_rows, t_rows = None, [], []
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=need_hidden)
+            t_logits = t_out.logits
+            if need_hidden:
+                token_index = batch.get("token_index")
+                s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
+                t_rows = pt_rows(t_out.hidden_states, spec.layer_map, token_index)
+        return pkd_loss(
+            student.logits, t_logits, batch["labels"], s_rows, t_rows,
+            temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
+            pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
+        )
+
+    def _log_terms(self, engine, terms, step: int, bar) -> None:
+        values = {name: getattr(terms, name) for name in ("total", "ce", "kd", "pt")}
+        values = {k: float(v.detach()) for k, v in values.items() if v is not None}  # the only host syncs: every log_steps
+        values["lr"] = engine.get_lr()[0]
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        if engine.monitor.enabled and self.world.is_main:
+            engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, step: int) -> dict:
+        """Dev metrics of every dev split, each rank scoring its slice; all ranks get the same dict."""
+        was_training = model.training
+        model.eval()
+        results = {}
+        for split, dev in self.dev_sets.items():
+            loader = glue_data.make_loader(
+                dev, self.tokenizer, 2 * self.micro_batch, train=False, seed=0, rank=self.world.rank, world_size=self.world.world_size
+            )
+            # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats of a batch.
+            n_batches = -(-len(dev) // (self.world.world_size * 2 * self.micro_batch))
+            batches = itertools.islice(itertools.cycle(loader), n_batches) if len(loader) else []
+            rows = []
+            for batch in batches:
+                batch = glue_data.batch_to_device(batch, self.world.device)
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                logits = model(**inputs).logits.float()
+                rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
+            gathered = [None] * self.world.world_size
+            dist.all_gather_object(gathered, rows)
+            idx, logits, labels = (torch.cat([r[i] for part in gathered for r in part]) for i in range(3))
+            _, first = np.unique(idx.numpy(), return_index=True)
+            results[split] = glue_metrics(logits.numpy()[first], labels.numpy()[first], self.task)
+        model.train(was_training)
+        return results if len(results) > 1 else next(iter(results.values()))
+
+    def evaluate_only(self, model, name: str) -> dict:
+        """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
+        layers = num_layers(model)
+        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device), 0)
+        return {"strategy": name, "layers": layers, "dev": metrics}
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop evaluations that the interrupted run logged after its last checkpoint."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in lines))
+
+
+def _maybe_kill(step: int) -> None:
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fmt(metrics: dict) -> str:
+    flat = {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()} if isinstance(next(iter(metrics.values())), dict) else metrics
+    return ", ".join(f"{k} {v:.2f}" for k, v in flat.items())
+
+
+def render_table(summary: dict, task: Task) -> str:
+    """Markdown: one row per model, the task's metrics in percent."""
+    rows = summary["runs"]
+    note = f"{summary['train_rows']:,} of {summary['train_rows_available']:,} training rows"
+    if summary["preset"]:
+        note += f" (--preset {summary['preset']}: {PRESETS[summary['preset']]})"
+    names = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
+    metric_cols = _metric_columns(task)
+    lines = [
+        f"**{task.name}** dev, {note}",
+        "",
+        "| model | layers | layer map | " + " | ".join(metric_cols) + " | train s |",
+        "|---|---|---|" + "---|" * len(metric_cols) + "---|",
+    ]
+    for name, r in rows.items():
+        dev = r["dev"]
+        values = [_metric_value(dev, col) for col in metric_cols]
+        layers = r.get("student_layers") or r.get("layers") or "-"
+        lmap = ",".join(map(str, r.get("layer_map") or [])) or "-"
+        lines.append(f"| {names.get(name, name)} | {layers} | {lmap} | " + " | ".join(values) + f" | {r.get('train_seconds', '-')} |")
+    return "\n".join(lines)
+
+
+def _metric_columns(task: Task) -> list[str]:
+    if len(task.dev_splits) == 1:
+        return list(task.metrics)
+    return [f"{split}/{m}" for split in task.dev_splits for m in task.metrics]
+
+
+def _metric_value(dev: dict, col: str) -> str:
+    if "/" in col:
+        split, metric = col.split("/")
+        return f"{dev[split][metric]:.2f}"
+    return f"{dev[col]:.2f}"
+
+
+if __name__ == "__main__":
+    main()
