@@ -194,7 +194,8 @@ class Context:
         start = ds.load_checkpoint(engine, ckpt_dir, world.rank) if cfg.resume else 0
         metrics_file = spec.out / "metrics.jsonl"
         if world.is_main:
-            _keep_metrics_until(metrics_file, start)
+            for log_file in (metrics_file, spec.out / "train_log.jsonl"):
+                _keep_lines_until(log_file, start)
             log.info(
                 "%s: %d steps (%d epochs × %d), %d rows × %d ranks per step, layer map %s, α=%g β=%g T=%g, loss impl %s%s",
                 spec.name, total_steps, spec.epochs, steps_per_epoch, self.micro_batch * self.accum, world.world_size,
@@ -225,7 +226,7 @@ class Context:
                     continue
                 bar.update(1)
                 if log_now:
-                    self._log_terms(engine, terms, step, bar)
+                    self._log_terms(engine, terms, spec, step, bar)
                 if step % steps_per_epoch == 0 or (cfg.save_steps and step % cfg.save_steps == 0):
                     ds.save_checkpoint(engine, ckpt_dir, step, world.rank)
                     _maybe_kill(step)
@@ -273,13 +274,17 @@ class Context:
             pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
         )
 
-    def _log_terms(self, engine, terms, step: int, bar) -> None:
+    def _log_terms(self, engine, terms, spec: Run, step: int, bar) -> None:
+        """Rank 0's losses (this rank's micro-batch), to the bar, train_log.jsonl and TensorBoard."""
         values = {name: getattr(terms, name) for name in ("total", "ce", "kd", "pt")}
         values = {k: float(v.detach()) for k, v in values.items() if v is not None}  # the only host syncs: every log_steps
         values["lr"] = engine.get_lr()[0]
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
-        if engine.monitor.enabled and self.world.is_main:
-            engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
+        if self.world.is_main:
+            with (spec.out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -316,8 +321,9 @@ class Context:
         return {"strategy": name, "layers": layers, "dev": metrics}
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """On resume, drop evaluations that the interrupted run logged after its last checkpoint."""
+def _keep_lines_until(path: Path, step: int) -> None:
+    """Drop log lines past `step`: on resume, what the interrupted run logged after its last checkpoint
+    (and on a fresh start, everything)."""
     if not path.exists():
         return
     lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
