@@ -275,9 +275,12 @@ class Context:
         )
 
     def _log_terms(self, engine, terms, spec: Run, step: int, bar) -> None:
-        """Rank 0's losses (this rank's micro-batch), to the bar, train_log.jsonl and TensorBoard."""
-        values = {name: getattr(terms, name) for name in ("total", "ce", "kd", "pt")}
-        values = {k: float(v.detach()) for k, v in values.items() if v is not None}  # the only host syncs: every log_steps
+        """The step's loss terms averaged over ranks (so they describe the global batch), to the progress
+        bar, train_log.jsonl and TensorBoard. The only host sync of the loop, every log_steps steps."""
+        names = [name for name in ("total", "ce", "kd", "pt") if getattr(terms, name) is not None]
+        vec = torch.stack([getattr(terms, name).detach().float() for name in names])
+        dist.all_reduce(vec)
+        values = dict(zip(names, (vec / self.world.world_size).tolist()))
         values["lr"] = engine.get_lr()[0]
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
         if self.world.is_main:
