@@ -24,6 +24,11 @@ LOSS_IMPLS = ("auto", "triton", "eager", "compile")
 Hidden = Sequence[torch.Tensor] | torch.Tensor
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulate in fp32, or in float64 when given float64 (so tests get a float64 spec)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def kd_loss_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -33,7 +38,7 @@ def kd_loss_reference(
     ignore_index: int = -100,
     reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, labels), computed in fp32.
+    """alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, labels), accumulated in fp32 or wider.
 
     KL reductions: batchmean ÷N (Hinton, the PKD paper), sum, none (per row), mean ÷N·V (the authors' code).
     The CE term is averaged over the rows whose label is not `ignore_index` (torch's CE semantics) for
@@ -42,11 +47,11 @@ def kd_loss_reference(
     """
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    s = student_logits.float()
+    s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
     if alpha != 0.0:
-        t = teacher_logits.float()
+        t = _acc(teacher_logits)
         log_p_s = F.log_softmax(s / temperature, dim=-1)
         log_p_t = F.log_softmax(t / temperature, dim=-1)
         p_t = log_p_t.exp()
@@ -94,7 +99,7 @@ def patient_loss_reference(
         return torch.zeros(())
     total = 0.0
     for hs, ht in zip(student_hidden, teacher_hidden):
-        hs, ht = hs.float(), ht.float()
+        hs, ht = _acc(hs), _acc(ht)
         if normalize:
             hs, ht = F.normalize(hs, dim=-1, eps=1e-12), F.normalize(ht, dim=-1, eps=1e-12)
         rows = (hs - ht).pow(2).sum(-1)

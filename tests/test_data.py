@@ -1,0 +1,85 @@
+"""The GLUE loader: real TSVs, clear errors with file and line, dynamic padding."""
+
+import os
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pkd_fast import data
+from pkd_fast.config import default_teacher
+from pkd_fast.errors import PkdError
+from pkd_fast.tasks import get_task
+
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
+
+
+@needs_glue
+@pytest.mark.parametrize("task, train_rows, dev_rows", [("sst2", 67349, 872), ("mrpc", 3668, 408), ("stsb", 5749, 1500)])
+def test_reads_the_real_glue_files(task, train_rows, dev_rows):
+    splits = data.load_glue(get_task(task), GLUE_DIR)
+    assert (len(splits["train"]), len(splits["dev"])) == (train_rows, dev_rows)
+    row = splits["train"][0]
+    assert row["text_a"] and ("text_b" in row) == (task != "sst2")
+    if task == "stsb":
+        assert isinstance(row["label"], float) and 0.0 <= row["label"] <= 5.0
+    else:
+        assert row["label"] in (0, 1)
+
+
+@needs_glue
+def test_mrpc_header_with_byte_order_mark_is_read():
+    cols = data.read_glue_tsv(GLUE_DIR / "MRPC" / "dev.tsv", get_task("mrpc"))
+    assert cols["text_a"][0] and set(cols["label"]) == {0, 1}
+
+
+def write(tmp_path, task_dir, text):
+    folder = tmp_path / task_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text(text)
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    return tmp_path
+
+
+def test_bad_label_names_file_and_line(tmp_path):
+    root = write(tmp_path, "SST-2", 'sentence\tlabel\nfine "quoted" text\t1\nbad row\tpositive\n')
+    with pytest.raises(PkdError, match=r"SST-2/train.tsv:3: label 'positive' not in \['0', '1'\]"):
+        data.load_glue(get_task("sst2"), root)
+
+
+def test_short_row_and_missing_column_and_missing_file(tmp_path):
+    root = write(tmp_path, "SST-2", "sentence\tlabel\nonly one field\n")
+    with pytest.raises(PkdError, match=r"train.tsv:2: 1 tab-separated fields, expected 2"):
+        data.load_glue(get_task("sst2"), root)
+    write(tmp_path, "SST-2", "text\tlabel\nx\t1\n")
+    with pytest.raises(PkdError, match=r"train.tsv:1: header lacks column\(s\) \['sentence'\]"):
+        data.load_glue(get_task("sst2"), root)
+    with pytest.raises(PkdError, match=r"MRPC/train.tsv: missing; expected the classic glue_data layout"):
+        data.load_glue(get_task("mrpc"), root)
+
+
+def test_quotes_are_text_not_csv_quoting(tmp_path):
+    root = write(tmp_path, "SST-2", 'sentence\tlabel\n" a lone quote\t0\n')
+    assert data.load_glue(get_task("sst2"), root)["train"][0]["text_a"] == '" a lone quote'
+
+
+def test_no_glue_dir_and_no_hub_says_how_to_provide_data(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    with pytest.raises(PkdError, match=r"--glue-dir DIR or GLUE_DIR=DIR \(DIR/SST-2/train.tsv"):
+        data.load_glue(get_task("sst2"), None)
+
+
+@needs_glue
+def test_batches_are_padded_to_their_own_longest_row():
+    tok = AutoTokenizer.from_pretrained(default_teacher())
+    train = data.tokenize(data.subsample(data.load_glue(get_task("sst2"), GLUE_DIR)["train"], 256, seed=0), tok, 128)
+    assert sorted(train["example_idx"]) == list(range(256))
+    loader = data.make_loader(train, tok, 16, train=True, seed=0)
+    widths = {batch["input_ids"].shape[1] for batch in loader}
+    assert all(w % 8 == 0 for w in widths) and len(widths) > 1 and max(widths) < 128
+    for batch in loader:
+        assert batch["attention_mask"].sum(1).max() > batch["input_ids"].shape[1] - 8

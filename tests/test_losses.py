@@ -1,0 +1,109 @@
+"""The PKD loss terms against values computed by hand (closed forms with `math`, not torch)."""
+
+import math
+
+import pytest
+import torch
+
+from pkd_fast.losses import kd_loss_reference, patient_loss_reference, pkd_loss, regression_kd_loss
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def softmax(xs, temperature=1.0):
+    e = [math.exp(x / temperature) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+S = [[0.0, 0.0], [1.0, -1.0]]
+T_ = [[math.log(3.0), 0.0], [0.5, 0.25]]
+LABELS = [0, 1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 10.0])
+def test_kd_term_matches_hand_computed_kl(temperature):
+    rows = [kl(softmax(t, temperature), softmax(s, temperature)) for s, t in zip(S, T_)]
+    expected = temperature**2 * sum(rows) / 2  # batchmean
+    got = kd_loss_reference(torch.tensor(S, dtype=torch.float64), torch.tensor(T_, dtype=torch.float64), temperature, alpha=1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_first_row_is_the_textbook_value():
+    # p_t = (3/4, 1/4) against the uniform student: KL = 3/4·ln 1.5 + 1/4·ln 0.5
+    got = kd_loss_reference(torch.tensor([S[0]]), torch.tensor([T_[0]]), 1.0, alpha=1.0)
+    assert got.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-6)
+
+
+def test_ce_term_and_mixture():
+    ce = (-math.log(softmax(S[0])[0]) - math.log(softmax(S[1])[1])) / 2
+    kd = 4.0 * sum(kl(softmax(t, 2.0), softmax(s, 2.0)) for s, t in zip(S, T_)) / 2
+    got = kd_loss_reference(torch.tensor(S), torch.tensor(T_), 2.0, torch.tensor(LABELS), alpha=0.3)
+    assert got.item() == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
+
+
+def test_ignored_rows_drop_out_and_all_ignored_is_zero():
+    s, t = torch.tensor(S), torch.tensor(T_)
+    one = kd_loss_reference(s, t, 1.0, torch.tensor([0, -100]), alpha=0.0)
+    assert one.item() == pytest.approx(-math.log(softmax(S[0])[0]), rel=1e-6)
+    none = kd_loss_reference(s, t, 1.0, torch.tensor([-100, -100]), alpha=0.0)
+    assert none.item() == 0.0 and not torch.isnan(none)
+
+
+def test_reductions_and_masked_teacher_vocabulary():
+    s, t = torch.tensor(S), torch.tensor(T_)
+    per_row = kd_loss_reference(s, t, 1.0, reduction="none")
+    assert per_row.shape == (2,)
+    assert kd_loss_reference(s, t, 1.0, reduction="sum").item() == pytest.approx(per_row.sum().item())
+    assert kd_loss_reference(s, t, 1.0, reduction="mean").item() == pytest.approx(per_row.sum().item() / 4)
+    masked = kd_loss_reference(torch.tensor([[0.0, 0.0, 5.0]]), torch.tensor([[0.0, 0.0, -math.inf]]), 1.0)
+    # The teacher's -inf entry has probability 0: KL((1/2, 1/2, 0) ‖ softmax(0, 0, 5)).
+    q = softmax([0.0, 0.0, 5.0])
+    assert masked.item() == pytest.approx(kl([0.5, 0.5, 0.0], q), rel=1e-5)
+
+
+def test_patient_loss_normalises_then_squares():
+    hs = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 4.0], [1.0, 1.0]])]
+    ht = [torch.tensor([[0.0, 2.0], [1.0, 0.0]]), torch.tensor([[3.0, 4.0], [-1.0, -1.0]])]
+    # layer 1: ‖(1,0)-(0,1)‖² = 2, zero vector stays 0 → ‖(0,0)-(1,0)‖² = 1; layer 2: 0 and ‖2·(1,1)/√2‖² = 4
+    per_layer_mean = (2 + 1) / 2 + (0 + 4) / 2
+    assert patient_loss_reference(hs, ht, reduction="mean").item() == pytest.approx(per_layer_mean)
+    assert patient_loss_reference(hs, ht, reduction="sum").item() == pytest.approx(2 + 1 + 0 + 4)
+    assert patient_loss_reference(hs, ht, reduction="elementwise_mean").item() == pytest.approx(per_layer_mean / (2 * 2))
+    stacked = patient_loss_reference(torch.stack(hs), torch.stack(ht), reduction="mean")
+    assert stacked.item() == pytest.approx(per_layer_mean)
+
+
+def test_pkd_loss_sums_weighted_terms_and_reports_them():
+    s = torch.tensor(S, requires_grad=True)
+    hs, ht = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])], [torch.tensor([[0.0, 1.0], [0.0, 1.0]])]
+    terms = pkd_loss(s, torch.tensor(T_), torch.tensor(LABELS), hs, ht, temperature=2.0, alpha=0.3, beta=10.0,
+                     pt_reduction="mean", return_terms=True)
+    ce = (-math.log(softmax(S[0])[0]) - math.log(softmax(S[1])[1])) / 2
+    kd = 4.0 * sum(kl(softmax(t, 2.0), softmax(x, 2.0)) for x, t in zip(S, T_)) / 2
+    pt = (2 + 0) / 2
+    assert terms.ce.item() == pytest.approx(ce, rel=1e-5)
+    assert terms.kd.item() == pytest.approx(kd, rel=1e-5)
+    assert terms.pt.item() == pytest.approx(pt, rel=1e-6)
+    assert terms.total.item() == pytest.approx(0.7 * ce + 0.3 * kd + 10.0 * pt, rel=1e-5)
+    terms.total.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_ft_needs_no_teacher_and_kd_needs_one():
+    s = torch.tensor(S)
+    assert pkd_loss(s, None, torch.tensor(LABELS)).total.item() == pytest.approx(
+        (-math.log(softmax(S[0])[0]) - math.log(softmax(S[1])[1])) / 2, rel=1e-6
+    )
+    with pytest.raises(ValueError, match="teacher logits"):
+        pkd_loss(s, None, torch.tensor(LABELS), alpha=0.5)
+
+
+def test_regression_mixes_mse_to_label_and_to_teacher():
+    s, t, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.5], [2.5]]), torch.tensor([0.0, 2.0])
+    expected = 0.4 * ((1 - 0) ** 2 + 0) / 2 + 0.6 * (0.25 + 0.25) / 2
+    assert regression_kd_loss(s, t, y, 0.6).item() == pytest.approx(expected)
+    terms = pkd_loss(s, t, y, temperature=5.0, alpha=0.6, regression=True, return_terms=True)
+    assert terms.total.item() == pytest.approx(expected)
+    assert terms.ce.item() == pytest.approx(0.5) and terms.kd.item() == pytest.approx(0.25)

@@ -1,0 +1,100 @@
+"""Layer maps (skip / last / explicit) and the student's initialisation from the teacher's lower layers."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from pkd_fast.config import default_teacher
+from pkd_fast.errors import PkdError
+from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, pt_rows
+from pkd_fast.tasks import get_task
+
+SST2 = get_task("sst2")
+
+
+@pytest.mark.parametrize(
+    "n, k, skip, last",
+    [
+        (12, 6, (2, 4, 6, 8, 10), (7, 8, 9, 10, 11)),  # the paper's 12→6
+        (12, 3, (4, 8), (10, 11)),
+        (6, 3, (2, 4), (4, 5)),
+        (24, 6, (4, 8, 12, 16, 20), (19, 20, 21, 22, 23)),
+    ],
+)
+def test_skip_and_last_maps(n, k, skip, last):
+    assert layer_map("skip", n, k) == skip
+    assert layer_map("last", n, k) == last
+    assert layer_map("ft", n, k) == () and layer_map("kd", n, k) == ()
+
+
+@pytest.mark.parametrize("n, k", [(12, 6), (12, 3), (6, 3), (24, 6)])
+def test_explicit_map_overrides_and_is_checked(n, k):
+    custom = tuple(range(1, k))
+    assert layer_map("skip", n, k, custom) == custom
+    assert layer_map("last", n, k, custom) == custom
+    with pytest.raises(PkdError, match=f"needs k-1 = {k - 1}"):
+        layer_map("skip", n, k, custom + (n,))
+    with pytest.raises(PkdError, match="out of range"):
+        layer_map("skip", n, k, (n + 1,) + custom[1:])
+
+
+def test_non_multiple_depth_fails_clearly_without_a_map():
+    with pytest.raises(PkdError, match="multiple of the student depth.*--layer-map"):
+        layer_map("skip", 12, 5)
+    with pytest.raises(PkdError, match="multiple"):
+        layer_map("last", 12, 5)
+    assert layer_map("skip", 12, 5, (2, 5, 7, 10)) == (2, 5, 7, 10)
+
+
+def tiny_bert(layers=12, labels=2):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=labels)
+    return BertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_student_copies_exactly_the_first_k_layers(k):
+    teacher = tiny_bert()
+    student = build_student(teacher, k, SST2)
+    assert student.config.num_hidden_layers == k and len(student.bert.encoder.layer) == k
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    backbone = [key for key in s_state if key.startswith("bert.")]
+    assert any(key.startswith(f"bert.encoder.layer.{k - 1}.") for key in backbone)
+    for key in backbone:
+        assert torch.equal(s_state[key], t_state[key]), key
+    # The head is fresh, not the teacher's.
+    assert not torch.equal(s_state["classifier.weight"], t_state["classifier.weight"])
+
+
+def test_student_from_the_offline_minilm():
+    teacher = load_classifier(default_teacher(), SST2)
+    student = build_student(teacher, 3, SST2)
+    for i in range(3):
+        for (name, p_s), (_, p_t) in zip(student.bert.encoder.layer[i].named_parameters(), teacher.bert.encoder.layer[i].named_parameters()):
+            assert torch.equal(p_s, p_t), (i, name)
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.bert.pooler.dense.weight, teacher.bert.pooler.dense.weight)
+    assert student.config._attn_implementation == "sdpa"
+
+
+def test_student_depth_out_of_range():
+    with pytest.raises(PkdError, match="between 1 and"):
+        build_student(tiny_bert(layers=6), 7, SST2)
+
+
+def test_teacher_head_size_must_match_the_task(tmp_path):
+    assert not is_finetuned(default_teacher(), SST2)  # a pretrained base: gets a fresh head
+    tiny_bert(labels=3).save_pretrained(tmp_path)
+    with pytest.raises(PkdError, match="3 outputs but sst2 has 2"):
+        is_finetuned(str(tmp_path), SST2)
+    assert is_finetuned(str(tmp_path), get_task("mnli"))
+
+
+def test_pt_rows_cls_and_tokens():
+    hidden = [torch.randn(2, 4, 3) for _ in range(4)]
+    cls = pt_rows(hidden, (1, 3), None)
+    assert [torch.equal(c, hidden[i][:, 0]) for c, i in zip(cls, (1, 3))] == [True, True]
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    rows = pt_rows(hidden, (2,), mask.flatten().nonzero().squeeze(1))
+    assert torch.equal(rows[0], hidden[2][mask.bool()])

@@ -1,0 +1,184 @@
+"""End to end through the real CLI on small slices of real GLUE data: files written, saved students that
+reload and reproduce their dev metric, 2 ranks ≡ 1 rank, and kill → --resume ≡ uninterrupted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pkd_fast import data
+from pkd_fast.config import default_teacher
+from pkd_fast.engine import _free_port
+from pkd_fast.metrics import glue_metrics
+from pkd_fast.models import load_classifier
+from pkd_fast.tasks import get_task
+from pkd_fast.train import KILL_AT_STEP_ENV, main
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "pkd_fast" / "train.py"
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
+
+SMALL = ["--glue-dir", str(GLUE_DIR), "--max-seq-length", "32", "--max-eval-samples", "48", "--log-steps", "1"]
+
+
+def ds_json(tmp_path, name="fp32.json", **overrides):
+    """A DeepSpeed config derived from the shipped zero2.json (fp32 by default, for tight comparisons)."""
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}})
+    config.update(overrides)
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def train(args, *, ranks=1, env=None, check=True):
+    """Run the CLI in a fresh process (1 rank: plain python; more: the deepspeed launcher)."""
+    cmd = [sys.executable, str(TRAIN)] if ranks == 1 else [
+        "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN)
+    ]
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def save_teacher(path: Path, task: str, dropout: float | None = None) -> str:
+    """The offline MiniLM with a fresh head for `task`, saved as a 'fine-tuned' teacher."""
+    model = load_classifier(default_teacher(), get_task(task))
+    if dropout is not None:
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = dropout
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher_without_dropout(tmp_path_factory):
+    """Dropout off, so that runs that differ only in how the batch is split over ranks must agree."""
+    return save_teacher(tmp_path_factory.mktemp("teacher_nodrop"), "sst2", dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def teacher_with_dropout(tmp_path_factory):
+    """Dropout on (the student inherits it), so a resumed run must restore the RNG to match."""
+    return save_teacher(tmp_path_factory.mktemp("teacher_drop"), "sst2")
+
+
+def dev_metric_of_saved_model(model_dir: Path, task_name: str, micro_batch: int, max_eval: int, dtype) -> dict:
+    """Reload a saved student with plain transformers and score the same dev rows."""
+    task = get_task(task_name)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dev = data.tokenize(data.subsample_head(data.load_glue(task, GLUE_DIR)["dev"], max_eval), tok, 32)
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in data.make_loader(dev, tok, 2 * micro_batch, train=False, seed=0):
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            logits.append(model(**inputs).logits.float())
+            labels.append(batch["labels"])
+    return glue_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), task)
+
+
+@pytest.mark.slow
+def test_sst2_all_stages_writes_outputs_and_the_student_reloads(tmp_path):
+    """The product's default path (bf16 ZeRO-2 JSON): teacher fine-tune → KD and PKD-Skip → table."""
+    out = tmp_path / "run"
+    proc = train(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--task", "sst2", "--max-train-samples", "96",
+                  "--epochs", "1", "--strategy", "kd,skip", "--output-dir", str(out), *SMALL])
+    assert "| PKD-Skip | 3 | 2,4 |" in proc.stdout and "| Teacher | 6 |" in proc.stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["runs"]) == {"teacher", "kd", "skip"} and summary["train_rows"] == 96
+    assert json.loads((out / "resolved_config.json").read_text())["strategy"] == ["kd", "skip"]
+    skip = out / "students" / "skip"
+    result = json.loads((skip / "results.json").read_text())
+    assert result["layer_map"] == [2, 4] and result["strategy"] == "skip" and result["student_layers"] == 3
+    evals = [json.loads(line) for line in (skip / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 1 and evals[0]["accuracy"] == result["dev"]["accuracy"]
+    assert {"total", "ce", "kd", "pt"} <= set(train_log(skip)[0])
+    assert not (skip / "checkpoints").exists()  # a finished run keeps its model, not its checkpoints
+    reloaded = dev_metric_of_saved_model(skip / "model", "sst2", 32, 48, torch.bfloat16)
+    assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_mrpc_student_stage_from_a_finetuned_teacher(tmp_path):
+    teacher = save_teacher(tmp_path / "teacher", "mrpc")
+    out = tmp_path / "run"
+    train(["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--task", "mrpc", "--stage", "student",
+           "--teacher", teacher, "--strategy", "last", "--max-train-samples", "64", "--epochs", "1",
+           "--output-dir", str(out), *SMALL])
+    result = json.loads((out / "students" / "last" / "results.json").read_text())
+    assert result["layer_map"] == [4, 5] and set(result["dev"]) == {"f1", "accuracy"}
+    reloaded = dev_metric_of_saved_model(out / "students" / "last" / "model", "mrpc", 16, 48, torch.float32)
+    assert reloaded == pytest.approx(result["dev"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, teacher_without_dropout):
+    """Same global batch of 16: 2 ranks × 8 vs 1 rank × 16. Only padding widths and reduction order
+    differ, so the logged (rank-averaged) losses agree to 1e-4 relative over 8 steps. T=1: at T=10 the
+    KD term of a fresh student is ~1e-4 made of O(1) parts, and fp32 cancellation alone moves it ~1%."""
+    common = ["--stage", "student", "--teacher", teacher_without_dropout, "--strategy", "skip", "--max-train-samples", "128",
+              "--epochs", "1", "--temperature", "1", *SMALL]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(["--deepspeed", ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16), "--output-dir", str(one), *common])
+    train(["--deepspeed", ds_json(tmp_path, "m8.json", train_micro_batch_size_per_gpu=8), "--output-dir", str(two), *common], ranks=2)
+    log1, log2 = train_log(one / "students" / "skip"), train_log(two / "students" / "skip")
+    assert [r["step"] for r in log1] == [r["step"] for r in log2] == list(range(1, 9))
+    for a, b in zip(log1, log2):
+        for term in ("total", "ce", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4), (a["step"], term)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, teacher_with_dropout):
+    """SIGKILL right after the step-6 checkpoint, then --resume: model, optimizer, schedule, data order
+    and dropout RNG all come back, so the loss curve and the final metric match a run never stopped."""
+    config = ds_json(tmp_path, train_micro_batch_size_per_gpu=8)
+    common = ["--deepspeed", config, "--stage", "student", "--teacher", teacher_with_dropout, "--strategy", "skip",
+              "--max-train-samples", "64", "--epochs", "2", "--save-steps", "3", *SMALL]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train([*common, "--output-dir", str(whole)])
+    proc = train([*common, "--output-dir", str(killed)], env={KILL_AT_STEP_ENV: "6"}, check=False)
+    assert proc.returncode != 0 and (killed / "students" / "skip" / "checkpoints" / "latest").is_file()
+    train([*common, "--output-dir", str(killed), "--resume"])
+    a, b = train_log(whole / "students" / "skip"), train_log(killed / "students" / "skip")
+    assert [r["step"] for r in b] == list(range(1, 17))
+    for ra, rb in zip(a, b):
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
+    ra, rb = (json.loads((d / "students" / "skip" / "results.json").read_text()) for d in (whole, killed))
+    assert rb["dev"] == ra["dev"]
+
+
+def test_bad_input_is_one_line_not_a_traceback(capsys, tmp_path):
+    for argv, message in [
+        (["--task", "squad"], "unknown task 'squad'"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+        (["--beta", "-1"], "--beta must be >= 0"),
+        (["--deepspeed", str(tmp_path / "nope.json")], "no such DeepSpeed JSON file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_auto_values_in_the_deepspeed_json_are_refused(tmp_path):
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto"}))
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(path), "--glue-dir", str(GLUE_DIR)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert 'error: ' in proc.stderr and 'train_micro_batch_size_per_gpu is "auto"' in proc.stderr
