@@ -171,7 +171,7 @@ def load_checkpoint(engine, directory: Path, rank: int) -> int:
     path, client_state = engine.load_checkpoint(str(directory))
     if path is None:
         raise PkdError(f"{directory}: checkpoint named in 'latest' could not be loaded")
-    _set_rng_state(torch.load(Path(path) / f"rng_rank{rank}.pt", weights_only=False))
+    _set_rng_state(torch.load(Path(path).parent / f"rng_rank{rank}.pt", weights_only=False))  # path: the model-states file
     return int(client_state["step"])
 
 
