@@ -147,7 +147,10 @@ def make_loader(
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:
         sampler = list(range(rank, len(ds), world_size))
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=train)
+    # Its own generator: a DataLoader draws a seed per iterator, and drawing it from the global RNG would
+    # shift the dropout stream of a resumed run (whose iterator starts after the RNG is restored).
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=train, generator=generator)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
