@@ -1,1 +1,6 @@
-"""Fused Triton kernels for the PKD losses (installed as pkd_fast.kernels)."""
+"""Fused Triton kernels for the PKD losses (installed as pkd_fast.kernels, never as a bare `kernels`)."""
+
+from .kd_loss import fused_kd_loss
+from .patient_loss import fused_patient_loss
+
+__all__ = ["fused_kd_loss", "fused_patient_loss"]

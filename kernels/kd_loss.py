@@ -1,0 +1,380 @@
+"""Fused KD loss: alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, labels), forward and backward.
+
+One launch per forward reads each row of student and teacher logits, streams the softmax statistics over
+column blocks (pass 1), then re-reads the row, which the L2 cache still holds, to write the gradient with
+every scale folded in (pass 2). Backward only multiplies that gradient by grad_output, and skips even that
+where grad_output is exactly 1, a test done on device so nothing syncs with the host.
+
+The loss is reduced deterministically without float atomics: every program writes its partial sum and the
+last program to finish (an integer atomic counts arrivals) adds the partials in a fixed order. The helpers
+for that, and the grad_output scaling, are shared with `patient_loss`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pkd_fast.losses import KD_REDUCTIONS
+
+LN2 = tl.constexpr(math.log(2.0))
+F32_MIN = tl.constexpr(-3.4028234663852886e38)
+LOG2E = 1.0 / math.log(2.0)
+MAX_BLOCK_V = 4096  # columns per block: one 16-byte vector of bf16 per thread and tensor at 16 warps
+WARPS_PER_SM = 16  # KD programs resident per SM = this // num_warps: few rows in flight, so they stay in L2
+SCALE_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by both losses: the deterministic final sum and the grad_output scaling.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def finish_sum(partial_ptr, counter_ptr, out_ptr, partial, n_partials, BLOCK: tl.constexpr):
+    """Publish this program's partial; the last program to arrive sums all partials in index order."""
+    pid = tl.program_id(0)
+    tl.store(partial_ptr + pid, partial)
+    tl.debug_barrier()  # every thread's store precedes the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == n_partials - 1:
+        total = 0.0  # volatile loads below: the partials come from other SMs, never from this one's L1
+        for start in range(0, n_partials, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            total += tl.sum(tl.load(partial_ptr + offs, mask=offs < n_partials, other=0.0, volatile=True), 0)
+        tl.store(out_ptr, total)
+        tl.store(counter_ptr, 0)  # ready for the next launch on this stream
+
+
+# grad[r, c] *= go[r·go_stride]: go_stride is 0 for a scalar grad_output. Tiles whose factor is exactly 1
+# are skipped, so the common unscaled backward reads a scalar and touches no gradient memory.
+@triton.jit
+def _scale_kernel(g_ptr, go_ptr, n_rows, n_cols, g_stride, go_stride, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_per_row = tl.cdiv(n_cols, BLOCK)
+    if (go_stride != 0) | (tl.load(go_ptr).to(tl.float32) != 1.0):
+        for tile in range(pid, n_rows * tiles_per_row, tl.num_programs(0)):
+            row = tile // tiles_per_row
+            go = tl.load(go_ptr + row * go_stride).to(tl.float32)
+            if go != 1.0:
+                cols = tl.cast(tile % tiles_per_row, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                ptrs = g_ptr + tl.cast(row, tl.int64) * g_stride + cols
+                g = tl.load(ptrs, mask=cols < n_cols, other=0.0)
+                tl.store(ptrs, (g.to(tl.float32) * go).to(g_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def max_programs(device: torch.device, num_warps: int, warps_per_sm: int = WARPS_PER_SM) -> int:
+    """Size of a persistent grid: `warps_per_sm` warps of programs on every SM. The CPU interpreter runs
+    programs one after another, so there a few suffice (and still exercise the cross-program sum)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device) * max(1, warps_per_sm // num_warps)
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 the reduction's last program resets, one per stream so concurrent launches don't share it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros((), dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad *= grad_output in place, grad_output a scalar or one factor per row of the 2-D `grad`."""
+    per_row = grad_output.dim() > 0
+    if per_row:
+        n_rows, n_cols, g_stride, go_stride = grad.shape[0], grad.shape[1], grad.stride(0), grad_output.stride(0)
+    elif grad.is_contiguous():
+        n_rows, n_cols, g_stride, go_stride = 1, grad.numel(), 0, 0
+    else:
+        n_rows, n_cols, g_stride, go_stride = grad.shape[0], grad.shape[1], grad.stride(0), 0
+    n_tiles = n_rows * triton.cdiv(n_cols, SCALE_BLOCK)
+    grid = (max(1, min(n_tiles, max_programs(grad.device, 8, warps_per_sm=64))),)
+    _scale_kernel[grid](grad, grad_output, n_rows, n_cols, g_stride, go_stride, BLOCK=SCALE_BLOCK, num_warps=8)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KD loss.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lane_lse_step(m, d, x, scale):
+    """Per-lane streaming log-sum-exp of x·scale in base 2, kept as the lane's max m of x (raw units) and
+    d = Σ 2^((x - m)·scale): one exp2 per element and no cross-lane reduction inside the column loop.
+    Also returns that exp2 and whether x raised the max."""
+    grew = x > m
+    e = tl.exp2(-tl.abs(x - m) * scale)  # 2^((m - x)·scale) if x is the new max, else 2^((x - m)·scale)
+    return tl.maximum(m, x), tl.where(grew, d * e + 1.0, d + e), e, grew
+
+
+@triton.jit
+def _merge_lanes(m, d, scale):
+    """The row's (max, sum) from the per-lane ones, and the factor that rescales each lane's sums."""
+    m_row = tl.max(m, 0)
+    w = tl.exp2((m - m_row) * scale)
+    return m_row, tl.sum(d * w, 0), w
+
+
+@triton.jit
+def _kd_stats_block(
+    m_s, d_s, m_t, d_t, acc, d_c, s_row, t_row, idx, lo, hi, tau, tau_ce,
+    HAS_KL: tl.constexpr, CE_OWN_STATS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over one block: per-lane streaming statistics (see the math above `_kd_fwd_kernel`).
+    Only the first and last block of a row are MASKED; interior ones compile to aligned vector loads."""
+    mask = (idx >= lo) & (idx < hi) if MASKED else None
+    other = float("-inf") if MASKED else None
+    s = tl.load(s_row + idx, mask=mask, other=other, eviction_policy="evict_last").to(tl.float32)  # pass 2 rereads
+    if CE_OWN_STATS:  # the same lane max as the KL's, another scale
+        e_c = tl.exp2(-tl.abs(s - m_s) * tau_ce)
+        d_c = tl.where(s > m_s, d_c * e_c + 1.0, d_c + e_c)
+    m_s, d_s, _, _ = _lane_lse_step(m_s, d_s, s, tau)
+    if HAS_KL:
+        t = tl.load(t_row + idx, mask=mask, other=other, eviction_policy="evict_last").to(tl.float32)
+        m_t, d_t, e_t, grew = _lane_lse_step(m_t, d_t, t, tau)
+        diff = t - s
+        acc = tl.where(grew, acc * e_t + diff, acc + tl.where(e_t > 0, e_t * diff, 0.0))  # e_t = 0: t = -inf
+    return m_s, d_s, m_t, d_t, acc, d_c
+
+
+@triton.jit
+def _kd_grad_block(
+    s_row, t_row, g_row, idx, lo, hi, y_idx, m_s, ld_s, m_t, ld_t, ld_c, g_kl, g_ce, tau, tau_ce,
+    HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 2 over one block: the gradient, written in the student dtype."""
+    mask = (idx >= lo) & (idx < hi) if MASKED else None
+    other = 0.0 if MASKED else None
+    s = tl.load(s_row + idx, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
+    p_s = tl.exp2((s - m_s) * tau - ld_s)
+    g = tl.zeros_like(s)
+    if HAS_KL:
+        t = tl.load(t_row + idx, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
+        g = g_kl * (p_s - tl.exp2((t - m_t) * tau - ld_t))
+    if HAS_CE:
+        if CE_OWN_STATS:
+            p_s = tl.exp2((s - m_s) * tau_ce - ld_c)
+        g += g_ce * (p_s - tl.where(idx == y_idx, 1.0, 0.0))
+    tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+# Per row, streamed over column blocks in base 2, kept per lane and merged at the row's end:
+#   m_s = max s,  d_s = Σ 2^((s - m_s)·τ),  d_c = Σ 2^((s - m_s)·τ_c);  m_t, d_t as m_s, d_s for t
+#   acc = Σ 2^((t - m_t)·τ)·(t - s),   τ = log2(e)/T,  τ_c = log2(e)
+#   KL = ln2·[ (acc/d_t - (m_t - m_s))·τ + log2(d_s/d_t) ]     CE = ln2·[ (m_s - s_y)·τ_c + log2 d_c ]
+#   loss_row = kl_weight·KL + ce_weight·CE,   kl_weight = α·T²·r,  ce_weight = (1-α)·r_ce  (0 if y ignored)
+#   ∂loss/∂s = kl_weight/T·(p_s - p_t) + ce_weight·(softmax(s) - onehot(y)),  p_s = 2^((s - m_s)·τ - log2 d_s)
+# r is 1/N (batchmean), 1/(N·V) (mean) or 1; r_ce is 1/#valid labels for batchmean and mean, else 1.
+# Exponents are formed from differences of raw logits, exact near the max, so large logits keep fp32
+# accuracy, and s == t gives exactly 0 loss and gradient. Without a KL term τ = τ_c, and whenever
+# τ = τ_c the CE reuses d_s (CE_OWN_STATS off). A teacher row that is all -inf has no distribution: it
+# adds no KL and no KL gradient. Blocks index idx = head + column, where head puts the row start's 16-byte
+# boundary at idx = 0, so every interior block is aligned and needs no mask.
+@triton.jit
+def _kd_fwd_kernel(
+    s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, partial_ptr, counter_ptr,
+    n_rows, n_cols, s_stride, t_stride, g_stride,
+    kl_weight, kl_grad, ce_weight, tau, tau_ce, ignore_index,
+    HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_MEAN: tl.constexpr, CE_OWN_STATS: tl.constexpr,
+    PER_ROW: tl.constexpr, WRITE_GRAD: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if HAS_CE and CE_MEAN:  # every program counts the valid labels itself: no extra launch, no host sync
+        n_valid = 0
+        for first in range(0, n_rows, BLOCK_N):
+            offs = first + tl.arange(0, BLOCK_N)
+            y_blk = tl.load(y_ptr + offs, mask=offs < n_rows, other=ignore_index)
+            n_valid += tl.sum((y_blk != ignore_index).to(tl.int32), 0)
+        ce_weight = ce_weight / tl.maximum(n_valid, 1).to(tl.float32)
+    acc_loss = 0.0
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        head = (row64 * s_stride) % VEC  # the same for t and g: the host checks their strides agree mod VEC
+        s_row = s_ptr + tl.multiple_of(row64 * s_stride - head, VEC)
+        t_row = t_ptr + tl.multiple_of(row64 * t_stride - head, VEC)
+        n_idx = head + n_cols
+        m_s = tl.full((BLOCK_V,), F32_MIN, tl.float32)  # per-lane state; F32_MIN, not -inf: no inf - inf
+        d_s = tl.zeros((BLOCK_V,), tl.float32)
+        m_t, d_t, acc, d_c = m_s, d_s, d_s, d_s
+        for start in range(0, n_idx, BLOCK_V):
+            idx = start + tl.arange(0, BLOCK_V)
+            if (start > 0) & (start + BLOCK_V <= n_idx):
+                m_s, d_s, m_t, d_t, acc, d_c = _kd_stats_block(
+                    m_s, d_s, m_t, d_t, acc, d_c, s_row, t_row, idx, head, n_idx, tau, tau_ce,
+                    HAS_KL, CE_OWN_STATS, MASKED=False,
+                )  # fmt: skip
+            else:
+                m_s, d_s, m_t, d_t, acc, d_c = _kd_stats_block(
+                    m_s, d_s, m_t, d_t, acc, d_c, s_row, t_row, idx, head, n_idx, tau, tau_ce,
+                    HAS_KL, CE_OWN_STATS, MASKED=True,
+                )  # fmt: skip
+        if CE_OWN_STATS:
+            d_c = tl.sum(d_c * tl.exp2((m_s - tl.max(m_s, 0)) * tau_ce), 0)
+        m_s, d_s, _ = _merge_lanes(m_s, d_s, tau)
+        ld_s = tl.log2(d_s)
+        row_loss = 0.0
+        ld_t = 0.0
+        g_kl = 0.0
+        if HAS_KL:
+            m_t, d_t, w_t = _merge_lanes(m_t, d_t, tau)
+            has_t = d_t > 0
+            m_t = tl.where(has_t, m_t, float("inf"))  # then every p_t is 0 instead of NaN ...
+            d_t = tl.where(has_t, d_t, 1.0)
+            kl = (tl.sum(acc * w_t, 0) / d_t - (m_t - m_s)) * tau + tl.log2(d_s / d_t)
+            row_loss += tl.where(has_t, kl_weight * LN2 * kl, 0.0)  # ... and the row adds nothing
+            ld_t = tl.log2(d_t)
+            g_kl = tl.where(has_t, kl_grad, 0.0)
+        y_idx = head - 1
+        ld_c = ld_s
+        g_ce = 0.0
+        if HAS_CE:
+            y = tl.load(y_ptr + row)
+            valid = y != ignore_index
+            y_idx = head + y
+            s_y = tl.load(s_row + y_idx, mask=valid & (y >= 0) & (y < n_cols), other=0.0).to(tl.float32)
+            if CE_OWN_STATS:
+                ld_c = tl.log2(d_c)
+            g_ce = tl.where(valid, ce_weight, 0.0)
+            row_loss += tl.where(valid, ce_weight * LN2 * ((m_s - s_y) * tau_ce + ld_c), 0.0)
+        if PER_ROW:
+            tl.store(loss_ptr + row, row_loss)
+        else:
+            acc_loss += row_loss
+        if WRITE_GRAD:
+            g_row = g_ptr + tl.multiple_of(row64 * g_stride - head, VEC)
+            for start in range(0, n_idx, BLOCK_V):
+                idx = start + tl.arange(0, BLOCK_V)
+                if (start > 0) & (start + BLOCK_V <= n_idx):
+                    _kd_grad_block(
+                        s_row, t_row, g_row, idx, head, n_idx, y_idx, m_s, ld_s, m_t, ld_t, ld_c, g_kl, g_ce,
+                        tau, tau_ce, HAS_KL, HAS_CE, CE_OWN_STATS, MASKED=False,
+                    )  # fmt: skip
+                else:
+                    _kd_grad_block(
+                        s_row, t_row, g_row, idx, head, n_idx, y_idx, m_s, ld_s, m_t, ld_t, ld_c, g_kl, g_ce,
+                        tau, tau_ce, HAS_KL, HAS_CE, CE_OWN_STATS, MASKED=True,
+                    )  # fmt: skip
+    if not PER_ROW:
+        finish_sum(partial_ptr, counter_ptr, loss_ptr, acc_loss, tl.num_programs(0), BLOCK=1024)
+
+
+def _vector_width(*tensors: torch.Tensor) -> int:
+    """Elements per 16-byte vector if all rows share their alignment (same element size, base pointers on
+    16 bytes, row strides equal mod the width), else 1: then every load is scalar but still correct."""
+    size = tensors[0].element_size()
+    vec = max(1, 16 // size)
+    same = all(x.element_size() == size and x.data_ptr() % 16 == 0 for x in tensors)
+    return vec if same and len({x.stride(0) % vec for x in tensors}) == 1 else 1
+
+
+def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
+    n_rows, n_cols = s.shape
+    has_kl, has_ce, per_row = alpha != 0.0, alpha != 1.0, reduction == "none"
+    r = {"batchmean": 1.0 / n_rows, "mean": 1.0 / (n_rows * n_cols)}.get(reduction, 1.0)
+    grad = None
+    if write_grad:
+        grad = s.detach() if inplace else torch.empty((n_rows, n_cols), dtype=s.dtype, device=s.device)
+    t, y, g = (t if has_kl else s), (labels if has_ce else s), (grad if write_grad else s)  # s: unused stand-in
+    tau = LOG2E / temperature if has_kl else LOG2E  # student statistics at the KL's scale, else the CE's
+    vec = _vector_width(s, t, g)
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols + vec - 1))  # ≥ vec: a head fits the first block
+    num_warps = max(1, min(16, block_v // 256))
+    n_prog = min(n_rows, max_programs(s.device, num_warps))
+    loss = torch.empty((n_rows,) if per_row else (), dtype=torch.float32, device=s.device)
+    partials = loss if per_row else torch.empty(n_prog, dtype=torch.float32, device=s.device)
+    counter = loss if per_row else arrival_counter(s.device)
+    _kd_fwd_kernel[(n_prog,)](
+        s, t, y, g, loss, partials, counter,
+        n_rows, n_cols, s.stride(0), t.stride(0), g.stride(0),
+        alpha * temperature**2 * r, alpha * temperature * r, 1.0 - alpha, tau, LOG2E, ignore_index,
+        HAS_KL=has_kl, HAS_CE=has_ce, CE_MEAN=reduction in ("batchmean", "mean"),
+        CE_OWN_STATS=has_ce and tau != LOG2E, PER_ROW=per_row, WRITE_GRAD=write_grad,
+        VEC=vec, BLOCK_V=block_v, BLOCK_N=1024, num_warps=num_warps,
+    )  # fmt: skip
+    return loss, grad
+
+
+class FusedKDLoss(torch.autograd.Function):
+    """Loss in forward, gradient w.r.t. the student logits also in forward; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
+        loss, ctx.grad = _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grad is None:
+            raise RuntimeError("fused_kd_loss: backward ran twice; its stored gradient is consumed by the first")
+        grad, ctx.grad = ctx.grad, None
+        return scale_grad_(grad, grad_output), None, None, None, None, None, None, None, None
+
+
+def fused_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """`pkd_fast.losses.kd_loss_reference` in one kernel launch, differentiable w.r.t. the student logits.
+
+    The teacher is a constant (it gets no gradient); labels must lie in [0, V) or equal `ignore_index`.
+    With `inplace=True` the gradient is written over the student logits, saving the one [N, V] buffer:
+    only for callers that never read those logits again.
+    """
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if student_logits.dim() != 2 or 0 in student_logits.shape:
+        raise ValueError(f"student_logits must be a non-empty [N, V] tensor, got shape {tuple(student_logits.shape)}")
+    alpha, temperature = float(alpha), float(temperature)
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    n_rows, device = student_logits.shape[0], student_logits.device
+    if alpha != 0.0:
+        if teacher_logits is None or teacher_logits.shape != student_logits.shape:
+            got = None if teacher_logits is None else tuple(teacher_logits.shape)
+            raise ValueError(f"teacher_logits must match student_logits {tuple(student_logits.shape)}, got {got}")
+        teacher_logits = _unit_column_stride(teacher_logits)
+    if alpha != 1.0:
+        if labels is None:
+            raise ValueError("labels are required when alpha < 1 (the CE term has weight 1 - alpha)")
+        if labels.shape != (n_rows,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            got = f"{labels.dtype} {tuple(labels.shape)}"
+            raise ValueError(f"labels must be integer class ids of shape ({n_rows},), got {got}")
+        labels = labels.contiguous()
+    if any(x is not None and x.device != device for x in (teacher_logits, labels)):
+        raise ValueError("student logits, teacher logits and labels must be on the same device")
+    if inplace and student_logits.stride(1) != 1:
+        raise ValueError("inplace=True needs student logits with unit column stride")
+    write_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    return FusedKDLoss.apply(
+        _unit_column_stride(student_logits), teacher_logits, labels, temperature, alpha, int(ignore_index), reduction,
+        write_grad, inplace,
+    )  # fmt: skip
+
+
+def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
+    """Rows may be strided (a slice of a bigger tensor); columns must be contiguous."""
+    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
