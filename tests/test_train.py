@@ -141,6 +141,21 @@ def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, teacher_withou
 
 
 @pytest.mark.slow
+def test_zero3_partitions_student_and_teacher_and_saves_full_weights(tmp_path, teacher_without_dropout):
+    """ZeRO-3 on 2 ranks: the student is partitioned, the teacher runs in its own ZeRO-3 inference
+    engine, and the saved model holds the gathered weights (it reloads and reproduces its metric)."""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 8})
+    (tmp_path / "z3.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    train(["--deepspeed", str(tmp_path / "z3.json"), "--stage", "student", "--teacher", teacher_without_dropout,
+           "--strategy", "skip", "--max-train-samples", "64", "--epochs", "1", "--output-dir", str(out), *SMALL], ranks=2)
+    result = json.loads((out / "students" / "skip" / "results.json").read_text())
+    reloaded = dev_metric_of_saved_model(out / "students" / "skip" / "model", "sst2", 8, 48, torch.float32)
+    assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, teacher_with_dropout):
     """SIGKILL right after the step-6 checkpoint, then --resume: model, optimizer, schedule, data order
     and dropout RNG all come back, so the loss curve and the final metric match a run never stopped."""
