@@ -1,0 +1,196 @@
+"""Reproduce the PKD paper's comparison on one GLUE task: FT vs KD vs PKD-Skip vs PKD-Last.
+
+For a task and a student depth: fine-tune the teacher once, search each strategy's hyperparameters on dev
+(the paper's grid, or a CPU-sized subset), rerun each strategy's best point over several seeds, and write
+mean ± std as JSON, a markdown table and a bar chart.
+
+    python benchmarks/glue_table.py --task mrpc --grid small --max-train-samples 1000
+    deepspeed benchmarks/glue_table.py --task sst2 --grid paper          # every rank runs each point together
+
+Every point is a `pkd_fast/train.py` run in this process; a finished point (its results.json exists) is
+never run again, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from pkd_fast import train
+from pkd_fast.config import DEFAULT_DS_CONFIG, default_teacher
+from pkd_fast.tasks import TASKS, get_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = ("ft", "kd", "skip", "last")
+NAMES = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
+# The paper's search space (Sun et al. 2019, §4.2); β on the authors' code scale (elementwise_mean PT).
+GRIDS = {
+    "paper": {"temperature": [5, 10, 20], "alpha": [0.2, 0.5, 0.7], "beta": [10, 100, 500, 1000], "lr": [1e-5, 2e-5, 5e-5]},
+    "small": {"temperature": [5, 10], "alpha": [0.5, 0.7], "beta": [100, 500], "lr": [5e-5]},
+    "tiny": {"temperature": [10], "alpha": [0.7], "beta": [100], "lr": [5e-5]},  # one point each: a smoke test
+}
+# Which knobs each strategy has: FT ignores the teacher, KD has no patient term.
+KNOBS = {"ft": ("lr",), "kd": ("temperature", "alpha", "lr"), "skip": ("temperature", "alpha", "beta", "lr"), "last": ("temperature", "alpha", "beta", "lr")}
+
+
+def grid_points(grid: dict, strategy: str) -> list[dict]:
+    knobs = KNOBS[strategy]
+    return [dict(zip(knobs, values)) for values in itertools.product(*(grid[k] for k in knobs))]
+
+
+def point_name(strategy: str, point: dict, seed: int) -> str:
+    return f"{strategy}/" + "_".join(f"{k}{v:g}" for k, v in point.items()) + f"/seed{seed}"
+
+
+def searched_rows(out: Path) -> int:
+    """Training rows the students saw (from any finished student run)."""
+    return json.loads(next(out.glob("*/*/seed*/students/*/results.json")).read_text())["train_rows"]
+
+
+def teacher_slug(teacher: str) -> str:
+    return "all-minilm-l6-v2" if teacher == default_teacher() else Path(teacher.rstrip("/")).name.lower()
+
+
+class Sweep:
+    def __init__(self, args):
+        self.args = args
+        self.task = get_task(args.task)
+        self.out = Path(args.output_dir or f"outputs/sweep_{args.task}")
+        self.common = [
+            "--deepspeed", args.deepspeed, "--task", args.task, "--max-seq-length", str(args.max_seq_length),
+            "--epochs", str(args.epochs), "--resume",
+        ]
+        if args.glue_dir:
+            self.common += ["--glue-dir", args.glue_dir]
+        if args.max_train_samples:
+            self.common += ["--max-train-samples", str(args.max_train_samples)]
+
+    def teacher(self) -> tuple[str, dict]:
+        """Fine-tune the teacher once (a finished one is reused; an already fine-tuned --teacher is only scored)."""
+        out = self.out / "teacher"
+        summary = train.main([*self.common, "--stage", "teacher", "--teacher", self.args.teacher, "--output-dir", str(out),
+                              "--lr", str(self.args.teacher_lr), "--seed", "42"])
+        model = out / "teacher" / "model"
+        return (str(model) if model.is_dir() else self.args.teacher), summary["runs"]["teacher"]
+
+    def student(self, teacher: str, strategy: str, point: dict, seed: int) -> dict:
+        out = self.out / point_name(strategy, point, seed)
+        done = out / "students" / strategy / "results.json"
+        if not done.is_file():
+            argv = [*self.common, "--stage", "student", "--teacher", teacher, "--strategy", strategy,
+                    "--student-layers", str(self.args.student_layers), "--seed", str(seed), "--output-dir", str(out)]
+            train.main(argv + [arg for k, v in point.items() for arg in (f"--{k}", str(v))])
+        return json.loads(done.read_text())
+
+    def run(self) -> dict:
+        t0 = time.time()
+        metric = self.task.main_metric
+        teacher_path, teacher = self.teacher()
+        rows = {"teacher": {"mean": teacher["dev"][metric], "std": 0.0, "seeds": [teacher["dev"][metric]],
+                            "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1}}
+        for strategy in self.args.strategies:
+            t_strategy = time.time()
+            searched = [(p, self.student(teacher_path, strategy, p, self.args.seeds[0])) for p in grid_points(GRIDS[self.args.grid], strategy)]
+            best_point, best = max(searched, key=lambda pr: pr[1]["dev"][metric])
+            seeds = [best] + [self.student(teacher_path, strategy, best_point, s) for s in self.args.seeds[1:]]
+            scores = [r["dev"][metric] for r in seeds]
+            rows[strategy] = {
+                "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "seeds": scores, "best": best_point, "layer_map": best["layer_map"],
+                "grid": {point_name(strategy, p, self.args.seeds[0]).split("/")[1]: r["dev"][metric] for p, r in searched},
+                "grid_points": len(searched), "train_seconds": round(time.time() - t_strategy, 1),
+            }
+        return {
+            "task": self.task.name, "metric": metric, "teacher": teacher_slug(self.args.teacher),
+            "teacher_layers": teacher.get("student_layers") or teacher.get("layers"), "student_layers": self.args.student_layers,
+            "grid": self.args.grid, "grid_values": GRIDS[self.args.grid], "seeds": self.args.seeds,
+            "train_rows": searched_rows(self.out), "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": date.today().isoformat(), "wall_seconds": round(time.time() - t0, 1), "rows": rows,
+        }
+
+
+def render_markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers) → "
+        f"{result['student_layers']}-layer students; {result['train_rows']:,} training rows, {result['epochs']} epoch(s), "
+        f"max length {result['max_seq_length']}; grid `{result['grid']}`, best point rerun over seeds {result['seeds']}; "
+        f"{result['device']}, {result['date']}.",
+        "",
+        "| model | dev (mean ± std) | best hyperparameters | grid points | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        best = ", ".join(f"{k}={v:g}" for k, v in r["best"].items())
+        if r.get("layer_map"):
+            best += f", layers {','.join(map(str, r['layer_map']))}"
+        lines.append(f"| {NAMES[name]} | {r['mean']:.2f} ± {r['std']:.2f} | {best} | {r['grid_points']} | {r['train_seconds']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result["rows"] if n != "teacher"]
+    means = [result["rows"][n]["mean"] for n in names]
+    stds = [result["rows"][n]["std"] for n in names]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.bar([NAMES[n] for n in names], means, yerr=stds, capsize=4, color=["#9aa5b1", "#6c8ebf", "#d79b00", "#b85450"][: len(names)])
+    ax.axhline(result["rows"]["teacher"]["mean"], ls="--", color="k", lw=1, label=f"teacher ({result['teacher_layers']} layers)")
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0, low - 5), max(max(means), result["rows"]["teacher"]["mean"]) + 3)
+    ax.set_ylabel(f"dev {result['metric']} (%)")
+    ax.set_title(f"{result['task']}: {result['student_layers']}-layer students, mean ± std over {len(result['seeds'])} seeds", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    p.add_argument("--glue-dir", default=None, help="(default $GLUE_DIR, through train.py)")
+    p.add_argument("--teacher", default=default_teacher())
+    p.add_argument("--teacher-lr", type=float, default=5e-5)
+    p.add_argument("--student-layers", type=int, default=3)
+    p.add_argument("--strategies", type=lambda s: tuple(s.split(",")), default=STRATEGIES)
+    p.add_argument("--grid", choices=sorted(GRIDS), default="paper")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--max-train-samples", type=int, default=None, help="a fixed subset (state it: the table does)")
+    p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG))
+    p.add_argument("--output-dir", default=None, help="(default outputs/sweep_<task>)")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = Sweep(args).run()
+    if torch.distributed.get_rank() == 0:
+        stem = Path(args.results_dir) / f"glue_{result['task']}_{result['teacher']}_{args.student_layers}layers"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(render_markdown(result) + "\n")
+        plot(result, stem.with_suffix(".png"))
+        print("\n" + render_markdown(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,54 @@
+"""The paper-comparison sweep: grid → best point per strategy → seeds → mean ± std, and a rerun resumes
+without training anything again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.glue_table import GRIDS, grid_points  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+
+def test_grid_points_follow_each_strategys_knobs():
+    paper = GRIDS["paper"]
+    assert len(grid_points(paper, "ft")) == 3
+    assert len(grid_points(paper, "kd")) == 3 * 3 * 3
+    assert len(grid_points(paper, "skip")) == 3 * 3 * 4 * 3
+    assert {p["beta"] for p in grid_points(paper, "last")} == {10, 100, 500, 1000}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (GLUE_DIR / "MRPC").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
+def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 16})
+    (tmp_path / "fp32.json").write_text(json.dumps(config))
+    cmd = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--task", "mrpc", "--glue-dir", str(GLUE_DIR),
+           "--grid", "tiny", "--strategies", "ft,skip", "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "32",
+           "--max-train-samples", "64", "--deepspeed", str(tmp_path / "fp32.json"),
+           "--output-dir", str(tmp_path / "sweep"), "--results-dir", str(tmp_path / "results")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    stem = tmp_path / "results" / "glue_mrpc_all-minilm-l6-v2_3layers"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert set(result["rows"]) == {"teacher", "ft", "skip"} and result["train_rows"] == 64
+    skip = result["rows"]["skip"]
+    assert len(skip["seeds"]) == 2 and skip["layer_map"] == [2, 4]
+    assert skip["mean"] == pytest.approx(sum(skip["seeds"]) / 2)
+    assert "| PKD-Skip |" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    finished = sorted((tmp_path / "sweep").glob("*/*/seed*/students/*/results.json"))
+    assert len(finished) == 4
+    stamps = [p.stat().st_mtime_ns for p in finished]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert [p.stat().st_mtime_ns for p in finished] == stamps  # nothing was trained again
+    assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
