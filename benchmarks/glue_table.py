@@ -77,7 +77,8 @@ class Sweep:
         """Fine-tune the teacher once (a finished one is reused; an already fine-tuned --teacher is only scored)."""
         out = self.out / "teacher"
         summary = train.main([*self.common, "--stage", "teacher", "--teacher", self.args.teacher, "--output-dir", str(out),
-                              "--lr", str(self.args.teacher_lr), "--seed", "42"])
+                              "--lr", str(self.args.teacher_lr), "--teacher-epochs", str(self.args.teacher_epochs or self.args.epochs),
+                              "--seed", "42"])
         model = out / "teacher" / "model"
         return (str(model) if model.is_dir() else self.args.teacher), summary["runs"]["teacher"]
 
@@ -95,7 +96,8 @@ class Sweep:
         metric = self.task.main_metric
         teacher_path, teacher = self.teacher()
         rows = {"teacher": {"mean": teacher["dev"][metric], "std": 0.0, "seeds": [teacher["dev"][metric]],
-                            "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1}}
+                            "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1,
+                            "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs")}}
         for strategy in self.args.strategies:
             t_strategy = time.time()
             searched = [(p, self.student(teacher_path, strategy, p, self.args.seeds[0])) for p in grid_points(GRIDS[self.args.grid], strategy)]
@@ -118,11 +120,18 @@ class Sweep:
         }
 
 
+def _rows_epochs(run: dict) -> str:
+    if run.get("train_rows") is None:  # an already fine-tuned --teacher: not trained here
+        return "given"
+    return f"{run['train_rows']:,} rows × {run['epochs']} epoch(s)"
+
+
 def render_markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
         f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers) → "
-        f"{result['student_layers']}-layer students; {result['train_rows']:,} training rows, {result['epochs']} epoch(s), "
+        f"{result['student_layers']}-layer students; students: {result['train_rows']:,} training rows × {result['epochs']} epoch(s), "
+        f"teacher: {_rows_epochs(rows['teacher'])}; "
         f"max length {result['max_seq_length']}; grid `{result['grid']}`, best point rerun over seeds {result['seeds']}; "
         f"{result['device']}, {result['date']}.",
         "",
@@ -170,6 +179,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", choices=sorted(GRIDS), default="paper")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--teacher-epochs", type=int, default=None, help="(default: --epochs)")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--max-train-samples", type=int, default=None, help="a fixed subset (state it: the table does)")
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG))
