@@ -96,7 +96,7 @@ def run(cfg: Config) -> dict:
         teacher_path = str(teacher_run.out / "model")
     elif not finetuned and cfg.distilled:
         raise PkdError(f"--stage student needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
-    elif finetuned:
+    elif finetuned and cfg.stage != "student":  # the teacher row of the table; a student-only run skips it
         results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
 
     # -- students ------------------------------------------------------------------------------------
