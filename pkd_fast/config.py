@@ -17,7 +17,7 @@ from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.tasks import TASKS
 
-STAGES = ("all", "teacher", "student")
+STAGES = ("all", "teacher", "cache", "student")
 STRATEGIES = ("ft", "kd", "skip", "last")
 PKD_STRATEGIES = ("skip", "last")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,8 @@ class Config:
     beta: float = 100.0
     pt_tokens: str = "cls"
     pt_reduction: str = "elementwise_mean"
+    teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
+    cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L
     lr: float = 5e-5
     teacher_lr: float | None = None
     epochs: int = 3
@@ -102,6 +104,9 @@ class Config:
         need(self.pt_tokens in ("cls", "all"), f"--pt-tokens must be cls or all, got {self.pt_tokens!r}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
         need(self.init_from in ("teacher", "pretrained"), f"--init-from must be teacher or pretrained")
+        need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
+        need(self.cache_layers is None or (bool(self.cache_layers) and min(self.cache_layers) >= 0),
+             f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
         need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
         need(self.epochs >= 1 and (self.teacher_epochs or 1) >= 1, "--epochs must be >= 1")
@@ -133,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config (batch size, precision, ZeRO)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
-    p.add_argument("--stage", choices=STAGES, default="all", help="all: teacher (unless already fine-tuned) → students → table")
+    p.add_argument("--stage", choices=STAGES, default="all",
+                   help="all: teacher (unless already fine-tuned) → teacher cache (with --teacher-cache) → students → table; "
+                        "cache: only write --teacher-cache")
     g = p.add_argument_group("data")
     g.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(TASKS)}")
     g.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR") or None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
@@ -155,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
                    help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA, eager elsewhere")
+    g = p.add_argument_group("teacher cache")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="the teacher's outputs on the training set, stored once (--stage cache or all write it, or reuse a "
+                        "matching one); students read their rows from it and load no teacher")
+    g.add_argument("--cache-layers", type=_int_list, default=None,
+                   help="teacher layers whose states the cache stores (0 = embeddings; default all). "
+                        "With --pt-tokens all it stores every token's states, not just [CLS] (its size is printed first)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d["lr"].default)
     g.add_argument("--teacher-lr", type=float, default=None, help="(default: --lr)")

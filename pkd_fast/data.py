@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -138,11 +139,20 @@ def make_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    lookup: Callable[[dict], dict] | None = None,
 ) -> DataLoader:
     """Batches padded to their own longest row (a multiple of 8, for tensor cores). Training batches are
     shuffled by (seed, epoch) and sharded over ranks; evaluation batches are sharded in order without
-    padding rows, so each rank scores a disjoint slice."""
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    padding rows, so each rank scores a disjoint slice. `lookup(batch)` adds columns found by the batch's
+    example_idx (the teacher cache's rows), read in the collate rather than in the training step."""
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+
+    def collator(rows):
+        batch = pad(rows)
+        if lookup is not None:
+            batch.update(lookup(batch))
+        return batch
+
     if train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:

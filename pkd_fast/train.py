@@ -3,7 +3,8 @@ PKD-Skip, PKD-Last), evaluate on dev and print the comparison.
 
     deepspeed pkd_fast/train.py --deepspeed ds_configs/zero2.json [flags]      (or plain `python`)
 
-Read top to bottom: parse → data → teacher → students → table. Components live beside this file.
+Read top to bottom: parse → data → teacher → teacher cache → students → table. Components live beside
+this file.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, set_seed
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, set_seed
 from transformers.utils import logging as hf_logging
 
+from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
+from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config, parse_config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
@@ -94,25 +97,37 @@ def run(cfg: Config) -> dict:
         set_seed(cfg.seed)
         results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), None, teacher_run)
         teacher_path = str(teacher_run.out / "model")
-    elif not finetuned and cfg.distilled:
-        raise PkdError(f"--stage student needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
-    elif finetuned and cfg.stage != "student":  # the teacher row of the table; a student-only run skips it
+    elif not finetuned and (cfg.distilled or cfg.stage == "cache"):
+        raise PkdError(f"--stage {cfg.stage} needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
+    elif finetuned and cfg.stage in ("all", "teacher"):  # the stages whose table has a teacher row
         results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
+
+    # -- teacher cache: run the teacher once over the training set (or reuse a matching store) ---------
+    cache = None
+    if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.distilled)):
+        cache = ctx.ensure_cache(teacher_path)
 
     # -- students ------------------------------------------------------------------------------------
     if cfg.stage in ("all", "student"):
-        teacher = load_classifier(teacher_path, task)
-        n = num_layers(teacher)
+        n = cache.layout.teacher_layers if cache is not None else AutoConfig.from_pretrained(teacher_path).num_hidden_layers
         k = cfg.student_layers or max(1, n // 2)
-        init_source = teacher if cfg.init_from == "teacher" else load_classifier(_base_model(cfg, teacher_path), task)
-        for strategy in cfg.strategy:
-            lmap = layer_map(strategy, n, k, cfg.layer_map)
+        maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
+        if cache is not None:
+            cache.require({layer for lmap in maps.values() for layer in lmap}, tokens=cfg.pt_tokens == "all")
+        # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
+        # their teacher, and with a cache nothing else of it is loaded.
+        init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
+        init_source = build_student(load_classifier(init_path, task), k, task)
+        for strategy, lmap in maps.items():
             alpha = 0.0 if strategy == "ft" else cfg.alpha
             beta = cfg.beta if lmap else 0.0
             student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
             set_seed(cfg.seed)  # the same fresh head for every strategy
             student = build_student(init_source, k, task)
-            results[strategy] = ctx.fit(student, teacher if strategy != "ft" else None, student_run)
+            # What the student learns from: the cache, or a fresh live teacher (frozen_teacher casts, moves or
+            # partitions the module it is given, so one run's teacher is never handed to the next).
+            teacher = None if strategy == "ft" else cache if cache is not None else load_classifier(teacher_path, task)
+            results[strategy] = ctx.fit(student, teacher, student_run)
 
     # -- table ---------------------------------------------------------------------------------------
     summary = {
@@ -125,6 +140,7 @@ def run(cfg: Config) -> dict:
     }
     if world.is_main:
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main and results:  # --stage cache trains and scores nothing: no table
         table = render_table(summary, task)
         (out / "results.md").write_text(table + "\n")
         print("\n" + table, flush=True)
@@ -166,7 +182,8 @@ class Context:
         self.accum = ds_config.get("gradient_accumulation_steps", 1)
 
     # -- one training run ----------------------------------------------------------------------------
-    def fit(self, model, teacher, spec: Run) -> dict:
+    def fit(self, model, teacher: PreTrainedModel | TeacherCache | None, spec: Run) -> dict:
+        """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
         cfg, world, task = self.cfg, self.world, self.task
         spec.out.mkdir(parents=True, exist_ok=True)
         done = spec.out / "results.json"
@@ -174,8 +191,13 @@ class Context:
             log.info("%s: finished earlier, reusing %s", spec.name, done)
             return json.loads(done.read_text())
 
+        lookup = None
+        if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
+            lookup = teacher.reader(spec.layer_map, tokens=cfg.pt_tokens == "all", pin=world.device.type == "cuda")
+            teacher = None
         loader = glue_data.make_loader(
-            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank, world_size=world.world_size
+            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank,
+            world_size=world.world_size, lookup=lookup,
         )
         steps_per_epoch = len(loader) // self.accum
         if steps_per_epoch == 0:
@@ -202,6 +224,8 @@ class Context:
                 list(spec.layer_map) or "-", spec.alpha, spec.beta, cfg.temperature, impl,
                 f", resumed at step {start}" if start else "",
             )
+            if lookup:
+                log.info("%s: teacher outputs read from %s", spec.name, cfg.teacher_cache)
 
         tokens_index = cfg.pt_tokens == "all" and bool(spec.layer_map)
         t0 = time.time()
@@ -255,19 +279,24 @@ class Context:
         return result
 
     def _loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool):
-        """One forward of the student (and the live teacher) → the PKD loss terms."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        """One forward of the student (and the live teacher) → the PKD loss terms. Without a live teacher
+        the batch may carry the cache's rows: `teacher_logits` and `teacher_hidden` (the mapped layers)."""
+        inputs = _model_inputs(batch)
         need_hidden = bool(spec.layer_map)
         student = engine(**inputs, output_hidden_states=need_hidden)
-        t_logits, s_rows, t_rows = None, [], []
         if teacher is not None:
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=need_hidden)
-            t_logits = t_out.logits
-            if need_hidden:
-                token_index = batch.get("token_index")
-                s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
-                t_rows = pt_rows(t_out.hidden_states, spec.layer_map, token_index)
+            t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
+        else:
+            t_logits = batch.get("teacher_logits")
+            t_states = batch["teacher_hidden"].unbind(1) if need_hidden else ()
+            t_layers = range(len(t_states))
+        s_rows, t_rows = [], []
+        if need_hidden:
+            token_index = batch.get("token_index")
+            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
+            t_rows = pt_rows(t_states, t_layers, token_index)
         return pkd_loss(
             student.logits, t_logits, batch["labels"], s_rows, t_rows,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
@@ -297,17 +326,10 @@ class Context:
         model.eval()
         results = {}
         for split, dev in self.dev_sets.items():
-            loader = glue_data.make_loader(
-                dev, self.tokenizer, 2 * self.micro_batch, train=False, seed=0, rank=self.world.rank, world_size=self.world.world_size
-            )
-            # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats of a batch.
-            n_batches = -(-len(dev) // (self.world.world_size * 2 * self.micro_batch))
-            batches = itertools.islice(itertools.cycle(loader), n_batches) if len(loader) else []
+            batches, _ = self._inference_batches(dev)
             rows = []
             for batch in batches:
-                batch = glue_data.batch_to_device(batch, self.world.device)
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-                logits = model(**inputs).logits.float()
+                logits = model(**_model_inputs(batch)).logits.float()
                 rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
             gathered = [None] * self.world.world_size
             dist.all_gather_object(gathered, rows)
@@ -317,11 +339,64 @@ class Context:
         model.train(was_training)
         return results if len(results) > 1 else next(iter(results.values()))
 
+    def _inference_batches(self, dataset):
+        """This rank's in-order slice of `dataset` as device batches, and their count. Under ZeRO-3 every
+        rank must run the same number of forwards, so a short slice is padded with repeats of a batch."""
+        batch_size = 2 * self.micro_batch  # no gradients: twice the training batch fits
+        loader = glue_data.make_loader(
+            dataset, self.tokenizer, batch_size, train=False, seed=0, rank=self.world.rank, world_size=self.world.world_size
+        )
+        n_batches = -(-len(dataset) // (self.world.world_size * batch_size))
+        batches = itertools.islice(itertools.cycle(loader), n_batches) if len(loader) else []
+        return (glue_data.batch_to_device(batch, self.world.device) for batch in batches), n_batches
+
+    # -- teacher cache -------------------------------------------------------------------------------
+    def ensure_cache(self, teacher_path: str) -> TeacherCache:
+        """The store under --teacher-cache for this teacher and training set. --stage student only opens
+        it (any mismatch is an error); --stage cache and all reuse a matching one or (re)write it."""
+        cfg = self.cfg
+        fingerprint = teacher_cache.fingerprint(
+            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
+        )
+        try:
+            cache = TeacherCache.open(cfg.teacher_cache, fingerprint)
+            if cfg.stage != "student":
+                cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), tokens=cfg.pt_tokens == "all")
+            log.info("teacher cache %s: matches this run, reusing it", cfg.teacher_cache)
+            return cache
+        except PkdError as why:
+            if cfg.stage == "student":
+                raise
+            log.info("teacher cache: writing it (%s)", why)
+        return self.write_cache(teacher_path, fingerprint)
+
+    @torch.no_grad()
+    def write_cache(self, teacher_path: str, fingerprint: dict) -> TeacherCache:
+        """One pass of the frozen teacher over the training set, each rank over its slice, into the store."""
+        model = load_classifier(teacher_path, self.task)
+        n = num_layers(model)
+        layout = teacher_cache.Layout(
+            rows=len(self.train_set), num_labels=self.task.num_labels, teacher_layers=n, hidden_size=model.config.hidden_size,
+            layers=tuple(sorted(set(self.cfg.cache_layers or range(n + 1)))),
+            positions=self.cfg.max_seq_length if self.cfg.pt_tokens == "all" else 1, dtype=fingerprint["dtype"],
+        )
+        with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
+            teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
+            batches, n_batches = self._inference_batches(self.train_set)
+            for batch in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
+                out = teacher(**_model_inputs(batch), output_hidden_states=True)
+                writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
+            return writer.commit()
+
     def evaluate_only(self, model, name: str) -> dict:
         """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
         layers = num_layers(model)
         metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device), 0)
         return {"strategy": name, "layers": layers, "dev": metrics}
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 def _keep_lines_until(path: Path, step: int) -> None:

@@ -1,0 +1,362 @@
+"""Teacher output cache: run the frozen teacher once over the training set, then distil any number of
+students (any layer map, any depth, any grid point) from the stored outputs, without loading it.
+
+A store is a directory:
+
+    manifest.json   format, fingerprint, layout (shapes, dtype, stored layers), each file's size and digest
+    logits.npy      [N, C]           the teacher's logits
+    hidden.npy      [N, L', S, H]    hidden_states[l] for each stored layer l (default 0..L; 0 = embeddings);
+                                     S = 1 ([CLS] only) or max_seq_length (every token, zero past the row's end)
+
+Row i is the training example with `example_idx == i`, so a batch reads its rows in any order. The arrays
+are .npy files read as memory maps (fancy indexing by row reads only those rows) in the training dtype;
+bf16, which numpy lacks, is stored as its raw 16-bit pattern (uint16) and reinterpreted by torch.
+
+Safety: the manifest carries a fingerprint of what produced the store (teacher weight files, tokenizer,
+task, split, max sequence length, the tokenised rows, dtype); opening refuses a mismatch, a missing or
+short file, a digest mismatch, or a layer the run needs that is not stored. Writing is atomic: the store
+is built in a sibling `DIR.tmp-*` directory, manifest last, then renamed into place, so a crash leaves no
+directory that opens.
+
+Data-parallel writing: every rank writes its rows into the same memory maps, so all ranks must see one
+filesystem with coherent shared mappings: one node (or a shared filesystem that gives that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pkd_fast.errors import PkdError
+
+log = logging.getLogger("pkd_fast")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SPLIT = "train"
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16: its bit pattern
+# The digest reads at most this many evenly spaced blocks per file (the whole file when smaller).
+_BLOCK, _BLOCKS = 1 << 16, 256
+
+
+# -- fingerprint -------------------------------------------------------------------------------------
+
+def _sha256(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _weights_digest(teacher_path: str) -> str:
+    """sha256 over the teacher's weight files (names and bytes), read from disk: no model is loaded."""
+    folder = Path(teacher_path)
+    if not folder.is_dir():
+        raise PkdError(
+            f"--teacher {teacher_path}: the teacher cache fingerprints the teacher's weight files, so --teacher "
+            "must be a local directory (save_pretrained a hub model first)"
+        )
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise PkdError(f"--teacher {teacher_path}: no weight files (*.safetensors, *.bin) to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(path.name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for per_call in ("truncation", "padding"):  # set by each call, not part of the tokenizer
+            spec.pop(per_call, None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return _sha256({"class": type(tokenizer).__name__, "spec": spec})
+
+
+def _dataset_digest(train_set) -> str:
+    """sha256 of what the teacher reads, row by row: input_ids and token_type_ids. (datasets' own
+    `_fingerprint` is random for in-memory datasets, so it cannot tell two runs' rows apart.)"""
+    table = train_set.with_format("arrow")[:]
+    digest = hashlib.sha256()
+    for name in ("input_ids", "token_type_ids"):
+        if name in table.column_names:
+            column = table[name].combine_chunks()
+            digest.update(name.encode())
+            digest.update(pc.list_value_length(column).to_numpy().astype(np.int64).tobytes())
+            digest.update(column.flatten().to_numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(teacher_path: str, tokenizer, task: str, max_seq_length: int, train_set, dtype: torch.dtype) -> dict:
+    """What a store's contents depend on; a store opens only for an equal fingerprint."""
+    return {
+        "teacher_weights": _weights_digest(teacher_path),
+        "tokenizer": _tokenizer_digest(tokenizer),
+        "task": task,
+        "split": SPLIT,
+        "max_seq_length": max_seq_length,
+        "rows": len(train_set),
+        "dataset": _dataset_digest(train_set),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+    def short(v):
+        return v[:12] + "…" if isinstance(v, str) and len(v) == 64 else v
+
+    return [f"{k}: cache {short(stored.get(k))} ≠ now {short(wanted.get(k))}"
+            for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+
+
+# -- layout ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    rows: int
+    num_labels: int
+    teacher_layers: int
+    hidden_size: int
+    layers: tuple[int, ...]  # the stored hidden_states indices, ascending (0 = embeddings)
+    positions: int  # 1: [CLS] only; max_seq_length: every token
+    dtype: str
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "logits": (self.rows, self.num_labels),
+            "hidden": (self.rows, len(self.layers), self.positions, self.hidden_size),
+        }
+
+    def describe(self) -> str:
+        itemsize = np.dtype(_NUMPY[self.dtype]).itemsize
+        sizes = ", ".join(f"{name} {list(shape)} {_gib(np.prod(shape) * itemsize)}" for name, shape in self.shapes.items())
+        what = "[CLS]" if self.positions == 1 else "every token"
+        return f"{self.dtype}, {what} of layers {list(self.layers)}: {sizes}"
+
+
+def _gib(nbytes) -> str:
+    return f"{nbytes / 2**30:.3f} GiB"
+
+
+def _digest(path: Path, size: int) -> str:
+    """blake2b of `_BLOCKS` evenly spaced blocks of `_BLOCK` bytes (the whole file when ≤ 16 MiB): a check
+    that costs milliseconds whatever the store's size. With the exact byte size it catches truncation, a
+    damaged header and damage over any sampled block, not a stray flipped byte between blocks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= _BLOCK * _BLOCKS:
+            digest.update(f.read())
+        else:
+            for offset in np.linspace(0, size - _BLOCK, _BLOCKS, dtype=np.int64):
+                f.seek(int(offset))
+                digest.update(f.read(_BLOCK))
+    return digest.hexdigest()
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+class TeacherCache:
+    """An opened, verified store: memory maps of its arrays and the per-batch row reader."""
+
+    def __init__(self, directory: Path, layout: Layout):
+        self.directory, self.layout = directory, layout
+        self.arrays = {}
+        for name, shape in layout.shapes.items():
+            array = np.load(directory / f"{name}.npy", mmap_mode="r")
+            if array.shape != shape or array.dtype != _NUMPY[layout.dtype]:
+                raise PkdError(f"{directory}/{name}.npy: holds {array.dtype}{list(array.shape)}, the manifest says {layout.dtype}{list(shape)}")
+            self.arrays[name] = array
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, expected: dict) -> TeacherCache:
+        """Verify the store (files, digests, fingerprint) and open it; PkdError says what is wrong."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise PkdError(f"--teacher-cache {directory}: no {MANIFEST}, so no complete cache there; write one with --stage cache")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != FORMAT:
+                raise PkdError(f"{manifest_path}: cache format {manifest.get('format')}, this pkd_fast reads {FORMAT}; rewrite it with --stage cache")
+            layout = Layout(**{**manifest["layout"], "layers": tuple(manifest["layout"]["layers"])})
+            files = {f"{name}.npy": manifest["files"][f"{name}.npy"] for name in layout.shapes}
+            stored = manifest["fingerprint"]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise PkdError(f"{manifest_path}: unreadable manifest ({type(err).__name__}: {err})") from None
+        diff = _differences(stored, expected)
+        if diff:
+            raise PkdError(f"--teacher-cache {directory} was written for a different run ({'; '.join(diff)}); "
+                           "rewrite it with --stage cache or point --teacher-cache elsewhere")
+        for name, meta in files.items():
+            path = directory / name
+            if not path.is_file():
+                raise PkdError(f"{path}: missing (the manifest lists it); rewrite the cache with --stage cache")
+            size = path.stat().st_size
+            if size != meta["bytes"]:
+                raise PkdError(f"{path}: {size} bytes, the manifest says {meta['bytes']} (truncated or replaced); rewrite the cache with --stage cache")
+            if _digest(path, size) != meta["digest"]:
+                raise PkdError(f"{path}: contents do not match the manifest's digest (corrupt); rewrite the cache with --stage cache")
+        return cls(directory, layout)
+
+    def require(self, layers: Iterable[int], tokens: bool) -> None:
+        """Refuse a run that needs a layer (or every token's states) the store lacks."""
+        missing = sorted(set(layers) - set(self.layout.layers))
+        if missing:
+            raise PkdError(f"--teacher-cache {self.directory}: teacher layer(s) {missing} not stored (it holds {list(self.layout.layers)}); "
+                           "rewrite it with --stage cache and --cache-layers including them")
+        if tokens and self.layout.positions == 1:
+            raise PkdError(f"--teacher-cache {self.directory}: holds [CLS] states only but --pt-tokens all needs every token's; "
+                           "rewrite it with --stage cache --pt-tokens all")
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        return t.view(torch.bfloat16) if self.layout.dtype == "bfloat16" else t
+
+    def reader(self, layers: Sequence[int], tokens: bool, pin: bool = False) -> Callable[[dict], dict]:
+        """The collate-time lookup of one run: `teacher_logits` [B, C] and, for a layer map, `teacher_hidden`
+        [B, len(layers), S, H] (S = 1 for [CLS], the batch's padded length for every token), in map order."""
+        self.require(layers, tokens)
+        index = np.array([self.layout.layers.index(l) for l in layers], dtype=np.int64)
+
+        def read(batch: dict) -> dict:
+            rows = batch["example_idx"].numpy()
+            out = {"teacher_logits": self._tensor(self.arrays["logits"][rows])}
+            if len(index):
+                width = batch["input_ids"].shape[1] if tokens else 1
+                states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
+                if states.shape[2] < width:  # the batch is padded (to a multiple of 8) past max_seq_length
+                    states = F.pad(states, (0, 0, 0, width - states.shape[2]))
+                out["teacher_hidden"] = states
+            return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+        return read
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def _on_main(world, fn):
+    """fn() on rank 0; its result, or its PkdError raised, on every rank."""
+    box = [None]
+    if world.is_main:
+        try:
+            box[0] = (fn(), None)
+        except (PkdError, OSError) as err:  # the other ranks wait for the verdict: never leave them hanging
+            box[0] = (None, str(err))
+    if world.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error:
+        raise PkdError(error)
+    return result
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Writer:
+    """Builds a store collectively: every rank constructs one, `write`s the rows of its batches and calls
+    `commit`. Rank 0 preallocates the files in a temporary sibling directory and, once every rank has
+    flushed, writes the manifest last and renames the directory into place (replacing an older store).
+    Leaving the `with` block by an exception removes the temporary directory."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict, layout: Layout, world):
+        self.directory, self.fingerprint, self.layout, self.world = Path(directory), fingerprint, layout, world
+        self.tmp = Path(_on_main(world, self._allocate))
+        self.arrays = {name: np.load(self.tmp / f"{name}.npy", mmap_mode="r+") for name in layout.shapes}
+
+    def _allocate(self) -> str:
+        target = self.directory
+        if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
+            raise PkdError(f"--teacher-cache {target}: exists and is not a teacher cache (no {MANIFEST}); refusing to replace it")
+        bad = [l for l in self.layout.layers if not 0 <= l <= self.layout.teacher_layers]
+        if bad or not self.layout.layers:
+            raise PkdError(f"--cache-layers: {bad or 'none'}: the teacher has hidden states 0..{self.layout.teacher_layers} (0 = embeddings)")
+        log.info("teacher cache %s: %d rows, %s", target, self.layout.rows, self.layout.describe())
+        leftovers = sorted(str(p) for p in target.parent.glob(f"{target.name}.tmp-*"))
+        if leftovers:
+            log.warning("teacher cache: %s left by interrupted writes; delete them once no write is running", ", ".join(leftovers))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+        try:
+            for name, shape in self.layout.shapes.items():
+                path = tmp / f"{name}.npy"
+                np.lib.format.open_memmap(path, mode="w+", dtype=_NUMPY[self.layout.dtype], shape=shape).flush()  # header + size
+                with open(path, "r+b") as f:  # reserve the blocks now: a full disk is an error here, not a SIGBUS later
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PkdError(f"--teacher-cache {target}: cannot allocate {self.layout.describe()} ({err.strerror or err})") from None
+        return str(tmp)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.arrays.clear()
+        if exc_type is not None and self.world.is_main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _numpy(self, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().to("cpu", getattr(torch, self.layout.dtype))
+        return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+    def write(self, example_idx: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """Store one batch's teacher outputs at rows `example_idx` (a row written twice gets the same values)."""
+        rows = example_idx.cpu().numpy()
+        self.arrays["logits"][rows] = self._numpy(logits)
+        width = self.layout.positions
+        states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
+        if width > 1:  # zero the padding: its values depend on the batch, and no loss reads them
+            states = states * attention_mask[:, None, :width, None].to(states.dtype)
+        self.arrays["hidden"][rows, :, : states.shape[2]] = self._numpy(states)
+
+    def commit(self) -> TeacherCache:
+        """Flush every rank's rows, publish the store atomically, and open it on every rank."""
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()
+        if self.world.world_size > 1:
+            dist.barrier()
+        _on_main(self.world, self._publish)
+        return TeacherCache.open(self.directory, self.fingerprint)
+
+    def _publish(self) -> None:
+        files = {}
+        for name in self.layout.shapes:
+            path = self.tmp / f"{name}.npy"
+            _fsync(path)
+            size = path.stat().st_size
+            files[path.name] = {"bytes": size, "digest": _digest(path, size)}
+        manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": asdict(self.layout), "files": files}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync(self.tmp / MANIFEST)
+        _fsync(self.tmp)
+        old = None
+        if self.directory.exists():  # a directory cannot be renamed over a non-empty one: move the old aside
+            old = self.directory.with_name(f"{self.tmp.name}.old")
+            os.replace(self.directory, old)
+        os.replace(self.tmp, self.directory)
+        _fsync(self.directory.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("teacher cache %s: written", self.directory)
