@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkd_fast.losses import PT_REDUCTIONS
+from pkd_fast.losses import check_layer_pairs
 
 from .kd_loss import arrival_counter, finish_sum, scale_grad_
 
@@ -156,11 +156,7 @@ def fused_patient_loss(
     Layers are L tensors [*, H] (e.g. [N, H] rows, strided [CLS] slices welcome) or one stacked [L, *, H]
     tensor per side; student and teacher may differ in dtype. The teacher is frozen: it gets no gradient.
     """
-    if reduction not in PT_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
-    if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
-    if len(student_hidden) == 0:
+    if not check_layer_pairs(student_hidden, teacher_hidden, reduction):
         return torch.zeros(())
     stacked = isinstance(student_hidden, torch.Tensor)
     if stacked != isinstance(teacher_hidden, torch.Tensor):

@@ -80,6 +80,15 @@ def kd_loss_reference(
     return loss
 
 
+def check_layer_pairs(student_hidden: Hidden, teacher_hidden: Hidden, reduction: str) -> int:
+    """Validate a patient-loss call (shared with the fused kernel); the number of layer pairs."""
+    if reduction not in PT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
+    return len(student_hidden)
+
+
 def patient_loss_reference(
     student_hidden: Hidden,
     teacher_hidden: Hidden,
@@ -91,11 +100,7 @@ def patient_loss_reference(
     reduction: mean as written; elementwise_mean further ÷(L·H), the authors' code scale on which their
     β grid (10–1000) was searched; sum is the paper's Σ_l Σ_i form.
     """
-    if reduction not in PT_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
-    if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
-    if len(student_hidden) == 0:
+    if not check_layer_pairs(student_hidden, teacher_hidden, reduction):
         return torch.zeros(())
     total = 0.0
     for hs, ht in zip(student_hidden, teacher_hidden):

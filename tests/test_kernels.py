@@ -42,39 +42,14 @@ def poison():
 
 
 def kd_ref64(s, t, temperature, labels=None, alpha=1.0, reduction="batchmean"):
-    """`kd_loss_reference` line for line, in float64 instead of fp32."""
-    s = s.double()
-    n_rows, vocab = s.shape
-    loss = s.new_zeros(n_rows if reduction == "none" else ())
-    if alpha != 0.0:
-        log_p_s = F.log_softmax(s / temperature, dim=-1)
-        log_p_t = F.log_softmax(t.double() / temperature, dim=-1)
-        p_t = log_p_t.exp()
-        kl_rows = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
-        kl = {"batchmean": kl_rows.sum() / n_rows, "sum": kl_rows.sum(), "none": kl_rows,
-              "mean": kl_rows.sum() / (n_rows * vocab)}[reduction]  # fmt: skip
-        loss = loss + alpha * temperature**2 * kl
-    if alpha != 1.0:
-        valid = labels != IGNORE
-        ce_rows = -F.log_softmax(s, dim=-1).gather(-1, torch.where(valid, labels, 0)[:, None]).squeeze(-1)
-        ce_rows = torch.where(valid, ce_rows, 0.0)
-        ce = {"none": ce_rows, "sum": ce_rows.sum()}.get(reduction, ce_rows.sum() / valid.sum().clamp(min=1))
-        loss = loss + (1.0 - alpha) * ce
-    return loss
+    """The spec in float64 (it keeps float64 inputs in float64)."""
+    t64 = None if t is None else t.double()
+    return kd_loss_reference(s.double(), t64, temperature, labels, alpha=alpha, ignore_index=IGNORE, reduction=reduction)
 
 
 def pt_ref64(student, teacher, normalize=True, reduction="mean"):
-    """`patient_loss_reference` in float64."""
-    total = 0.0
-    for hs, ht in zip(student, teacher):
-        hs, ht = hs.double(), ht.double()
-        if normalize:
-            hs, ht = F.normalize(hs, dim=-1, eps=1e-12), F.normalize(ht, dim=-1, eps=1e-12)
-        rows = (hs - ht).pow(2).sum(-1)
-        total = total + (rows.sum() if reduction == "sum" else rows.mean())
-    if reduction == "elementwise_mean":
-        total = total / (len(student) * student[0].shape[-1])
-    return total
+    """The spec in float64."""
+    return patient_loss_reference([h.double() for h in student], [h.double() for h in teacher], normalize, reduction)
 
 
 def rel_err(x, ref):
