@@ -99,7 +99,6 @@ class Sweep:
                             "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1,
                             "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs")}}
         for strategy in self.args.strategies:
-            t_strategy = time.time()
             searched = [(p, self.student(teacher_path, strategy, p, self.args.seeds[0])) for p in grid_points(GRIDS[self.args.grid], strategy)]
             best_point, best = max(searched, key=lambda pr: pr[1]["dev"][metric])
             seeds = [best] + [self.student(teacher_path, strategy, best_point, s) for s in self.args.seeds[1:]]
@@ -108,7 +107,8 @@ class Sweep:
                 "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 "seeds": scores, "best": best_point, "layer_map": best["layer_map"],
                 "grid": {point_name(strategy, p, self.args.seeds[0]).split("/")[1]: r["dev"][metric] for p, r in searched},
-                "grid_points": len(searched), "train_seconds": round(time.time() - t_strategy, 1),
+                "grid_points": len(searched),
+                "train_seconds": round(sum(r["train_seconds"] for r in [*(r for _, r in searched), *seeds[1:]]), 1),
             }
         return {
             "task": self.task.name, "metric": metric, "teacher": teacher_slug(self.args.teacher),
@@ -135,7 +135,7 @@ def render_markdown(result: dict) -> str:
         f"max length {result['max_seq_length']}; grid `{result['grid']}`, best point rerun over seeds {result['seeds']}; "
         f"{result['device']}, {result['date']}.",
         "",
-        "| model | dev (mean ± std) | best hyperparameters | grid points | wall s |",
+        "| model | dev (mean ± std) | best hyperparameters | grid points | train s (all runs) |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
