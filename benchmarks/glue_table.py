@@ -36,6 +36,8 @@ GRIDS = {
     "paper": {"temperature": [5, 10, 20], "alpha": [0.2, 0.5, 0.7], "beta": [10, 100, 500, 1000], "lr": [1e-5, 2e-5, 5e-5]},
     "small": {"temperature": [10], "alpha": [0.5, 0.7], "beta": [100, 500], "lr": [5e-5]},  # 11 points: a CPU-sized subset
     "tiny": {"temperature": [10], "alpha": [0.7], "beta": [100], "lr": [5e-5]},  # one point each: a smoke test
+    # One point, lr above the paper's range: short CPU runs at lr ≤ 5e-5 left every student at the majority class.
+    "cpu": {"temperature": [10], "alpha": [0.7], "beta": [100], "lr": [1e-4]},
 }
 # Which knobs each strategy has: FT ignores the teacher, KD has no patient term.
 KNOBS = {"ft": ("lr",), "kd": ("temperature", "alpha", "lr"), "skip": ("temperature", "alpha", "beta", "lr"), "last": ("temperature", "alpha", "beta", "lr")}
