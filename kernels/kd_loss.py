@@ -310,6 +310,14 @@ def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write
     return loss, grad
 
 
+def take_stored_grad(ctx, name: str) -> torch.Tensor:
+    """The gradient that forward stored, handed over once: it is consumed (scaled in place), not copied."""
+    if ctx.grad is None:
+        raise RuntimeError(f"{name}: backward ran twice; its stored gradient is consumed by the first")
+    grad, ctx.grad = ctx.grad, None
+    return grad
+
+
 class FusedKDLoss(torch.autograd.Function):
     """Loss in forward, gradient w.r.t. the student logits also in forward; backward scales it."""
 
@@ -321,10 +329,7 @@ class FusedKDLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grad is None:
-            raise RuntimeError("fused_kd_loss: backward ran twice; its stored gradient is consumed by the first")
-        grad, ctx.grad = ctx.grad, None
-        return scale_grad_(grad, grad_output), None, None, None, None, None, None, None, None
+        return scale_grad_(take_stored_grad(ctx, "fused_kd_loss"), grad_output), None, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(

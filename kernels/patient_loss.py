@@ -18,7 +18,7 @@ import triton.language as tl
 
 from pkd_fast.losses import check_layer_pairs
 
-from .kd_loss import arrival_counter, finish_sum, scale_grad_
+from .kd_loss import arrival_counter, finish_sum, scale_grad_, take_stored_grad
 
 MAX_HIDDEN = 16384  # a row lives in registers
 TILE = 4096  # elements per program: rows of a layer × the padded hidden size
@@ -137,10 +137,7 @@ class FusedPatientLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grad is None:
-            raise RuntimeError("fused_patient_loss: backward ran twice; its stored gradient is consumed by the first")
-        grad, ctx.grad = ctx.grad, None
-        grad = scale_grad_(grad, grad_output)
+        grad = scale_grad_(take_stored_grad(ctx, "fused_patient_loss"), grad_output)
         grads = [grad.view(ctx.shapes[0])] if ctx.stacked else [g.view(s) for g, s in zip(grad, ctx.shapes)]
         return None, None, None, None, *grads, *([None] * len(ctx.shapes))
 
