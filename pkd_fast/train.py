@@ -254,14 +254,14 @@ class Context:
                 if step % steps_per_epoch == 0 or (cfg.save_steps and step % cfg.save_steps == 0):
                     ds.save_checkpoint(engine, ckpt_dir, step, world.rank)
                     _maybe_kill(step)
-            eval_metrics = self.evaluate(engine, epoch_step := engine.global_steps)
+            eval_metrics = self.evaluate(engine)
             if world.is_main:
                 with metrics_file.open("a") as f:
-                    f.write(json.dumps({"step": epoch_step, "epoch": epoch + 1, **eval_metrics}) + "\n")
+                    f.write(json.dumps({"step": engine.global_steps, "epoch": epoch + 1, **eval_metrics}) + "\n")
                 log.info("%s epoch %d: %s", spec.name, epoch + 1, _fmt(eval_metrics))
         bar.close()
         if eval_metrics is None:  # resumed after the last step: the final evaluation is still owed
-            eval_metrics = self.evaluate(engine, engine.global_steps)
+            eval_metrics = self.evaluate(engine)
 
         ds.save_pretrained(engine, spec.out / "model", self.tokenizer, world.rank)
         result = {
@@ -320,7 +320,7 @@ class Context:
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model, step: int) -> dict:
+    def evaluate(self, model) -> dict:
         """Dev metrics of every dev split, each rank scoring its slice; all ranks get the same dict."""
         was_training = model.training
         model.eval()
@@ -391,7 +391,7 @@ class Context:
     def evaluate_only(self, model, name: str) -> dict:
         """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
         layers = num_layers(model)
-        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device), 0)
+        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
         return {"strategy": name, "layers": layers, "dev": metrics}
 
 
