@@ -79,6 +79,7 @@ class Config:
     seed: int = 42
     max_seq_length: int = 128
     max_train_samples: int | None = None
+    data_seed: int = 42  # picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
     max_eval_samples: int | None = None
     output_dir: str = "outputs"
     resume: bool = False
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR") or None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
     g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"].default)
     g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of the training set")
+    g.add_argument("--data-seed", type=int, default=d["data_seed"].default,
+                   help="seed of that subset (independent of --seed, so runs over seeds train on the same rows)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
     g = p.add_argument_group("models")
     g.add_argument("--teacher", default=None, help="HF path or hub id; fine-tuned on --task first unless it already is (default: offline all-MiniLM-L6-v2)")

@@ -81,7 +81,7 @@ def run(cfg: Config) -> dict:
     raw = glue_data.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
     train_set = glue_data.tokenize(
-        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.seed), tokenizer, cfg.max_seq_length
+        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.data_seed), tokenizer, cfg.max_seq_length
     )
     dev_sets = {
         split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
