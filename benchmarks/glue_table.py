@@ -8,7 +8,9 @@ mean ± std as JSON, a markdown table and a bar chart.
     deepspeed benchmarks/glue_table.py --task sst2 --grid paper          # every rank runs each point together
 
 Every point is a `pkd_fast/train.py` run in this process; a finished point (its results.json exists) is
-never run again, so an interrupted sweep resumes where it stopped.
+never run again, so an interrupted sweep resumes where it stopped. The teacher runs over the training set
+once, into a teacher cache (reused when one matching it is already there), and every KD and PKD point reads
+its soft labels and hidden states from there instead of running the teacher again.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Sweep:
         self.args = args
         self.task = get_task(args.task)
         self.out = Path(args.output_dir or f"outputs/sweep_{args.task}")
+        self.cache = None if args.live_teacher else Path(args.teacher_cache or self.out / "teacher_cache")
         self.common = [
             "--deepspeed", args.deepspeed, "--task", args.task, "--max-seq-length", str(args.max_seq_length),
             "--epochs", str(args.epochs), "--resume",
@@ -82,7 +85,11 @@ class Sweep:
                               "--lr", str(self.args.teacher_lr), "--teacher-epochs", str(self.args.teacher_epochs or self.args.epochs),
                               "--seed", "42"])
         model = out / "teacher" / "model"
-        return (str(model) if model.is_dir() else self.args.teacher), summary["runs"]["teacher"]
+        path = str(model) if model.is_dir() else self.args.teacher
+        if self.cache is not None:  # reuses a store whose fingerprint matches, (re)writes any other
+            train.main([*self.common, "--stage", "cache", "--teacher", path, "--teacher-cache", str(self.cache),
+                        "--output-dir", str(self.out / "cache_run")])
+        return path, summary["runs"]["teacher"]
 
     def student(self, teacher: str, strategy: str, point: dict, seed: int) -> dict:
         out = self.out / point_name(strategy, point, seed)
@@ -90,6 +97,8 @@ class Sweep:
         if not done.is_file():
             argv = [*self.common, "--stage", "student", "--teacher", teacher, "--strategy", strategy,
                     "--student-layers", str(self.args.student_layers), "--seed", str(seed), "--output-dir", str(out)]
+            if self.cache is not None and strategy != "ft":
+                argv += ["--teacher-cache", str(self.cache)]
             train.main(argv + [arg for k, v in point.items() for arg in (f"--{k}", str(v))])
         return json.loads(done.read_text())
 
@@ -186,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--max-train-samples", type=int, default=None, help="a fixed subset (state it: the table does)")
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG))
     p.add_argument("--output-dir", default=None, help="(default outputs/sweep_<task>)")
+    p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default <output-dir>/teacher_cache)")
+    p.add_argument("--live-teacher", action="store_true", help="run the teacher in every KD/PKD point instead of caching it once")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -1,5 +1,5 @@
-"""The paper-comparison sweep: grid → best point per strategy → seeds → mean ± std, and a rerun resumes
-without training anything again."""
+"""The paper-comparison sweep: grid → best point per strategy → seeds → mean ± std, the teacher cached
+once for every distilled point, and a rerun resumes without training anything again."""
 
 import json
 import os
@@ -44,6 +44,10 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     assert skip["mean"] == pytest.approx(sum(skip["seeds"]) / 2)
     assert "| PKD-Skip |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # The teacher ran over the training set once, into the cache the PKD points then read.
+    assert (tmp_path / "sweep" / "teacher_cache" / "manifest.json").is_file()
+    assert first.stderr.count("teacher cache: writing it") == 1, first.stderr[-4000:]
+    assert first.stderr.count("teacher outputs read from") == 2, first.stderr[-4000:]
 
     finished = sorted((tmp_path / "sweep").glob("*/*/seed*/students/*/results.json"))
     assert len(finished) == 4
@@ -51,4 +55,5 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert [p.stat().st_mtime_ns for p in finished] == stamps  # nothing was trained again
+    assert "teacher cache: writing it" not in again.stderr  # nor cached again
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
