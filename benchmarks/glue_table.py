@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -33,6 +32,9 @@ from pkd_fast.tasks import TASKS, get_task
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("ft", "kd", "skip", "last")
 NAMES = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
+COLORS = {"ft": "#9aa5b1", "kd": "#6c8ebf", "skip": "#d79b00", "last": "#b85450"}
+# Sun et al. 2019, Table 1: BERT-base teacher → 6-layer PKD student, GLUE test server (MRPC: F1).
+PAPER_PKD6 = {"sst2": 92.0, "mrpc": 85.0}
 # The paper's search space (Sun et al. 2019, §4.2); β on the authors' code scale (elementwise_mean PT).
 GRIDS = {
     "paper": {"temperature": [5, 10, 20], "alpha": [0.2, 0.5, 0.7], "beta": [10, 100, 500, 1000], "lr": [1e-5, 2e-5, 5e-5]},
@@ -78,7 +80,7 @@ class Sweep:
         if args.max_train_samples:
             self.common += ["--max-train-samples", str(args.max_train_samples)]
 
-    def teacher(self) -> tuple[str, dict]:
+    def teacher(self) -> tuple[str, dict, int]:
         """Fine-tune the teacher once (a finished one is reused; an already fine-tuned --teacher is only scored)."""
         out = self.out / "teacher"
         summary = train.main([*self.common, "--stage", "teacher", "--teacher", self.args.teacher, "--output-dir", str(out),
@@ -89,7 +91,7 @@ class Sweep:
         if self.cache is not None:  # reuses a store whose fingerprint matches, (re)writes any other
             train.main([*self.common, "--stage", "cache", "--teacher", path, "--teacher-cache", str(self.cache),
                         "--output-dir", str(self.out / "cache_run")])
-        return path, summary["runs"]["teacher"]
+        return path, summary["runs"]["teacher"], summary["train_rows_available"]
 
     def student(self, teacher: str, strategy: str, point: dict, seed: int) -> dict:
         out = self.out / point_name(strategy, point, seed)
@@ -105,7 +107,7 @@ class Sweep:
     def run(self) -> dict:
         t0 = time.time()
         metric = self.task.main_metric
-        teacher_path, teacher = self.teacher()
+        teacher_path, teacher, rows_available = self.teacher()
         rows = {"teacher": {"mean": teacher["dev"][metric], "std": 0.0, "seeds": [teacher["dev"][metric]],
                             "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1,
                             "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs")}}
@@ -125,7 +127,7 @@ class Sweep:
             "task": self.task.name, "metric": metric, "teacher": teacher_slug(self.args.teacher),
             "teacher_layers": teacher.get("student_layers") or teacher.get("layers"), "student_layers": self.args.student_layers,
             "grid": self.args.grid, "grid_values": GRIDS[self.args.grid], "seeds": self.args.seeds,
-            "train_rows": searched_rows(self.out), "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
+            "train_rows": searched_rows(self.out), "train_rows_available": rows_available, "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": date.today().isoformat(), "wall_seconds": round(time.time() - t0, 1), "rows": rows,
         }
@@ -140,11 +142,11 @@ def _rows_epochs(run: dict) -> str:
 def render_markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
-        f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers) → "
+        (f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers) → "
         f"{result['student_layers']}-layer students; students: {result['train_rows']:,} training rows × {result['epochs']} epoch(s), "
         f"teacher: {_rows_epochs(rows['teacher'])}; "
         f"max length {result['max_seq_length']}; grid `{result['grid']}`, best point rerun over seeds {result['seeds']}; "
-        f"{result['device']}, {result['date']}.",
+        f"{result['device']}, {result['date']}."),
         "",
         "| model | dev (mean ± std) | best hyperparameters | grid points | train s (all runs) |",
         "|---|---|---|---|---|",
@@ -157,26 +159,73 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def _draw(ax, result: dict) -> None:
+    """Students' mean ± std as bars, the teacher as a dashed line."""
+    names = [n for n in result["rows"] if n != "teacher"]
+    means = [result["rows"][n]["mean"] for n in names]
+    stds = [result["rows"][n]["std"] for n in names]
+    teacher = result["rows"]["teacher"]["mean"]
+    ax.bar([NAMES[n] for n in names], means, yerr=stds, capsize=4, color=[COLORS[n] for n in names])
+    ax.axhline(teacher, ls="--", color="k", lw=1, label=f"teacher ({result['teacher_layers']} layers)")
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0, low - 5), max(max(means), teacher) + 3)
+    ax.set_ylabel(f"dev {result['metric']} (%)")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _figure(n_axes: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in result["rows"] if n != "teacher"]
-    means = [result["rows"][n]["mean"] for n in names]
-    stds = [result["rows"][n]["std"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.bar([NAMES[n] for n in names], means, yerr=stds, capsize=4, color=["#9aa5b1", "#6c8ebf", "#d79b00", "#b85450"][: len(names)])
-    ax.axhline(result["rows"]["teacher"]["mean"], ls="--", color="k", lw=1, label=f"teacher ({result['teacher_layers']} layers)")
-    low = min(m - s for m, s in zip(means, stds))
-    ax.set_ylim(max(0, low - 5), max(max(means), result["rows"]["teacher"]["mean"]) + 3)
-    ax.set_ylabel(f"dev {result['metric']} (%)")
+    fig, axes = plt.subplots(1, n_axes, figsize=(5 * n_axes, 3.2), dpi=120, squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot(result: dict, path: Path) -> None:
+    plt, fig, (ax,) = _figure(1)
+    _draw(ax, result)
     ax.set_title(f"{result['task']}: {result['student_layers']}-layer students, mean ± std over {len(result['seeds'])} seeds", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _data(result: dict) -> str:
+    available = result.get("train_rows_available")
+    rows = f"{result['train_rows']:,}" + (" (full)" if available == result["train_rows"] else f" of {available:,}" if available else "")
+    return f"{rows} rows × {result['epochs']} ep, len {result['max_seq_length']}"
+
+
+def write_summary(results_dir: Path) -> str | None:
+    """All tasks' tables in one (the README's): teacher and students beside the paper's 6-layer PKD, plus
+    one chart per task side by side. Returns the markdown, or None when no sweep has finished yet."""
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("glue_*layers.json"))]
+    if not results:
+        return None
+    results.sort(key=lambda r: list(TASKS).index(r["task"]) if r["task"] in TASKS else len(TASKS))
+    lines = [
+        "| task (dev metric) | students' data | teacher | FT | KD | PKD-Skip | PKD-Last | measured order | paper: 6-layer PKD, GLUE test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows = r["rows"]
+        cells = [f"{rows[s]['mean']:.2f} ± {rows[s]['std']:.2f}" if s in rows else "-" for s in STRATEGIES]
+        order = " > ".join(NAMES[s] for s in sorted((s for s in STRATEGIES if s in rows), key=lambda s: -rows[s]["mean"]))
+        paper = f"{PAPER_PKD6[r['task']]}" if r["task"] in PAPER_PKD6 else "not reported"
+        lines.append(f"| {r['task']} ({r['metric']}) | {_data(r)} | {rows['teacher']['mean']:.2f} | " + " | ".join(cells)
+                     + f" | {order} | {paper} |")
+    markdown = "\n".join(lines)
+    (results_dir / "glue_summary.md").write_text(markdown + "\n")
+    plt, fig, axes = _figure(len(results))
+    for ax, r in zip(axes, results):
+        _draw(ax, r)
+        ax.set_title(f"{r['task']}: {r['teacher']} → {r['student_layers']} layers ({_data(r)})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results_dir / "glue_summary.png")
+    plt.close(fig)
+    return markdown
 
 
 def parse_args(argv=None):
@@ -198,12 +247,16 @@ def parse_args(argv=None):
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default <output-dir>/teacher_cache)")
     p.add_argument("--live-teacher", action="store_true", help="run the teacher in every KD/PKD point instead of caching it once")
     p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--summary", action="store_true", help="only rewrite glue_summary.{md,png} from the results already there")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.summary:
+        print(write_summary(Path(args.results_dir)) or f"no glue_*layers.json in {args.results_dir} yet")
+        return {}
     result = Sweep(args).run()
     if torch.distributed.get_rank() == 0:
         stem = Path(args.results_dir) / f"glue_{result['task']}_{result['teacher']}_{args.student_layers}layers"
@@ -211,9 +264,10 @@ def main(argv=None) -> dict:
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         stem.with_suffix(".md").write_text(render_markdown(result) + "\n")
         plot(result, stem.with_suffix(".png"))
+        write_summary(stem.parent)
         print("\n" + render_markdown(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
