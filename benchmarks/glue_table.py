@@ -61,6 +61,16 @@ def searched_rows(out: Path) -> int:
     return json.loads(next(out.glob("*/*/seed*/students/*/results.json")).read_text())["train_rows"]
 
 
+def loss_mix(logs: list[Path], alpha: float, beta: float) -> dict:
+    """Each weighted term's share of the total loss, averaged over every logged step of these runs: how
+    much of the signal the patient term (β on its scale) carried next to CE and KD."""
+    steps = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    weighted = {"ce": (1 - alpha, "ce"), "kd": (alpha, "kd"), "pt": (beta, "pt")}
+    means = {name: statistics.mean(w * step.get(key, 0.0) for step in steps) for name, (w, key) in weighted.items()}
+    total = sum(means.values())
+    return {name: round(100 * v / total, 1) for name, v in means.items()}
+
+
 def teacher_slug(teacher: str) -> str:
     return "all-minilm-l6-v2" if teacher == default_teacher() else Path(teacher.rstrip("/")).name.lower()
 
@@ -116,11 +126,12 @@ class Sweep:
             best_point, best = max(searched, key=lambda pr: pr[1]["dev"][metric])
             seeds = [best] + [self.student(teacher_path, strategy, best_point, s) for s in self.args.seeds[1:]]
             scores = [r["dev"][metric] for r in seeds]
+            logs = [self.out / point_name(strategy, best_point, s) / "students" / strategy / "train_log.jsonl" for s in self.args.seeds]
             rows[strategy] = {
                 "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 "seeds": scores, "best": best_point, "layer_map": best["layer_map"],
                 "grid": {point_name(strategy, p, self.args.seeds[0]).split("/")[1]: r["dev"][metric] for p, r in searched},
-                "grid_points": len(searched),
+                "grid_points": len(searched), "loss_mix_percent": loss_mix(logs, best["alpha"], best["beta"]),
                 "train_seconds": round(sum(r["train_seconds"] for r in [*(r for _, r in searched), *seeds[1:]]), 1),
             }
         return {
@@ -148,14 +159,15 @@ def render_markdown(result: dict) -> str:
         f"max length {result['max_seq_length']}; grid `{result['grid']}`, best point rerun over seeds {result['seeds']}; "
         f"{result['device']}, {result['date']}."),
         "",
-        "| model | dev (mean ± std) | best hyperparameters | grid points | train s (all runs) |",
-        "|---|---|---|---|---|",
+        "| model | dev (mean ± std) | best hyperparameters | loss mix % (1-α)CE / αKD / βPT | grid points | train s (all runs) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         best = ", ".join(f"{k}={v:g}" for k, v in r["best"].items())
         if r.get("layer_map"):
             best += f", layers {','.join(map(str, r['layer_map']))}"
-        lines.append(f"| {NAMES[name]} | {r['mean']:.2f} ± {r['std']:.2f} | {best} | {r['grid_points']} | {r['train_seconds']} |")
+        mix = " / ".join(f"{v:g}" for v in r["loss_mix_percent"].values()) if "loss_mix_percent" in r else "-"
+        lines.append(f"| {NAMES[name]} | {r['mean']:.2f} ± {r['std']:.2f} | {best} | {mix} | {r['grid_points']} | {r['train_seconds']} |")
     return "\n".join(lines)
 
 

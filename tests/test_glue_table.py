@@ -64,6 +64,8 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     skip = result["rows"]["skip"]
     assert len(skip["seeds"]) == 2 and skip["layer_map"] == [2, 4]
     assert skip["mean"] == pytest.approx(sum(skip["seeds"]) / 2)
+    assert result["rows"]["ft"]["loss_mix_percent"] == {"ce": 100.0, "kd": 0.0, "pt": 0.0}
+    assert skip["loss_mix_percent"]["pt"] > 0 and sum(skip["loss_mix_percent"].values()) == pytest.approx(100, abs=0.2)
     assert "| PKD-Skip |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| mrpc (f1) | 64 of 3,668 rows" in (tmp_path / "results" / "glue_summary.md").read_text()
