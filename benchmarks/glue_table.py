@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 from datetime import date
 from pathlib import Path
 
@@ -115,7 +114,6 @@ class Sweep:
         return json.loads(done.read_text())
 
     def run(self) -> dict:
-        t0 = time.time()
         metric = self.task.main_metric
         teacher_path, teacher, rows_available = self.teacher()
         rows = {"teacher": {"mean": teacher["dev"][metric], "std": 0.0, "seeds": [teacher["dev"][metric]],
@@ -140,7 +138,9 @@ class Sweep:
             "grid": self.args.grid, "grid_values": GRIDS[self.args.grid], "seeds": self.args.seeds,
             "train_rows": searched_rows(self.out), "train_rows_available": rows_available, "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": date.today().isoformat(), "wall_seconds": round(time.time() - t0, 1), "rows": rows,
+            "date": date.today().isoformat(), "rows": rows,
+            # Summed over every run, so a resumed sweep reports the training it took, not the resume's few seconds.
+            "train_seconds_total": round(sum(r["train_seconds"] for r in rows.values()), 1),
         }
 
 
