@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from pkd_fast import train
 from pkd_fast.config import DEFAULT_DS_CONFIG, default_teacher
+from pkd_fast.errors import PkdError
 from pkd_fast.tasks import TASKS, get_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,10 +62,13 @@ def searched_rows(out: Path) -> int:
     return json.loads(next(out.glob("*/*/seed*/students/*/results.json")).read_text())["train_rows"]
 
 
-def loss_mix(logs: list[Path], alpha: float, beta: float) -> dict:
+def loss_mix(logs: list[Path], alpha: float, beta: float) -> dict | None:
     """Each weighted term's share of the total loss, averaged over every logged step of these runs: how
-    much of the signal the patient term (β on its scale) carried next to CE and KD."""
-    steps = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    much of the signal the patient term (β on its scale) carried next to CE and KD. None when no run
+    lasted past its first --log-steps."""
+    steps = [json.loads(line) for log in logs if log.is_file() for line in log.read_text().splitlines()]
+    if not steps:
+        return None
     weighted = {"ce": (1 - alpha, "ce"), "kd": (alpha, "kd"), "pt": (beta, "pt")}
     means = {name: statistics.mean(w * step.get(key, 0.0) for step in steps) for name, (w, key) in weighted.items()}
     total = sum(means.values())
@@ -74,6 +79,14 @@ def teacher_slug(teacher: str) -> str:
     return "all-minilm-l6-v2" if teacher == default_teacher() else Path(teacher.rstrip("/")).name.lower()
 
 
+def _same_epochs(where: Path, run: dict, epochs: int) -> dict:
+    """A finished run is reused by its directory, which names the point and seed but not the setup."""
+    if run["epochs"] != epochs:
+        raise PkdError(f"{where}: a finished run of {run['epochs']} epoch(s), this sweep asks for {epochs}; "
+                       "pass another --output-dir (or remove that run) to train again")
+    return run
+
+
 class Sweep:
     def __init__(self, args):
         self.args = args
@@ -82,7 +95,7 @@ class Sweep:
         self.cache = None if args.live_teacher else Path(args.teacher_cache or self.out / "teacher_cache")
         self.common = [
             "--deepspeed", args.deepspeed, "--task", args.task, "--max-seq-length", str(args.max_seq_length),
-            "--epochs", str(args.epochs), "--resume",
+            "--epochs", str(args.epochs), "--log-steps", str(args.log_steps), "--resume",
         ]
         if args.glue_dir:
             self.common += ["--glue-dir", args.glue_dir]
@@ -95,6 +108,8 @@ class Sweep:
         summary = train.main([*self.common, "--stage", "teacher", "--teacher", self.args.teacher, "--output-dir", str(out),
                               "--lr", str(self.args.teacher_lr), "--teacher-epochs", str(self.args.teacher_epochs or self.args.epochs),
                               "--seed", "42"])
+        if summary["runs"]["teacher"].get("train_rows") is not None:  # trained here, maybe by an earlier sweep
+            _same_epochs(out / "teacher", summary["runs"]["teacher"], self.args.teacher_epochs or self.args.epochs)
         model = out / "teacher" / "model"
         path = str(model) if model.is_dir() else self.args.teacher
         if self.cache is not None:  # reuses a store whose fingerprint matches, (re)writes any other
@@ -111,7 +126,7 @@ class Sweep:
             if self.cache is not None and strategy != "ft":
                 argv += ["--teacher-cache", str(self.cache)]
             train.main(argv + [arg for k, v in point.items() for arg in (f"--{k}", str(v))])
-        return json.loads(done.read_text())
+        return _same_epochs(done, json.loads(done.read_text()), self.args.epochs)
 
     def run(self) -> dict:
         metric = self.task.main_metric
@@ -166,7 +181,7 @@ def render_markdown(result: dict) -> str:
         best = ", ".join(f"{k}={v:g}" for k, v in r["best"].items())
         if r.get("layer_map"):
             best += f", layers {','.join(map(str, r['layer_map']))}"
-        mix = " / ".join(f"{v:g}" for v in r["loss_mix_percent"].values()) if "loss_mix_percent" in r else "-"
+        mix = " / ".join(f"{v:g}" for v in r["loss_mix_percent"].values()) if r.get("loss_mix_percent") else "-"
         lines.append(f"| {NAMES[name]} | {r['mean']:.2f} ± {r['std']:.2f} | {best} | {mix} | {r['grid_points']} | {r['train_seconds']} |")
     return "\n".join(lines)
 
@@ -254,6 +269,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-epochs", type=int, default=None, help="(default: --epochs)")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--max-train-samples", type=int, default=None, help="a fixed subset (state it: the table does)")
+    p.add_argument("--log-steps", type=int, default=20, help="log the loss terms every N steps (the loss mix averages them)")
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG))
     p.add_argument("--output-dir", default=None, help="(default outputs/sweep_<task>)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default <output-dir>/teacher_cache)")
@@ -269,7 +285,11 @@ def main(argv=None) -> dict:
     if args.summary:
         print(write_summary(Path(args.results_dir)) or f"no glue_*layers.json in {args.results_dir} yet")
         return {}
-    result = Sweep(args).run()
+    try:
+        result = Sweep(args).run()
+    except PkdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if torch.distributed.get_rank() == 0:
         stem = Path(args.results_dir) / f"glue_{result['task']}_{result['teacher']}_{args.student_layers}layers"
         stem.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     (tmp_path / "fp32.json").write_text(json.dumps(config))
     cmd = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--task", "mrpc", "--glue-dir", str(GLUE_DIR),
            "--grid", "tiny", "--strategies", "ft,skip", "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "32",
-           "--max-train-samples", "64", "--deepspeed", str(tmp_path / "fp32.json"),
+           "--max-train-samples", "64", "--deepspeed", str(tmp_path / "fp32.json"), "--log-steps", "2",
            "--output-dir", str(tmp_path / "sweep"), "--results-dir", str(tmp_path / "results")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -81,4 +81,7 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert [p.stat().st_mtime_ns for p in finished] == stamps  # nothing was trained again
     assert "teacher cache: writing it" not in again.stderr  # nor cached again
+    # A changed setup in the same directory is refused, not silently served the old runs.
+    longer = subprocess.run([*cmd[:cmd.index("--epochs") + 1], "2", *cmd[cmd.index("--epochs") + 2:]], capture_output=True, text=True, timeout=900)
+    assert longer.returncode == 2 and "a finished run of 1 epoch(s), this sweep asks for 2" in longer.stderr, longer.stderr[-2000:]
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
