@@ -57,11 +57,6 @@ def point_name(strategy: str, point: dict, seed: int) -> str:
     return f"{strategy}/" + "_".join(f"{k}{v:g}" for k, v in point.items()) + f"/seed{seed}"
 
 
-def searched_rows(out: Path) -> int:
-    """Training rows the students saw (from any finished student run)."""
-    return json.loads(next(out.glob("*/*/seed*/students/*/results.json")).read_text())["train_rows"]
-
-
 def loss_mix(logs: list[Path], alpha: float, beta: float) -> dict | None:
     """Each weighted term's share of the total loss, averaged over every logged step of these runs: how
     much of the signal the patient term (β on its scale) carried next to CE and KD. None when no run
@@ -104,12 +99,11 @@ class Sweep:
 
     def teacher(self) -> tuple[str, dict, int]:
         """Fine-tune the teacher once (a finished one is reused; an already fine-tuned --teacher is only scored)."""
-        out = self.out / "teacher"
+        out, epochs = self.out / "teacher", self.args.teacher_epochs or self.args.epochs
         summary = train.main([*self.common, "--stage", "teacher", "--teacher", self.args.teacher, "--output-dir", str(out),
-                              "--lr", str(self.args.teacher_lr), "--teacher-epochs", str(self.args.teacher_epochs or self.args.epochs),
-                              "--seed", "42"])
+                              "--lr", str(self.args.teacher_lr), "--teacher-epochs", str(epochs), "--seed", "42"])
         if summary["runs"]["teacher"].get("train_rows") is not None:  # trained here, maybe by an earlier sweep
-            _same_epochs(out / "teacher", summary["runs"]["teacher"], self.args.teacher_epochs or self.args.epochs)
+            _same_epochs(out / "teacher", summary["runs"]["teacher"], epochs)
         model = out / "teacher" / "model"
         path = str(model) if model.is_dir() else self.args.teacher
         if self.cache is not None:  # reuses a store whose fingerprint matches, (re)writes any other
@@ -117,9 +111,13 @@ class Sweep:
                         "--output-dir", str(self.out / "cache_run")])
         return path, summary["runs"]["teacher"], summary["train_rows_available"]
 
+    def run_dir(self, strategy: str, point: dict, seed: int) -> Path:
+        """Where train.py writes one student run (results.json, train_log.jsonl, the model)."""
+        return self.out / point_name(strategy, point, seed) / "students" / strategy
+
     def student(self, teacher: str, strategy: str, point: dict, seed: int) -> dict:
         out = self.out / point_name(strategy, point, seed)
-        done = out / "students" / strategy / "results.json"
+        done = self.run_dir(strategy, point, seed) / "results.json"
         if not done.is_file():
             argv = [*self.common, "--stage", "student", "--teacher", teacher, "--strategy", strategy,
                     "--student-layers", str(self.args.student_layers), "--seed", str(seed), "--output-dir", str(out)]
@@ -134,12 +132,14 @@ class Sweep:
         rows = {"teacher": {"mean": teacher["dev"][metric], "std": 0.0, "seeds": [teacher["dev"][metric]],
                             "best": {"lr": self.args.teacher_lr}, "train_seconds": teacher.get("train_seconds", 0.0), "grid_points": 1,
                             "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs")}}
+        student_rows = None  # the same for every student run (one --data-seed subset)
         for strategy in self.args.strategies:
             searched = [(p, self.student(teacher_path, strategy, p, self.args.seeds[0])) for p in grid_points(GRIDS[self.args.grid], strategy)]
             best_point, best = max(searched, key=lambda pr: pr[1]["dev"][metric])
+            student_rows = best["train_rows"]
             seeds = [best] + [self.student(teacher_path, strategy, best_point, s) for s in self.args.seeds[1:]]
             scores = [r["dev"][metric] for r in seeds]
-            logs = [self.out / point_name(strategy, best_point, s) / "students" / strategy / "train_log.jsonl" for s in self.args.seeds]
+            logs = [self.run_dir(strategy, best_point, s) / "train_log.jsonl" for s in self.args.seeds]
             rows[strategy] = {
                 "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 "seeds": scores, "best": best_point, "layer_map": best["layer_map"],
@@ -151,7 +151,7 @@ class Sweep:
             "task": self.task.name, "metric": metric, "teacher": teacher_slug(self.args.teacher),
             "teacher_layers": teacher.get("student_layers") or teacher.get("layers"), "student_layers": self.args.student_layers,
             "grid": self.args.grid, "grid_values": GRIDS[self.args.grid], "seeds": self.args.seeds,
-            "train_rows": searched_rows(self.out), "train_rows_available": rows_available, "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
+            "train_rows": student_rows, "train_rows_available": rows_available, "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": date.today().isoformat(), "rows": rows,
             # Summed over every run, so a resumed sweep reports the training it took, not the resume's few seconds.

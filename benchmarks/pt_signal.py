@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from pkd_fast import data as glue_data
-from pkd_fast.losses import kd_loss_reference, patient_loss_reference, regression_kd_loss
+from pkd_fast.losses import patient_loss, pkd_loss
 from pkd_fast.models import build_student, layer_map, load_classifier, num_layers, pt_rows
 from pkd_fast.tasks import TASKS, get_task
 
@@ -56,20 +56,18 @@ def measure(args) -> dict:
     params = [p for p in student.parameters() if p.requires_grad]
     per_batch = []
     for batch in loader:
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+        inputs = glue_data.model_inputs(batch)
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=True)
         s_out = student(**inputs, output_hidden_states=True)
-        token_index = batch["attention_mask"].flatten().nonzero().squeeze(1) if args.pt_tokens == "all" else None
+        token_index = glue_data.real_token_index(batch["attention_mask"]) if args.pt_tokens == "all" else None
         s_rows = pt_rows(s_out.hidden_states, range(1, k), token_index)
         t_rows = pt_rows(t_out.hidden_states, lmap, token_index)
-        if task.regression:
-            ce = regression_kd_loss(s_out.logits, None, batch["labels"], 0.0)
-            kd = regression_kd_loss(s_out.logits, t_out.logits, batch["labels"], 1.0)
-        else:
-            ce = kd_loss_reference(s_out.logits, s_out.logits, 1.0, batch["labels"], alpha=0.0)
-            kd = kd_loss_reference(s_out.logits, t_out.logits, args.temperature, alpha=1.0)
-        pt = patient_loss_reference(s_rows, t_rows, reduction=args.pt_reduction)
+        # Each unweighted term alone, through the trainer's own loss: α=0 is the label term, α=1 the KD term.
+        terms = {alpha: pkd_loss(s_out.logits, t_out.logits, batch["labels"], temperature=args.temperature, alpha=alpha,
+                                 regression=task.regression).total for alpha in (0.0, 1.0)}
+        ce, kd = terms[0.0], terms[1.0]
+        pt = patient_loss(s_rows, t_rows, reduction=args.pt_reduction)
         per_batch.append({
             "ce_weighted": (1 - args.alpha) * ce.item(), "kd_weighted": args.alpha * kd.item(), "pt": pt.item(),
             "grad_ce_weighted": (1 - args.alpha) * _grad_norm(ce, params), "grad_kd_weighted": args.alpha * _grad_norm(kd, params),

@@ -163,5 +163,15 @@ def make_loader(
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=train, generator=generator)
 
 
+def model_inputs(batch: dict) -> dict:
+    """The batch's columns a BERT forward takes (not labels, example_idx or the cache's rows)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of the real tokens in the flattened [B·S] batch: the index models.pt_rows takes."""
+    return attention_mask.flatten().nonzero().squeeze(1)
+
+
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -238,7 +238,7 @@ class Context:
             batches = itertools.islice(loader, skip, steps_per_epoch * self.accum)
             for batch in batches:
                 if tokens_index:  # positions of real tokens, found on the host before the copy: no sync later
-                    batch["token_index"] = batch["attention_mask"].flatten().nonzero().squeeze(1)
+                    batch["token_index"] = glue_data.real_token_index(batch["attention_mask"])
                 batch = glue_data.batch_to_device(batch, world.device)
                 boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
                 step = engine.global_steps + 1
@@ -281,7 +281,7 @@ class Context:
     def _loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool):
         """One forward of the student (and the live teacher) → the PKD loss terms. Without a live teacher
         the batch may carry the cache's rows: `teacher_logits` and `teacher_hidden` (the mapped layers)."""
-        inputs = _model_inputs(batch)
+        inputs = glue_data.model_inputs(batch)
         need_hidden = bool(spec.layer_map)
         student = engine(**inputs, output_hidden_states=need_hidden)
         if teacher is not None:
@@ -329,7 +329,7 @@ class Context:
             batches, _ = self._inference_batches(dev)
             rows = []
             for batch in batches:
-                logits = model(**_model_inputs(batch)).logits.float()
+                logits = model(**glue_data.model_inputs(batch)).logits.float()
                 rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
             gathered = [None] * self.world.world_size
             dist.all_gather_object(gathered, rows)
@@ -384,7 +384,7 @@ class Context:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self._inference_batches(self.train_set)
             for batch in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
-                out = teacher(**_model_inputs(batch), output_hidden_states=True)
+                out = teacher(**glue_data.model_inputs(batch), output_hidden_states=True)
                 writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
             return writer.commit()
 
@@ -393,10 +393,6 @@ class Context:
         layers = num_layers(model)
         metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
         return {"strategy": name, "layers": layers, "dev": metrics}
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 def _keep_lines_until(path: Path, step: int) -> None:

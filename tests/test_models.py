@@ -5,6 +5,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from pkd_fast.config import default_teacher
+from pkd_fast.data import real_token_index
 from pkd_fast.errors import PkdError
 from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, pt_rows
 from pkd_fast.tasks import get_task
@@ -96,5 +97,5 @@ def test_pt_rows_cls_and_tokens():
     cls = pt_rows(hidden, (1, 3), None)
     assert [torch.equal(c, hidden[i][:, 0]) for c, i in zip(cls, (1, 3))] == [True, True]
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
-    rows = pt_rows(hidden, (2,), mask.flatten().nonzero().squeeze(1))
+    rows = pt_rows(hidden, (2,), real_token_index(mask))
     assert torch.equal(rows[0], hidden[2][mask.bool()])
