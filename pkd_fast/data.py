@@ -5,6 +5,8 @@ it in any order."""
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,8 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import Task
 
+log = logging.getLogger("pkd_fast")
+
 HUB_DATASET = "nyu-mll/glue"
 # Text columns of the hub's GLUE configs, where they differ from sentence1/sentence2.
 _HUB_TEXT = {
@@ -28,41 +32,68 @@ _HUB_TEXT = {
 def _parse_label(task: Task, raw: str, where: str) -> int | float:
     if task.regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise PkdError(f"{where}: label {raw!r} is not a number (column {task.label!r})") from None
+        low, high = task.label_range
+        if not low <= value <= high:  # also refuses nan and inf, which no comparison admits
+            raise PkdError(f"{where}: label {raw!r} outside [{low:g}, {high:g}] (column {task.label!r})")
+        return value
     try:
         return task.labels.index(raw)
     except ValueError:
         raise PkdError(f"{where}: label {raw!r} not in {list(task.labels)} (column {task.label!r})") from None
 
 
+def _utf8_lines(path: Path):
+    """The file's text, refusing bytes that are not UTF-8 with the line they are on."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise PkdError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); GLUE files are UTF-8") from None
+
+
 def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
     """Rows of one GLUE TSV file as columns text_a, text_b, label, validated line by line.
 
-    GLUE files are raw: quotes are text, not CSV quoting, and some start with a byte-order mark.
+    GLUE files are raw: quotes are text, not CSV quoting, and some start with a byte-order mark. A row
+    with too few fields or an unparsable label is an error naming its line, except in tasks whose
+    published files hold such rows (QQP's train.tsv): the standard GLUE processors skip them, and so does
+    this reader, counting them and saying so.
     """
     if not path.is_file():
         raise PkdError(f"{path}: missing; expected the classic glue_data layout <glue-dir>/{task.tsv_dir}/<split>.tsv")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(task.header) if task.header else next(rows, None)
-        if header is None:
-            raise PkdError(f"{path}: empty file")
-        wanted = [task.text_a, task.label] + ([task.text_b] if task.text_b else [])
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise PkdError(f"{path}:1: header lacks column(s) {missing}; found {header}")
-        col = {c: header.index(c) for c in wanted}
-        out: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
-        first_line = 1 if task.header else 2
-        for line, row in enumerate(rows, start=first_line):
-            where = f"{path}:{line}"
+    rows = csv.reader(io.StringIO(_utf8_lines(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = list(task.header) if task.header else next(rows, None)
+    if header is None:
+        raise PkdError(f"{path}: empty file")
+    wanted = [task.text_a, task.label] + ([task.text_b] if task.text_b else [])
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise PkdError(f"{path}:1: header lacks column(s) {missing}; found {header}")
+    col = {c: header.index(c) for c in wanted}
+    out: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
+    skipped: list[int] = []
+    first_line = 1 if task.header else 2
+    for line, row in enumerate(rows, start=first_line):
+        where = f"{path}:{line}"
+        try:
             if len(row) < len(header):
                 raise PkdError(f"{where}: {len(row)} tab-separated fields, expected {len(header)} ({header})")
-            out["text_a"].append(row[col[task.text_a]])
-            out["text_b"].append(row[col[task.text_b]] if task.text_b else None)
-            out["label"].append(_parse_label(task, row[col[task.label]].strip(), where))
+            label = _parse_label(task, row[col[task.label]].strip(), where)
+        except PkdError:
+            if not task.skip_malformed_rows:
+                raise
+            skipped.append(line)
+            continue
+        out["text_a"].append(row[col[task.text_a]])
+        out["text_b"].append(row[col[task.text_b]] if task.text_b else None)
+        out["label"].append(label)
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s) (lines %s), as the GLUE processors do", path, len(skipped),
+                    ", ".join(map(str, skipped[:5])) + (", …" if len(skipped) > 5 else ""))
     if not task.text_b:
         del out["text_b"]
     return out

@@ -15,11 +15,13 @@ from pkd_fast.tasks import Task
 
 
 def is_finetuned(path: str, task: Task) -> bool:
-    """True when `path` holds a sequence-classification head; an error when that head has the wrong size."""
+    """True when `path` holds a sequence-classification head for `task`; an error when that head was
+    trained for something else: another number of classes, another task, or the classes in another order
+    (read from the config's `finetuning_task` and `id2label` where it names them)."""
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise PkdError(f"--teacher {path}: cannot load a model config ({err})") from None
+    except (OSError, ValueError) as err:
+        raise PkdError(f"--teacher {path}: cannot load a model config ({_first_line(err)})") from None
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         return False
     if config.num_labels != task.num_labels:
@@ -27,21 +29,50 @@ def is_finetuned(path: str, task: Task) -> bool:
             f"--teacher {path}: its classifier has {config.num_labels} outputs but {task.name} has "
             f"{task.num_labels} label(s); fine-tune a teacher for this task or pass its pretrained base"
         )
+    trained_on = (getattr(config, "finetuning_task", None) or "").lower().replace("-", "")
+    if trained_on and trained_on != task.name:
+        raise PkdError(f"--teacher {path}: fine-tuned on {trained_on} (config finetuning_task), not {task.name}")
+    names = [_label_key(config.id2label[i]) for i in range(config.num_labels)]
+    if not all(name == f"label_{i}" for i, name in enumerate(names)):  # generic names say nothing
+        known = [[_label_key(x) for x in choice] for choice in (task.label_names, task.labels) if choice]
+        if not task.regression and names not in known:
+            same_set = any(sorted(names) == sorted(k) for k in known)
+            why = "the same labels in another order" if same_set else "labels of another task"
+            raise PkdError(f"--teacher {path}: its id2label {names} are {why}; {task.name} expects "
+                           f"{known[0]} (ids 0..{task.num_labels - 1})")
     return True
 
 
+def _label_key(name) -> str:
+    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_classifier(path: str, task: Task, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A sequence classifier for `task` with SDPA attention; a fresh head when `path` has none."""
+    """A sequence classifier for `task` with SDPA attention; a fresh head when `path` has none. Its config
+    names the task and the classes, so a saved model says what it was fine-tuned for."""
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=task.num_labels,
             problem_type="regression" if task.regression else "single_label_classification",
             attn_implementation="sdpa",
             dtype=dtype,
         )
-    except OSError as err:
-        raise PkdError(f"cannot load model {path!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise PkdError(f"cannot load model {path!r}: {_first_line(err)}") from None
+    label_task(model.config, task)
+    return model
+
+
+def label_task(config, task: Task) -> None:
+    """Record the task and its class names in a classifier's config."""
+    config.finetuning_task = task.name
+    config.id2label = task.id2label
+    config.label2id = {name: i for i, name in task.id2label.items()}
 
 
 def num_layers(model: PreTrainedModel) -> int:
@@ -62,6 +93,7 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
     config.num_labels = task.num_labels
     config.problem_type = "regression" if task.regression else "single_label_classification"
     config.architectures = None
+    label_task(config, task)
     student = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
     src = source.base_model.state_dict()
     wanted = student.base_model.state_dict().keys()

@@ -19,6 +19,9 @@ class Task:
     metrics: tuple[str, ...]  # the first one picks the best checkpoint / grid point
     dev_splits: tuple[str, ...] = ("dev",)  # TSV file stems; MNLI has matched and mismatched
     header: tuple[str, ...] | None = None  # column names for files without a header row (CoLA)
+    label_names: tuple[str, ...] = ()  # what the classes mean, in id order (how hub checkpoints name them)
+    label_range: tuple[float, float] = (float("-inf"), float("inf"))  # regression: the scores' scale
+    skip_malformed_rows: bool = False  # the published file has malformed rows the GLUE processors skip (QQP)
 
     @property
     def regression(self) -> bool:
@@ -27,6 +30,11 @@ class Task:
     @property
     def num_labels(self) -> int:
         return len(self.labels) or 1
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """The names a fine-tuned model's config records for its classes (checked when it is reused)."""
+        return dict(enumerate(self.label_names or self.labels or ("score",)))
 
     @property
     def main_metric(self) -> str:
@@ -39,10 +47,12 @@ _NLI2 = ("entailment", "not_entailment")
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("sst2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",)),
-        Task("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("f1", "accuracy")),
-        Task("stsb", "STS-B", "sentence1", "sentence2", "score", (), ("pearson", "spearman")),
-        Task("qqp", "QQP", "question1", "question2", "is_duplicate", _BINARY, ("f1", "accuracy")),
+        Task("sst2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",), label_names=("negative", "positive")),
+        Task("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("f1", "accuracy"),
+             label_names=("not_equivalent", "equivalent")),
+        Task("stsb", "STS-B", "sentence1", "sentence2", "score", (), ("pearson", "spearman"), label_range=(0.0, 5.0)),
+        Task("qqp", "QQP", "question1", "question2", "is_duplicate", _BINARY, ("f1", "accuracy"),
+             label_names=("not_duplicate", "duplicate"), skip_malformed_rows=True),
         Task(
             "mnli", "MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
             ("accuracy",), dev_splits=("dev_matched", "dev_mismatched"),
@@ -51,7 +61,7 @@ TASKS: dict[str, Task] = {
         Task("rte", "RTE", "sentence1", "sentence2", "label", _NLI2, ("accuracy",)),
         Task(
             "cola", "CoLA", "sentence", None, "label", _BINARY, ("matthews_correlation",),
-            header=("source", "label", "notes", "sentence"),
+            header=("source", "label", "notes", "sentence"), label_names=("unacceptable", "acceptable"),
         ),
     )
 }

@@ -83,3 +83,39 @@ def test_batches_are_padded_to_their_own_longest_row():
     assert all(w % 8 == 0 for w in widths) and len(widths) > 1 and max(widths) < 128
     for batch in loader:
         assert batch["attention_mask"].sum(1).max() > batch["input_ids"].shape[1] - 8
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 latin-1\t0\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    with pytest.raises(PkdError, match=r"SST-2/train.tsv:3: not UTF-8 text"):
+        data.load_glue(get_task("sst2"), tmp_path)
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "5.5", "-0.1"])
+def test_stsb_score_that_is_not_finite_or_outside_0_to_5(tmp_path, score):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    row = "0\tmain\tf\t2012\t1\tnone\tnone\ta man\ta person\t{}\n"
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    (folder / "train.tsv").write_text(header + row.format("3.2") + row.format(score))
+    (folder / "dev.tsv").write_text(header + row.format("1.0"))
+    with pytest.raises(PkdError, match=rf"STS-B/train.tsv:3: label '{score}' outside \[0, 5\]"):
+        data.load_glue(get_task("stsb"), tmp_path)
+
+
+def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
+    """The published QQP train.tsv has rows with missing fields, which the GLUE processors skip."""
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    good = "1\t1\t2\tHow?\tWhy?\t0\n"
+    text = header + good + "2\t3\t4\tA question with a newline\n" + "5\t6\t7\tok?\tsure?\tmaybe\n" + good
+    folder = tmp_path / "QQP"
+    folder.mkdir()
+    (folder / "train.tsv").write_text(text)
+    (folder / "dev.tsv").write_text(header + good)
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        splits = data.load_glue(get_task("qqp"), tmp_path)
+    assert len(splits["train"]) == 2
+    assert "QQP/train.tsv: skipped 2 malformed row(s) (lines 3, 4)" in caplog.text

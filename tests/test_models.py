@@ -99,3 +99,42 @@ def test_pt_rows_cls_and_tokens():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     rows = pt_rows(hidden, (2,), real_token_index(mask))
     assert torch.equal(rows[0], hidden[2][mask.bool()])
+
+
+def _save_classifier(path, num_labels, id2label=None, finetuning_task=None):
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        num_labels=num_labels)
+    if id2label is not None:
+        config.id2label, config.label2id = dict(enumerate(id2label)), {n: i for i, n in enumerate(id2label)}
+    if finetuning_task is not None:
+        config.finetuning_task = finetuning_task
+    BertForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("id2label, task, message", [
+    (("positive", "negative"), "sst2", "the same labels in another order"),
+    (("contradiction", "entailment", "neutral"), "mnli", "the same labels in another order"),
+    (("not_duplicate", "duplicate"), "sst2", "labels of another task"),
+    (("entailment", "not_entailment"), "mrpc", "labels of another task"),
+])
+def test_a_teacher_of_another_task_or_label_order_is_refused(tmp_path, id2label, task, message):
+    path = _save_classifier(tmp_path / "t", len(id2label), id2label)
+    with pytest.raises(PkdError, match=message):
+        is_finetuned(path, get_task(task))
+
+
+def test_teacher_label_names_that_agree_or_say_nothing_are_accepted(tmp_path):
+    assert is_finetuned(_save_classifier(tmp_path / "a", 2, ("NEGATIVE", "Positive")), SST2)
+    assert is_finetuned(_save_classifier(tmp_path / "b", 2, ("0", "1")), SST2)  # the TSV's own label strings
+    assert is_finetuned(_save_classifier(tmp_path / "c", 2), SST2)  # LABEL_0, LABEL_1: nothing to check
+    with pytest.raises(PkdError, match="fine-tuned on mrpc"):
+        is_finetuned(_save_classifier(tmp_path / "d", 2, finetuning_task="mrpc"), SST2)
+
+
+def test_a_fine_tuned_model_records_its_task_and_labels(tmp_path):
+    model = load_classifier(default_teacher(), get_task("mrpc"))
+    model.save_pretrained(tmp_path / "m")
+    assert is_finetuned(str(tmp_path / "m"), get_task("mrpc"))
+    with pytest.raises(PkdError, match="fine-tuned on mrpc"):
+        is_finetuned(str(tmp_path / "m"), SST2)
