@@ -18,8 +18,15 @@ short file, a digest mismatch, or a layer the run needs that is not stored. Writ
 is built in a sibling `DIR.tmp-*` directory, manifest last, then renamed into place, so a crash leaves no
 directory that opens.
 
+Every row is accounted for: each rank records the rows it wrote, and a store is published only when
+together they cover every row (`rows_covered` in the manifest; opening refuses one that does not). A
+teacher output that is NaN or inf is refused at write time. Besides the sampled digest (milliseconds),
+the manifest holds a full checksum of each file that `--verify-cache full` checks.
+
 Data-parallel writing: every rank writes its rows into the same memory maps, so all ranks must see one
-filesystem with coherent shared mappings: one node (or a shared filesystem that gives that).
+filesystem with coherent shared mappings: one node, or a shared filesystem. Ranks that cannot see rank 0's
+files (several nodes, each with its own local disk) are detected before any work and refused with a
+one-line error; write the cache on one node and copy it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,11 +48,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pkd_fast.engine import fault_point
 from pkd_fast.errors import PkdError
 
 log = logging.getLogger("pkd_fast")
 
-FORMAT = 1
+FORMAT = 2  # 2: rows_covered and full checksums in the manifest
 MANIFEST = "manifest.json"
 SPLIT = "train"
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16: its bit pattern
@@ -101,10 +110,20 @@ def _dataset_digest(train_set) -> str:
     return digest.hexdigest()
 
 
+def _config_digest(teacher_path: str) -> str:
+    """sha256 of the teacher's config.json as parsed JSON (key order and whitespace do not count)."""
+    path = Path(teacher_path) / "config.json"
+    try:
+        return _sha256(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        raise PkdError(f"--teacher {teacher_path}: cannot read its config.json to fingerprint it ({err})") from None
+
+
 def fingerprint(teacher_path: str, tokenizer, task: str, max_seq_length: int, train_set, dtype: torch.dtype) -> dict:
     """What a store's contents depend on; a store opens only for an equal fingerprint."""
     return {
         "teacher_weights": _weights_digest(teacher_path),
+        "teacher_config": _config_digest(teacher_path),
         "tokenizer": _tokenizer_digest(tokenizer),
         "task": task,
         "split": SPLIT,
@@ -153,6 +172,20 @@ def _gib(nbytes) -> str:
     return f"{nbytes / 2**30:.3f} GiB"
 
 
+def _full_digest(path: Path) -> str:
+    """blake2b of every byte: `--verify-cache full` (reads the whole store once)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def stored_fingerprint(directory: str | os.PathLike) -> dict | None:
+    """The fingerprint a complete store at `directory` was written with (None: no readable manifest)."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _digest(path: Path, size: int) -> str:
     """blake2b of `_BLOCKS` evenly spaced blocks of `_BLOCK` bytes (the whole file when ≤ 16 MiB): a check
     that costs milliseconds whatever the store's size. With the exact byte size it catches truncation, a
@@ -183,8 +216,9 @@ class TeacherCache:
             self.arrays[name] = array
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, expected: dict) -> TeacherCache:
-        """Verify the store (files, digests, fingerprint) and open it; PkdError says what is wrong."""
+    def open(cls, directory: str | os.PathLike, expected: dict, verify: str = "sampled") -> TeacherCache:
+        """Verify the store (files, digests, fingerprint, every row written) and open it; PkdError says what
+        is wrong. verify="full" checks every byte against the manifest's full checksum."""
         directory = Path(directory)
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
@@ -196,12 +230,15 @@ class TeacherCache:
             layout = Layout(**{**manifest["layout"], "layers": tuple(manifest["layout"]["layers"])})
             files = {f"{name}.npy": manifest["files"][f"{name}.npy"] for name in layout.shapes}
             stored = manifest["fingerprint"]
+            covered = manifest["rows_covered"]
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise PkdError(f"{manifest_path}: unreadable manifest ({type(err).__name__}: {err})") from None
+        if covered != layout.rows:
+            raise PkdError(f"--teacher-cache {directory}: only {covered} of {layout.rows} rows were written; rewrite it with --stage cache")
         diff = _differences(stored, expected)
         if diff:
             raise PkdError(f"--teacher-cache {directory} was written for a different run ({'; '.join(diff)}); "
-                           "rewrite it with --stage cache or point --teacher-cache elsewhere")
+                           "point --teacher-cache elsewhere, or replace it with --stage cache --overwrite-cache")
         for name, meta in files.items():
             path = directory / name
             if not path.is_file():
@@ -209,8 +246,9 @@ class TeacherCache:
             size = path.stat().st_size
             if size != meta["bytes"]:
                 raise PkdError(f"{path}: {size} bytes, the manifest says {meta['bytes']} (truncated or replaced); rewrite the cache with --stage cache")
-            if _digest(path, size) != meta["digest"]:
-                raise PkdError(f"{path}: contents do not match the manifest's digest (corrupt); rewrite the cache with --stage cache")
+            if _digest(path, size) != meta["digest"] or (verify == "full" and _full_digest(path) != meta["full_digest"]):
+                check = "full checksum" if verify == "full" else "digest"
+                raise PkdError(f"{path}: contents do not match the manifest's {check} (corrupt); rewrite the cache with --stage cache")
         return cls(directory, layout)
 
     def require(self, layers: Iterable[int], tokens: bool) -> None:
@@ -282,7 +320,32 @@ class Writer:
     def __init__(self, directory: str | os.PathLike, fingerprint: dict, layout: Layout, world):
         self.directory, self.fingerprint, self.layout, self.world = Path(directory), fingerprint, layout, world
         self.tmp = Path(_on_main(world, self._allocate))
+        self._require_shared_directory()
         self.arrays = {name: np.load(self.tmp / f"{name}.npy", mmap_mode="r+") for name in layout.shapes}
+        self.written = np.zeros(layout.rows, dtype=np.uint8)  # the rows this rank wrote
+        self.batches = 0
+
+    def _require_shared_directory(self) -> None:
+        """Every rank writes into rank 0's files, so every rank must see them: caching across nodes without
+        a shared filesystem is refused here, before any work, naming the ranks and hosts that cannot."""
+        if self.world.world_size == 1:
+            return
+        token = self.tmp / "ranks_see_this"
+        if self.world.is_main:
+            token.write_text(str(os.getpid()))
+        dist.barrier()
+        seen = [None] * self.world.world_size
+        dist.all_gather_object(seen, (token.is_file(), socket.gethostname()))
+        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+        if blind:
+            if self.world.is_main:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise PkdError(f"--teacher-cache {self.directory}: not on a filesystem shared by all ranks ({', '.join(blind)} "
+                           "cannot see rank 0's files); put it on a shared filesystem, or write the cache on one node "
+                           "(--stage cache) and copy it to each node")
+        dist.barrier()
+        if self.world.is_main:
+            token.unlink()
 
     def _allocate(self) -> str:
         target = self.directory
@@ -323,34 +386,47 @@ class Writer:
     def write(self, example_idx: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
         """Store one batch's teacher outputs at rows `example_idx` (a row written twice gets the same values)."""
         rows = example_idx.cpu().numpy()
+        if not (torch.isfinite(logits).all() and all(torch.isfinite(hidden_states[l]).all() for l in self.layout.layers)):
+            raise PkdError(f"teacher cache: the teacher's outputs for training rows {rows.tolist()[:8]} are not finite "
+                           "(NaN or inf); a cache must not store them. Check the teacher's weights and --deepspeed precision")
         self.arrays["logits"][rows] = self._numpy(logits)
         width = self.layout.positions
         states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
         if width > 1:  # zero the padding: its values depend on the batch, and no loss reads them
             states = states * attention_mask[:, None, :width, None].to(states.dtype)
         self.arrays["hidden"][rows, :, : states.shape[2]] = self._numpy(states)
+        self.written[rows] = 1
+        self.batches += 1
+        fault_point("cache-rows", self.batches)
 
     def commit(self) -> TeacherCache:
         """Flush every rank's rows, publish the store atomically, and open it on every rank."""
         for array in self.arrays.values():
             array.flush()
         self.arrays.clear()
+        written = torch.from_numpy(self.written)
         if self.world.world_size > 1:
-            dist.barrier()
+            dist.all_reduce(written, op=dist.ReduceOp.MAX)  # also the barrier: every rank has flushed
+        self.rows_covered = int(written.sum())
         _on_main(self.world, self._publish)
         return TeacherCache.open(self.directory, self.fingerprint)
 
     def _publish(self) -> None:
+        if self.rows_covered != self.layout.rows:
+            raise PkdError(f"teacher cache: {self.layout.rows - self.rows_covered} of {self.layout.rows} rows were written "
+                           "by no rank; the store is not published")
         files = {}
         for name in self.layout.shapes:
             path = self.tmp / f"{name}.npy"
             _fsync(path)
             size = path.stat().st_size
-            files[path.name] = {"bytes": size, "digest": _digest(path, size)}
-        manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": asdict(self.layout), "files": files}
+            files[path.name] = {"bytes": size, "digest": _digest(path, size), "full_digest": _full_digest(path)}
+        manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": asdict(self.layout),
+                    "rows_covered": self.rows_covered, "files": files}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync(self.tmp / MANIFEST)
         _fsync(self.tmp)
+        fault_point("cache-manifest", 1)
         old = None
         if self.directory.exists():  # a directory cannot be renamed over a non-empty one: move the old aside
             old = self.directory.with_name(f"{self.tmp.name}.old")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,18 @@ from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.tasks import TASKS
 
 STAGES = ("all", "teacher", "cache", "student")
+NONFINITE_ACTIONS = ("stop", "skip")
+CACHE_CHECKS = ("sampled", "full")
+# A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c) can only be a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 STRATEGIES = ("ft", "kd", "skip", "last")
 PKD_STRATEGIES = ("skip", "last")
+# Flags that say where or how often to write, which stages or runs to do, or how to react to a fault: a
+# run's results do not depend on them, so --resume may change them (all others must match the checkpoint).
+RESULT_NEUTRAL = frozenset({
+    "output_dir", "resume", "log_steps", "save_steps", "stage", "strategy", "preset", "local_rank", "deepspeed",
+    "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite",
+})
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
@@ -84,6 +96,9 @@ class Config:
     output_dir: str = "outputs"
     resume: bool = False
     loss_impl: str = "auto"
+    on_nonfinite: str = "stop"  # stop: end the run at the next check; skip: drop the micro-batch and count it
+    overwrite_cache: bool = False  # replace a --teacher-cache written for another teacher or data set
+    verify_cache: str = "sampled"  # sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
     log_steps: int = 20
     save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
     preset: str | None = None
@@ -93,31 +108,69 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        """Every check that needs only the flags; checks that need a model or the world size run later."""
         def need(ok: bool, msg: str):
             if not ok:
                 raise PkdError(msg)
 
         need(self.stage in STAGES, f"--stage must be one of {STAGES}, got {self.stage!r}")
         need(self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
+        for name in ("temperature", "alpha", "beta", "lr", "teacher_lr", "warmup_ratio"):
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"--{_flag(name)} must be a finite number, got {value}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
         need(self.pt_tokens in ("cls", "all"), f"--pt-tokens must be cls or all, got {self.pt_tokens!r}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
-        need(self.init_from in ("teacher", "pretrained"), f"--init-from must be teacher or pretrained")
+        need(self.init_from in ("teacher", "pretrained"), "--init-from must be teacher or pretrained")
+        need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
+        need(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
         need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
         need(self.cache_layers is None or (bool(self.cache_layers) and min(self.cache_layers) >= 0),
              f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
         need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
-        need(self.epochs >= 1 and (self.teacher_epochs or 1) >= 1, "--epochs must be >= 1")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.teacher_epochs is None or self.teacher_epochs >= 1, f"--teacher-epochs must be >= 1, got {self.teacher_epochs}")
         need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_seq_length >= 8, f"--max-seq-length must be >= 8, got {self.max_seq_length}")
         need(self.student_layers is None or self.student_layers >= 1, "--student-layers must be >= 1")
+        need(self.log_steps >= 1, f"--log-steps must be >= 1, got {self.log_steps}")
+        need(self.save_steps >= 0, f"--save-steps must be >= 0 (0: each epoch end), got {self.save_steps}")
+        for name in ("seed", "data_seed"):
+            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
-            need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            need(v is None or v >= 1, f"--{_flag(name)} must be >= 1, got {v}")
+        self._validate_paths(need)
+        self._validate_flag_use(need)
+
+    def _validate_paths(self, need) -> None:
         need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
+        need(self.glue_dir is None or Path(self.glue_dir).is_dir(), f"--glue-dir {self.glue_dir}: no such directory")
+        for name in ("teacher", "base_model"):
+            value = getattr(self, name)
+            need(value is None or Path(value).exists() or _HUB_ID.fullmatch(value) is not None,
+                 f"--{_flag(name)} {value}: no such directory (and not a hub id like bert-base-uncased or org/name)")
+        if self.stage == "student" and self.teacher_cache and self.distilled:
+            need((Path(self.teacher_cache) / "manifest.json").is_file(),
+                 f"--teacher-cache {self.teacher_cache}: no teacher cache there; --stage student reads one, "
+                 "write it first with --stage cache")
+        need(_writable(Path(self.output_dir)), f"--output-dir {self.output_dir}: cannot create or write there")
+
+    def _validate_flag_use(self, need) -> None:
+        """Flags that would do nothing in this run are refused rather than silently ignored."""
+        pkd = [s for s in self.strategy if s in PKD_STRATEGIES]
+        trains_students = self.stage in ("all", "student")
+        if self.layer_map is not None:
+            need(trains_students and bool(pkd), "--layer-map only applies to PKD students (--strategy skip or last)")
+            need(len(pkd) == 1, "--layer-map with both skip and last would train the same map twice; pass one of them")
+        if self.cache_layers is not None:
+            need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
+                 "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
+        if self.base_model is not None:
+            need(self.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
 
     @property
     def distilled(self) -> tuple[str, ...]:
@@ -126,6 +179,19 @@ class Config:
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` can be created (if missing) and written; checked before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
                    help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA, eager elsewhere")
+    g.add_argument("--on-nonfinite", choices=NONFINITE_ACTIONS, default="stop",
+                   help="a NaN/inf loss term, teacher output or cache row: stop (checked every --log-steps and before "
+                        "each save, no per-step sync) or skip that micro-batch and count it (one host sync per micro-batch)")
     g = p.add_argument_group("teacher cache")
     g.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="the teacher's outputs on the training set, stored once (--stage cache or all write it, or reuse a "
@@ -172,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-layers", type=_int_list, default=None,
                    help="teacher layers whose states the cache stores (0 = embeddings; default all). "
                         "With --pt-tokens all it stores every token's states, not just [CLS] (its size is printed first)")
+    g.add_argument("--overwrite-cache", action="store_true",
+                   help="replace a store at --teacher-cache that was written for another teacher or data set (else refused)")
+    g.add_argument("--verify-cache", choices=CACHE_CHECKS, default="sampled",
+                   help="sampled: digest of evenly spaced blocks (milliseconds); full: a checksum of every byte")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d["lr"].default)
     g.add_argument("--teacher-lr", type=float, default=None, help="(default: --lr)")

@@ -4,10 +4,12 @@ checkpoints that survive a crash, and saving a model that `from_pretrained` load
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +66,57 @@ def _find_auto(node, path=""):
     return None
 
 
+SCHEDULERS = ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR")  # the ones whose warmup/decay the run fills in
+
+
 def read_ds_config(path: str) -> dict:
-    """The JSON as written, refusing the HF Trainer's "auto" values (nothing here fills them in)."""
+    """The JSON as written, checked for what a run needs (resolved values only: nothing here fills in the
+    HF Trainer's "auto"). The batch layout's consistency with the world size is `check_batch_layout`'s."""
     try:
         config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise PkdError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PkdError(f"{path}: cannot read ({err})") from None
+    if not isinstance(config, dict):
+        raise PkdError(f"{path}: expected a JSON object of DeepSpeed settings, got {type(config).__name__}")
     auto = _find_auto(config)
     if auto:
         raise PkdError(f"{path}: {auto} is \"auto\"; pkd_fast's DeepSpeed JSON files hold resolved values only")
     if "train_micro_batch_size_per_gpu" not in config:
         raise PkdError(f"{path}: train_micro_batch_size_per_gpu is required (the batch size comes from the JSON)")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PkdError(f"{path}: {key} must be a positive integer, got {json.dumps(value)}")
+    if not isinstance(config.get("optimizer"), dict) or "type" not in config["optimizer"]:
+        raise PkdError(f'{path}: no "optimizer" with a "type"; the student trains with the optimizer the JSON names (e.g. AdamW)')
+    if all(isinstance(config.get(k), dict) and config[k].get("enabled") for k in ("fp16", "bf16")):
+        raise PkdError(f"{path}: fp16 and bf16 are both enabled; enable one (bf16 where the GPU has it)")
+    scheduler = config.get("scheduler")
+    if scheduler is not None and (not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULERS):
+        got = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
+        raise PkdError(f"{path}: scheduler {got!r}: the run fills in --lr and --warmup-ratio only for {', '.join(SCHEDULERS)} "
+                       "(or drop the scheduler for a constant --lr)")
+    return config
+
+
+def check_batch_layout(config: dict, path: str, world_size: int) -> dict:
+    """A copy whose gradient_accumulation_steps agrees with train_batch_size = micro-batch × accumulation ×
+    world size (derived when only the global batch is given); a mismatch is refused, not adjusted."""
+    config = dict(config)
+    micro = config["train_micro_batch_size_per_gpu"]
+    if "train_batch_size" in config:
+        total = config["train_batch_size"]
+        if "gradient_accumulation_steps" not in config:
+            if total % (micro * world_size):
+                raise PkdError(f"{path}: train_batch_size {total} is not a multiple of micro-batch {micro} × {world_size} rank(s)")
+            config["gradient_accumulation_steps"] = total // (micro * world_size)
+        accum = config["gradient_accumulation_steps"]
+        if total != micro * accum * world_size:
+            raise PkdError(f"{path}: train_batch_size {total} ≠ micro-batch {micro} × accumulation {accum} × "
+                           f"{world_size} rank(s) = {micro * accum * world_size}")
+    config.setdefault("gradient_accumulation_steps", 1)
     return config
 
 
@@ -151,27 +193,75 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, directory: Path, step: int, rank: int) -> None:
-    """Model, optimizer, scheduler (DeepSpeed's own format) plus each rank's RNG, so a resumed run
-    draws the same dropout masks as an uninterrupted one. Only the newest checkpoint is kept."""
+FAULT_ENV = "PKD_FAST_FAULT"  # fault injection for the crash tests: "PHASE@N" SIGKILLs this process there
+
+
+def fault_point(phase: str, n: int) -> None:
+    """SIGKILL here when PKD_FAST_FAULT names this phase and count (tests of crash safety only)."""
+    if os.environ.get(FAULT_ENV) == f"{phase}@{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict) -> None:
+    """Model, optimizer, scheduler (DeepSpeed's own format) plus each rank's RNG, so a resumed run draws
+    the same dropout masks as an uninterrupted one. Crash-safe: the step's files are all written first and
+    the checkpoint is published last, by rank 0 replacing `latest` atomically, so a kill at any instant
+    leaves the previous checkpoint resumable. Only then are older ones removed. `run_key` is what the run's
+    results depend on; `load_checkpoint` refuses to resume a run that differs in it."""
     tag = f"step{step}"
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step})
-    torch.save(_rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, "run_key": run_key}, save_latest=False)
+    fault_point("ckpt-engine-saved", step)
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    _write_atomic(directory / tag / f"rng_rank{rank}.pt", buffer.getvalue())
+    dist.barrier()  # every rank's files exist before the checkpoint is published
+    fault_point("ckpt-files-written", step)
+    if rank == 0:
+        _write_atomic(directory / "latest", tag.encode())
     dist.barrier()
+    fault_point("ckpt-published", step)
     if rank == 0:
         for old in directory.glob("step*"):
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine, directory: Path, rank: int) -> int:
-    """Restore the latest checkpoint under `directory`; the optimizer step it was taken at, or 0."""
-    if not (directory / "latest").is_file():
+def remove_checkpoints(directory: Path) -> None:
+    """Drop a finished run's checkpoints: unpublish first, so a kill mid-removal leaves nothing to resume."""
+    (directory / "latest").unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> int:
+    """Restore the checkpoint `latest` names; the optimizer step it was taken at, or 0 when there is none.
+    Refuses a checkpoint of a run that differs from this one in anything its results depend on."""
+    latest = directory / "latest"
+    if not latest.is_file():
         return 0
-    path, client_state = engine.load_checkpoint(str(directory))
+    tag = latest.read_text().strip()
+    rng_file = directory / tag / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise PkdError(f"{directory}/{tag}: no {rng_file.name}; the checkpoint was written by another number of ranks "
+                       "or is damaged: resume with the same ranks, or start a new --output-dir")
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise PkdError(f"{directory}: checkpoint named in 'latest' could not be loaded")
-    _set_rng_state(torch.load(Path(path).parent / f"rng_rank{rank}.pt", weights_only=False))  # path: the model-states file
+        raise PkdError(f"{directory}/{tag}: the checkpoint named in 'latest' could not be loaded")
+    stored = client_state.get("run_key", {})
+    changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {stored.get(k)!r} ≠ now {run_key.get(k)!r}" for k in changed)
+        raise PkdError(f"--resume {directory}: the checkpoint is of another run ({diffs}); "
+                       "resume with the same settings, or start a new --output-dir")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
     return int(client_state["step"])
 
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import shutil
-import signal
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +27,15 @@ from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
-from pkd_fast.config import PRESETS, Config, parse_config
+from pkd_fast.config import PRESETS, RESULT_NEUTRAL, Config, parse_config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics
 from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, num_layers, pt_rows
 from pkd_fast.tasks import Task, get_task
+from pkd_fast.trainer import STUDENT, StepOutput, Trainer
 
 log = logging.getLogger("pkd_fast")
-KILL_AT_STEP_ENV = "PKD_FAST_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL after that step's checkpoint
 
 
 @dataclass
@@ -71,12 +67,13 @@ def run(cfg: Config) -> dict:
     task = get_task(cfg.task)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds_config = ds.read_ds_config(cfg.deepspeed)
+    ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json")
     log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
     # -- data ----------------------------------------------------------------------------------------
+    _check_positions(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     raw = glue_data.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
@@ -162,6 +159,24 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
     raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
 
 
+def _check_positions(cfg: Config) -> None:
+    """--max-seq-length must fit the position embeddings of every model the run loads."""
+    for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
+        if path is None:
+            continue
+        positions = getattr(_model_config(flag, path), "max_position_embeddings", None)
+        if positions is not None and cfg.max_seq_length > positions:
+            raise PkdError(f"--max-seq-length {cfg.max_seq_length}: {flag} {path} has {positions} position embeddings")
+
+
+def _model_config(flag: str, path: str):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PkdError(f"{flag} {path}: cannot load a model config ({first})") from None
+
+
 def _configure_logging(is_main: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING)
     hf_logging.set_verbosity_error()
@@ -172,19 +187,33 @@ def _configure_logging(is_main: bool) -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
+# What the non-finite guard watches each step (a live teacher's outputs and cache rows alike).
+WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "loss")
+
+
+def _with_token_index(lookup):
+    """The collate-time lookup, plus the flattened positions of the batch's real tokens (models.pt_rows)."""
+    def read(batch: dict) -> dict:
+        extra = lookup(batch) if lookup is not None else {}
+        return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
+
+    return read
+
+
 class Context:
-    """What every run of one invocation shares: config, data, process group, tokenizer."""
+    """What every run of one invocation shares: config, data, process group, tokenizer, training loop."""
 
     def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
         self.cfg, self.task, self.world, self.ds_config = cfg, task, world, ds_config
         self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
-        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-        self.accum = ds_config.get("gradient_accumulation_steps", 1)
+        self.trainer = Trainer(world, ds_config, log_steps=cfg.log_steps, save_steps=cfg.save_steps,
+                               warmup_ratio=cfg.warmup_ratio, resume=cfg.resume, on_nonfinite=cfg.on_nonfinite)
+        self.micro_batch = self.trainer.micro_batch
 
     # -- one training run ----------------------------------------------------------------------------
     def fit(self, model, teacher: PreTrainedModel | TeacherCache | None, spec: Run) -> dict:
         """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
-        cfg, world, task = self.cfg, self.world, self.task
+        cfg, world = self.cfg, self.world
         spec.out.mkdir(parents=True, exist_ok=True)
         done = spec.out / "results.json"
         if cfg.resume and done.is_file():
@@ -192,95 +221,46 @@ class Context:
             return json.loads(done.read_text())
 
         lookup = None
+        source = "no teacher" if teacher is None else "live teacher"
         if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
             lookup = teacher.reader(spec.layer_map, tokens=cfg.pt_tokens == "all", pin=world.device.type == "cuda")
-            teacher = None
+            teacher, source = None, f"teacher outputs read from {cfg.teacher_cache}"
+        if cfg.pt_tokens == "all" and spec.layer_map:  # real-token positions, found in the collate: no sync later
+            lookup = _with_token_index(lookup)
         loader = glue_data.make_loader(
             self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank,
             world_size=world.world_size, lookup=lookup,
         )
-        steps_per_epoch = len(loader) // self.accum
-        if steps_per_epoch == 0:
-            raise PkdError(
-                f"{len(self.train_set)} training rows make no full step of {self.micro_batch}×{self.accum}×{world.world_size} rows"
-            )
-        total_steps = steps_per_epoch * spec.epochs
-        config = ds.resolve_ds_config(
-            self.ds_config, lr=spec.lr, total_steps=total_steps, warmup_steps=int(cfg.warmup_ratio * total_steps),
-            tensorboard_dir=spec.out / "tensorboard",
-        )
-        engine = ds.student_engine(model, config)
-        live_teacher = ds.frozen_teacher(teacher, config, world.device) if teacher is not None else None
+        live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
         impl = resolve_impl(cfg.loss_impl, world.device)
-        ckpt_dir = spec.out / "checkpoints"
-        start = ds.load_checkpoint(engine, ckpt_dir, world.rank) if cfg.resume else 0
-        metrics_file = spec.out / "metrics.jsonl"
-        if world.is_main:
-            for log_file in (metrics_file, spec.out / "train_log.jsonl"):
-                _keep_lines_until(log_file, start)
-            log.info(
-                "%s: %d steps (%d epochs × %d), %d rows × %d ranks per step, layer map %s, α=%g β=%g T=%g, loss impl %s%s",
-                spec.name, total_steps, spec.epochs, steps_per_epoch, self.micro_batch * self.accum, world.world_size,
-                list(spec.layer_map) or "-", spec.alpha, spec.beta, cfg.temperature, impl,
-                f", resumed at step {start}" if start else "",
-            )
-            if lookup:
-                log.info("%s: teacher outputs read from %s", spec.name, cfg.teacher_cache)
-
-        tokens_index = cfg.pt_tokens == "all" and bool(spec.layer_map)
-        t0 = time.time()
-        bar = tqdm(total=total_steps, initial=start, desc=spec.name, disable=not world.is_main, dynamic_ncols=True)
-        eval_metrics = None
-        for epoch in range(start // steps_per_epoch, spec.epochs):
-            engine.train()
-            loader.sampler.set_epoch(epoch)
-            skip = (start - epoch * steps_per_epoch) * self.accum if start > epoch * steps_per_epoch else 0
-            batches = itertools.islice(loader, skip, steps_per_epoch * self.accum)
-            for batch in batches:
-                if tokens_index:  # positions of real tokens, found on the host before the copy: no sync later
-                    batch["token_index"] = glue_data.real_token_index(batch["attention_mask"])
-                batch = glue_data.batch_to_device(batch, world.device)
-                boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
-                step = engine.global_steps + 1
-                log_now = boundary and step % cfg.log_steps == 0
-                terms = self._loss(engine, live_teacher, batch, spec, impl, log_now)
-                engine.backward(terms.total)
-                engine.step()
-                if not boundary:
-                    continue
-                bar.update(1)
-                if log_now:
-                    self._log_terms(engine, terms, spec, step, bar)
-                if step % steps_per_epoch == 0 or (cfg.save_steps and step % cfg.save_steps == 0):
-                    ds.save_checkpoint(engine, ckpt_dir, step, world.rank)
-                    _maybe_kill(step)
-            eval_metrics = self.evaluate(engine)
-            if world.is_main:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps({"step": engine.global_steps, "epoch": epoch + 1, **eval_metrics}) + "\n")
-                log.info("%s epoch %d: %s", spec.name, epoch + 1, _fmt(eval_metrics))
-        bar.close()
-        if eval_metrics is None:  # resumed after the last step: the final evaluation is still owed
-            eval_metrics = self.evaluate(engine)
-
-        ds.save_pretrained(engine, spec.out / "model", self.tokenizer, world.rank)
-        result = {
-            "task": task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
-            "student_layers": engine.module.config.num_hidden_layers,
+        result = self.trainer.fit(
+            model, loader, lambda engine, batch, terms: self.loss(engine, live_teacher, batch, spec, impl, terms),
+            name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, run_key=self._run_key(spec),
+            evaluate=self.evaluate, watch=WATCHED,
+            describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
+                     f"loss impl {impl}, {source}",
+        )
+        return self.trainer.finish(result, spec.out, self.tokenizer, {
+            "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
+            "student_layers": result.engine.module.config.num_hidden_layers,
             "alpha": spec.alpha, "beta": spec.beta, "temperature": cfg.temperature, "lr": spec.lr,
             "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
-            "train_rows": len(self.train_set), "steps": total_steps,
-            "train_seconds": round(time.time() - t0, 1), "dev": eval_metrics,
-        }
-        if world.is_main:
-            done.write_text(json.dumps(result, indent=2) + "\n")
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run finished: the saved model replaces them
-        dist.barrier()
-        return result
+            "train_rows": len(self.train_set),
+        })
 
-    def _loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool):
-        """One forward of the student (and the live teacher) → the PKD loss terms. Without a live teacher
-        the batch may carry the cache's rows: `teacher_logits` and `teacher_hidden` (the mapped layers)."""
+    def _run_key(self, spec: Run) -> dict:
+        """What this run's results depend on: the flags (less those that only say where or how often to
+        write), the run's own hyperparameters and the DeepSpeed JSON's contents. --resume refuses a
+        checkpoint whose key differs."""
+        flags = {k: v for k, v in json.loads(json.dumps(vars(self.cfg))).items() if k not in RESULT_NEUTRAL}
+        ds_json = {k: v for k, v in self.ds_config.items() if k not in ("tensorboard", "steps_per_print", "wall_clock_breakdown")}
+        return {**flags, "run": spec.name, "layer_map": list(spec.layer_map), "alpha": spec.alpha, "beta": spec.beta,
+                "lr": spec.lr, "epochs": spec.epochs, "deepspeed_json": ds_json}
+
+    def loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
+        """One forward of the student (and the live teacher) → the PKD loss terms, and what the non-finite
+        guard watches. Without a live teacher the batch may carry the cache's rows: `teacher_logits` and
+        `teacher_hidden` (the mapped layers)."""
         inputs = glue_data.model_inputs(batch)
         need_hidden = bool(spec.layer_map)
         student = engine(**inputs, output_hidden_states=need_hidden)
@@ -297,26 +277,17 @@ class Context:
             token_index = batch.get("token_index")
             s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
             t_rows = pt_rows(t_states, t_layers, token_index)
-        return pkd_loss(
+        terms = pkd_loss(
             student.logits, t_logits, batch["labels"], s_rows, t_rows,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
             pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
         )
-
-    def _log_terms(self, engine, terms, spec: Run, step: int, bar) -> None:
-        """The step's loss terms averaged over ranks (so they describe the global batch), to the progress
-        bar, train_log.jsonl and TensorBoard. The only host sync of the loop, every log_steps steps."""
-        names = [name for name in ("total", "ce", "kd", "pt") if getattr(terms, name) is not None]
-        vec = torch.stack([getattr(terms, name).detach().float() for name in names])
-        dist.all_reduce(vec)
-        values = dict(zip(names, (vec / self.world.world_size).tolist()))
-        values["lr"] = engine.get_lr()[0]
-        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
-        if self.world.is_main:
-            with (spec.out / "train_log.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-            if engine.monitor.enabled:
-                engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
+        watched = {STUDENT: student.logits, "loss": terms.total}
+        if spec.alpha:
+            watched["teacher logits"] = t_logits
+        if t_rows:
+            watched["teacher hidden states"] = torch.stack(t_rows) if len(t_rows) > 1 else t_rows[0]
+        return StepOutput(terms, watched)
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,20 +324,25 @@ class Context:
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> TeacherCache:
         """The store under --teacher-cache for this teacher and training set. --stage student only opens
-        it (any mismatch is an error); --stage cache and all reuse a matching one or (re)write it."""
+        it (any mismatch is an error); --stage cache and all reuse a matching one, or write it where there
+        is none, or where the store there is of this teacher and data but damaged or lacks layers. A store
+        of another teacher or data set is replaced only with --overwrite-cache."""
         cfg = self.cfg
         fingerprint = teacher_cache.fingerprint(
             teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
         )
         try:
-            cache = TeacherCache.open(cfg.teacher_cache, fingerprint)
+            cache = TeacherCache.open(cfg.teacher_cache, fingerprint, verify=cfg.verify_cache)
             if cfg.stage != "student":
                 cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), tokens=cfg.pt_tokens == "all")
             log.info("teacher cache %s: matches this run, reusing it", cfg.teacher_cache)
             return cache
         except PkdError as why:
+            stored = teacher_cache.stored_fingerprint(cfg.teacher_cache)
             if cfg.stage == "student":
                 raise
+            if stored is not None and stored != fingerprint and not cfg.overwrite_cache:
+                raise  # a store of another teacher or data set: its message names --overwrite-cache
             log.info("teacher cache: writing it (%s)", why)
         return self.write_cache(teacher_path, fingerprint)
 
@@ -393,25 +369,6 @@ class Context:
         layers = num_layers(model)
         metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
         return {"strategy": name, "layers": layers, "dev": metrics}
-
-
-def _keep_lines_until(path: Path, step: int) -> None:
-    """Drop log lines past `step`: on resume, what the interrupted run logged after its last checkpoint
-    (and on a fresh start, everything)."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
-
-
-def _maybe_kill(step: int) -> None:
-    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fmt(metrics: dict) -> str:
-    flat = {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()} if isinstance(next(iter(metrics.values())), dict) else metrics
-    return ", ".join(f"{k} {v:.2f}" for k, v in flat.items())
 
 
 def render_table(summary: dict, task: Task) -> str:

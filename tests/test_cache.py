@@ -6,6 +6,7 @@ mismatched or incomplete stores are refused; a crash mid-write leaves the old st
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from pkd_fast import data
 from pkd_fast import train as train_module
 from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import Dist, _free_port
+from pkd_fast.engine import FAULT_ENV, Dist, _free_port
 from pkd_fast.errors import PkdError
 from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
@@ -265,3 +266,105 @@ def test_two_ranks_write_the_store_one_rank_writes(setup):
         a, b = np.load(root / "cache" / f"{name}.npy"), np.load(root / "cache2" / f"{name}.npy")
         assert a.shape == b.shape and a.any(axis=tuple(range(1, a.ndim))).all()  # every row written
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+# -- every row accounted for, full checksums, no silent overwrite, crashes mid-write ----------------------
+
+def test_a_store_with_rows_no_rank_wrote_is_not_published(tmp_path):
+    layout, logits, states = synthetic()
+    with pytest.raises(PkdError, match=r"3 of 10 rows were written by no rank"), Writer(tmp_path / "c", FINGERPRINT, layout, ONE_RANK) as w:
+        w.write(torch.arange(7), logits[:7], [h[:7] for h in states], torch.ones(7, 4))
+        w.commit()
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_manifest_that_covers_too_few_rows_is_refused(store_dir):
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["rows_covered"] = 9
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PkdError, match=r"only 9 of 10 rows were written"):
+        TeacherCache.open(store_dir, FINGERPRINT)
+
+
+def test_non_finite_teacher_outputs_are_never_stored(tmp_path):
+    layout, logits, states = synthetic()
+    logits[3, 1] = float("nan")
+    with pytest.raises(PkdError, match=r"outputs for training rows \[.*3.*\] are not finite"):
+        write_store(tmp_path / "c", layout, logits, states)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_flipped_byte_between_sampled_blocks_is_caught_by_the_full_checksum(tmp_path):
+    """The sampled digest reads 256 blocks of 64 KiB: in a file over 16 MiB, a byte between two blocks
+    escapes it (its documented limit); --verify-cache full reads every byte and catches it."""
+    rows, g = 4800, torch.Generator().manual_seed(3)
+    layout = Layout(rows=rows, num_labels=3, teacher_layers=4, hidden_size=1000, layers=(1,), positions=1, dtype="float32")
+    logits, states = torch.randn(rows, 3, generator=g), [torch.randn(rows, 1, 1000, generator=g) for _ in range(5)]
+    write_store(tmp_path / "c", layout, logits, states, mask=torch.ones(rows, 1, dtype=torch.long), batch=1200)
+    path = tmp_path / "c" / "hidden.npy"
+    size = path.stat().st_size
+    assert size > 16 * 2**20
+    starts = np.linspace(0, size - 2**16, 256, dtype=np.int64)
+    middle = len(starts) // 2
+    gap = (int(starts[middle]) + 2**16 + int(starts[middle + 1])) // 2  # between two sampled blocks
+    assert starts[middle] + 2**16 < gap < starts[middle + 1]
+    with open(path, "r+b") as f:
+        f.seek(gap)
+        byte = f.read(1)
+        f.seek(gap)
+        f.write(bytes([byte[0] ^ 0x01]))
+    TeacherCache.open(tmp_path / "c", FINGERPRINT)  # the sampled check cannot see it
+    with pytest.raises(PkdError, match=r"hidden\.npy: contents do not match the manifest's full checksum"):
+        TeacherCache.open(tmp_path / "c", FINGERPRINT, verify="full")
+
+
+def test_ranks_that_cannot_see_the_store_directory_are_refused(tmp_path, monkeypatch):
+    """Several nodes, each with its own disk: rank 1 cannot see the files rank 0 made. Refused before any
+    work, naming the rank and its host; rank 0's temporary directory is removed."""
+    monkeypatch.setattr(teacher_cache.dist, "barrier", lambda: None)
+    monkeypatch.setattr(teacher_cache.dist, "broadcast_object_list", lambda box, src: None)
+
+    def gather(out, mine):
+        out[:] = [mine, (False, "node-b")]
+
+    monkeypatch.setattr(teacher_cache.dist, "all_gather_object", gather)
+    layout, _, _ = synthetic()
+    with pytest.raises(PkdError, match=r"not on a filesystem shared by all ranks \(rank 1 on node-b cannot see"):
+        Writer(tmp_path / "c", FINGERPRINT, layout, Dist(0, 2, torch.device("cpu")))
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_glue
+def test_a_cache_of_another_run_is_not_overwritten_without_asking(setup, capsys):
+    root, common = setup
+    manifest = root / "cache" / "manifest.json"
+    before = manifest.read_text()
+    with pytest.raises(SystemExit):
+        main(["--stage", "cache", "--teacher-cache", str(root / "cache"), "--output-dir", str(root / "other"), *common,
+              "--max-seq-length", "48"])
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "max_seq_length: cache 32 ≠ now 48" in err and "--overwrite-cache" in err
+    assert manifest.read_text() == before
+    copy = root / "cache_copy"
+    main(["--stage", "cache", "--teacher-cache", str(copy), "--output-dir", str(root / "other"), *common])
+    main(["--stage", "cache", "--teacher-cache", str(copy), "--output-dir", str(root / "other"), *common,
+          "--max-seq-length", "48", "--overwrite-cache", "--verify-cache", "full"])
+    assert json.loads((copy / "manifest.json").read_text())["fingerprint"]["max_seq_length"] == 48
+
+
+@needs_glue
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["cache-rows@2", "cache-manifest@1"])
+def test_a_kill_while_writing_the_cache_publishes_nothing(setup, tmp_path, phase):
+    """SIGKILL after two batches of rows, or after the manifest but before the rename: nothing opens at
+    --teacher-cache, and the next run writes a complete store (warning about the leftover)."""
+    root, common = setup
+    target = tmp_path / "cache"
+    cmd = [sys.executable, str(TRAIN), "--stage", "cache", "--teacher-cache", str(target), "--output-dir", str(tmp_path / "o"), *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, FAULT_ENV: phase})
+    assert proc.returncode == -9 and not target.exists()
+    assert [p.name.split(".tmp-")[0] for p in tmp_path.glob("cache.tmp-*")] == ["cache"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "left by interrupted writes" in proc.stderr
+    one, two = (json.loads((d / "manifest.json").read_text()) for d in (root / "cache", target))
+    assert one["fingerprint"] == two["fingerprint"] and two["rows_covered"] == 64

@@ -1,0 +1,256 @@
+"""One training loop for every objective: the DeepSpeed engine, accumulation boundaries, the loss terms a
+recipe computes, logging, the non-finite guard, crash-safe checkpoints and exact resume.
+
+A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms)` that returns
+the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student and
+teacher outputs, cache rows, loss). The loop never asks where the teacher's outputs came from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pkd_fast import data as glue_data
+from pkd_fast import engine as ds
+from pkd_fast.errors import PkdError
+from pkd_fast.losses import LossTerms
+
+log = logging.getLogger("pkd_fast")
+STUDENT = "student output"  # the watched name every step_fn provides: the student's logits
+
+
+@dataclass
+class StepOutput:
+    terms: LossTerms
+    watched: dict[str, torch.Tensor] = field(default_factory=dict)  # name → tensor that must stay finite
+
+
+class NonFiniteError(PkdError):
+    """A NaN or inf reached the loss: the run stops before anything of it is saved or evaluated."""
+
+
+class NonFiniteGuard:
+    """Watches named tensors for NaN/inf without a host sync per step: each micro-step folds, on device,
+    the first step at which each name went non-finite into one small tensor, read at `check` (log steps,
+    before every save and evaluation). In skip mode `bad_now` syncs once per micro-batch instead, so the
+    loop can drop that micro-batch's gradient and count it."""
+
+    def __init__(self, names: Iterable[str], device: torch.device, world: ds.Dist):
+        self.names = list(names)
+        self.world = world
+        self.first_bad = torch.zeros(len(self.names), dtype=torch.long, device=device)  # 0: finite so far
+        self.skipped = 0
+
+    def observe(self, step: int, watched: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fold this micro-step in, on device; returns which watched names are non-finite now."""
+        bad = torch.stack([
+            ~torch.isfinite(watched[name]).all() if watched.get(name) is not None
+            else torch.zeros((), dtype=torch.bool, device=self.first_bad.device)
+            for name in self.names
+        ])
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        return bad
+
+    def skip(self, bad: torch.Tensor, step: int) -> bool:
+        """Skip mode: whether to drop this micro-batch (one host sync). A non-finite student output cannot
+        be skipped past (its weights or activations are already broken): that stops the run."""
+        flags = bad.tolist()
+        if not any(flags):
+            return False
+        if flags[self.names.index(STUDENT)]:
+            self.check(f"at step {step} (a non-finite student cannot be skipped)")
+        self.first_bad.zero_()
+        self.skipped += 1
+        return True
+
+    def check(self, where: str) -> None:
+        """Stop every rank together (so none waits in a collective) when any rank saw a non-finite value."""
+        flags = self.first_bad
+        if self.world.world_size > 1:
+            gathered = [torch.zeros_like(flags) for _ in range(self.world.world_size)]
+            dist.all_gather(gathered, flags)
+            flags = torch.stack(gathered)
+        flags = flags.reshape(-1, len(self.names)).cpu()
+        hits = [(int(step), rank, self.names[i]) for rank, row in enumerate(flags) for i, step in enumerate(row) if step > 0]
+        if hits:
+            step, rank, name = min(hits)
+            others = sorted({f"{n} (rank {r})" for s, r, n in hits if s == step and (r, n) != (rank, name)})
+            also = f"; also {', '.join(others)}" if others else ""
+            raise NonFiniteError(
+                f"non-finite {name} at step {step} on rank {rank}{also}, found {where}; nothing after the last "
+                "checkpoint was saved or evaluated. Resume with --resume (add --on-nonfinite skip to drop such batches)"
+            )
+
+    def skipped_total(self) -> int:
+        count = torch.tensor([self.skipped], dtype=torch.long)
+        if self.world.world_size > 1:
+            dist.all_reduce(count)
+        return int(count)
+
+
+@dataclass
+class FitResult:
+    engine: object
+    dev: dict  # the final evaluation
+    steps: int
+    train_seconds: float
+    nonfinite_skipped: int  # micro-batches dropped by --on-nonfinite skip (all ranks)
+    overflow_skipped: int  # steps DeepSpeed skipped for non-finite gradients (fp16 loss-scale overflows: normal)
+
+
+class Trainer:
+    """What every run of one invocation shares: process group, DeepSpeed JSON and the loop's settings."""
+
+    def __init__(self, world: ds.Dist, ds_config: dict, *, log_steps: int, save_steps: int, warmup_ratio: float,
+                 resume: bool, on_nonfinite: str):
+        self.world, self.ds_config = world, ds_config
+        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = ds_config["gradient_accumulation_steps"]
+        self.log_steps, self.save_steps, self.warmup_ratio = log_steps, save_steps, warmup_ratio
+        self.resume, self.on_nonfinite = resume, on_nonfinite
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        loader,
+        step_fn: Callable[[object, dict, bool], StepOutput],
+        *,
+        name: str,
+        out: Path,
+        lr: float,
+        epochs: int,
+        run_key: dict,
+        evaluate: Callable[[object], dict],
+        watch: Iterable[str],
+        describe: str = "",
+    ) -> FitResult:
+        """Train `model` for `epochs` over `loader`, evaluating after each epoch; resumes from `out`/checkpoints
+        when asked, refusing a checkpoint whose `run_key` differs."""
+        world = self.world
+        steps_per_epoch = len(loader) // self.accum
+        if steps_per_epoch == 0:
+            raise PkdError(f"{len(loader.dataset)} training rows make no full step of "
+                           f"{self.micro_batch}×{self.accum}×{world.world_size} rows")
+        total_steps = steps_per_epoch * epochs
+        config = ds.resolve_ds_config(
+            self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),
+            tensorboard_dir=out / "tensorboard",
+        )
+        engine = ds.student_engine(model, config)
+        run_key = {**run_key, "world_size": world.world_size, "micro_batch": self.micro_batch, "accumulation": self.accum}
+        ckpt_dir = out / "checkpoints"
+        start = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key) if self.resume else 0
+        metrics_file, log_file = out / "metrics.jsonl", out / "train_log.jsonl"
+        if world.is_main:
+            for path in (metrics_file, log_file):
+                _keep_lines_until(path, start)
+            log.info("%s: %d steps (%d epochs × %d), %d rows × %d ranks per step%s%s", name, total_steps, epochs,
+                     steps_per_epoch, self.micro_batch * self.accum, world.world_size, describe,
+                     f", resumed at step {start}" if start else "")
+        guard = NonFiniteGuard(watch, world.device, world)
+        skip_mode = self.on_nonfinite == "skip"
+        t0 = time.time()
+        bar = tqdm(total=total_steps, initial=start, desc=name, disable=not world.is_main, dynamic_ncols=True)
+        dev = None
+        try:  # the bar ends its line before an error is printed under it
+            for epoch in range(start // steps_per_epoch, epochs):
+                engine.train()
+                loader.sampler.set_epoch(epoch)
+                skip = max(0, start - epoch * steps_per_epoch) * self.accum
+                for batch in itertools.islice(loader, skip, steps_per_epoch * self.accum):
+                    batch = glue_data.batch_to_device(batch, world.device)
+                    boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
+                    step = engine.global_steps + 1
+                    log_now = boundary and step % self.log_steps == 0
+                    output = step_fn(engine, batch, log_now)
+                    bad = guard.observe(step, output.watched)
+                    if skip_mode and guard.skip(bad, step):
+                        engine.backward(_no_gradient(output))
+                    else:
+                        engine.backward(output.terms.total)
+                    engine.step()
+                    if not boundary:
+                        continue
+                    bar.update(1)
+                    if log_now:
+                        guard.check(f"at the log of step {step}")
+                        self._log_terms(engine, output.terms, log_file, step, bar, guard)
+                    if step % steps_per_epoch == 0 or (self.save_steps and step % self.save_steps == 0):
+                        guard.check(f"before the checkpoint of step {step}")
+                        ds.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key)
+                guard.check(f"before the evaluation of epoch {epoch + 1}")
+                dev = evaluate(engine)
+                if world.is_main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps({"step": engine.global_steps, "epoch": epoch + 1, **dev}) + "\n")
+                    log.info("%s epoch %d: %s", name, epoch + 1, _fmt(dev))
+        finally:
+            bar.close()
+        if dev is None:  # resumed after the last step: the final evaluation is still owed
+            dev = evaluate(engine)
+        return FitResult(engine, dev, total_steps, round(time.time() - t0, 1), guard.skipped_total(),
+                         int(getattr(engine, "skipped_steps", 0)))
+
+    def finish(self, result: FitResult, out: Path, tokenizer, summary: dict) -> dict:
+        """Save the trained model (HF format) and results.json, then drop the run's checkpoints."""
+        ds.save_pretrained(result.engine, out / "model", tokenizer, self.world.rank)
+        summary = {**summary, "steps": result.steps, "train_seconds": result.train_seconds,
+                   "nonfinite_skipped": result.nonfinite_skipped, "overflow_skipped_steps": result.overflow_skipped,
+                   "dev": result.dev}
+        if self.world.is_main:
+            (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            ds.remove_checkpoints(out / "checkpoints")  # the run finished: the saved model replaces them
+        dist.barrier()
+        return summary
+
+    def _log_terms(self, engine, terms: LossTerms, log_file: Path, step: int, bar, guard: NonFiniteGuard) -> None:
+        """The step's loss terms averaged over ranks (so they describe the global batch), to the progress
+        bar, train_log.jsonl and TensorBoard. With the guard's check, the loop's only host sync."""
+        names = [n for n in ("total", "ce", "kd", "pt") if getattr(terms, n) is not None]
+        vec = torch.stack([getattr(terms, n).detach().float() for n in names])
+        dist.all_reduce(vec)
+        values = dict(zip(names, (vec / self.world.world_size).tolist()))
+        values["lr"] = engine.get_lr()[0]
+        skipped = guard.skipped_total()
+        if skipped:
+            values["nonfinite_skipped"] = skipped
+        if getattr(engine, "skipped_steps", 0):
+            values["overflow_skipped_steps"] = int(engine.skipped_steps)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        if self.world.is_main:
+            with log_file.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
+
+
+def _no_gradient(output: StepOutput) -> torch.Tensor:
+    """A loss whose gradient is exactly zero, through the student's own output: the dropped micro-batch still
+    runs a backward, so every rank's DeepSpeed hooks and accumulation count stay in step."""
+    student = output.watched[STUDENT]
+    return (torch.nan_to_num(student, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+
+
+def _keep_lines_until(path: Path, step: int) -> None:
+    """Drop log lines past `step`: on resume, what the interrupted run logged after its last checkpoint
+    (and on a fresh start, everything)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _fmt(metrics: dict) -> str:
+    first = next(iter(metrics.values()))
+    flat = {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()} if isinstance(first, dict) else metrics
+    return ", ".join(f"{k} {v:.2f}" for k, v in flat.items())

@@ -1,0 +1,124 @@
+"""Every bad flag, path and DeepSpeed JSON value ends in one `error: …` line (exit 2) that names the flag or
+file and what was expected: never a traceback, never a silent default."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pkd_fast.config import default_teacher
+from pkd_fast.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+
+def ds_file(tmp_path, name="bad.json", drop=(), **overrides):
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    for key in drop:
+        config.pop(key)
+    config.update(overrides)
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def assert_one_line_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2, argv
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, (argv, err[-2000:])
+
+
+FLAG_CASES = [
+    (["--task", "squad"], "unknown task 'squad'"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--beta", "inf"], "--beta must be a finite number, got inf"),
+    (["--beta", "nan"], "--beta must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--log-steps", "0"], "--log-steps must be >= 1, got 0"),
+    (["--log-steps", "-5"], "--log-steps must be >= 1, got -5"),
+    (["--save-steps", "-1"], "--save-steps must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--data-seed", "-3"], "--data-seed must be >= 0, got -3"),
+    (["--teacher-epochs", "0"], "--teacher-epochs must be >= 1, got 0"),
+    (["--teacher", "/no/such/teacher"], "--teacher /no/such/teacher: no such directory"),
+    (["--teacher", "./missing-teacher"], "--teacher ./missing-teacher: no such directory"),
+    (["--init-from", "pretrained", "--base-model", "/no/such/base"], "--base-model /no/such/base: no such directory"),
+    (["--glue-dir", "/no/such/glue"], "--glue-dir /no/such/glue: no such directory"),
+    (["--deepspeed", "/no/such.json"], "--deepspeed /no/such.json: no such DeepSpeed JSON file"),
+    (["--stage", "student", "--teacher-cache", "/no/such/cache"], "--teacher-cache /no/such/cache: no teacher cache there"),
+    (["--strategy", "ft,kd", "--layer-map", "2,4"], "--layer-map only applies to PKD students"),
+    (["--strategy", "skip,last", "--layer-map", "2,4"], "--layer-map with both skip and last"),
+    (["--cache-layers", "0,2"], "--cache-layers only applies when a teacher cache is written"),
+    (["--base-model", default_teacher()], "--base-model only applies with --init-from pretrained"),
+    (["--on-nonfinite", "ignore"], None),  # argparse's own choices error (exit 2, usage + one error line)
+]
+
+
+@pytest.mark.parametrize("argv, message", FLAG_CASES, ids=[" ".join(a) for a, _ in FLAG_CASES])
+def test_bad_flag_is_one_line(capsys, tmp_path, argv, message):
+    argv = [*argv, "--output-dir", str(tmp_path / "out")]
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
+    else:
+        assert_one_line_error(capsys, argv, message)
+
+
+def test_output_dir_that_cannot_be_written(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_one_line_error(capsys, ["--output-dir", str(blocker / "sub")], f"--output-dir {blocker / 'sub'}: cannot create or write there")
+
+
+def test_max_seq_length_above_the_teachers_positions(capsys, tmp_path):
+    assert_one_line_error(capsys, ["--max-seq-length", "1024", "--output-dir", str(tmp_path)],
+                          "--max-seq-length 1024: --teacher")
+
+
+DS_CASES = [
+    ({"drop": ("optimizer",)}, 'no "optimizer" with a "type"'),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer, got 0"),
+    ({"train_micro_batch_size_per_gpu": 2.5}, "train_micro_batch_size_per_gpu must be a positive integer, got 2.5"),
+    ({"train_micro_batch_size_per_gpu": "32"}, 'train_micro_batch_size_per_gpu must be a positive integer, got "32"'),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer, got 0"),
+    ({"train_batch_size": 100}, "train_batch_size 100 ≠ micro-batch 32 × accumulation 1 × 1 rank(s) = 32"),
+    ({"train_batch_size": 100, "drop": ("gradient_accumulation_steps",)}, "train_batch_size 100 is not a multiple of micro-batch 32"),
+    ({"fp16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
+    ({"scheduler": {"type": "OneCycle", "params": {}}}, "scheduler 'OneCycle': the run fills in --lr and --warmup-ratio only for"),
+]
+
+
+@pytest.mark.parametrize("change, message", DS_CASES, ids=[m[:40] for _, m in DS_CASES])
+def test_bad_deepspeed_json_is_one_line(capsys, tmp_path, change, message):
+    change = dict(change)
+    path = ds_file(tmp_path, drop=change.pop("drop", ()), **change)
+    assert_one_line_error(capsys, ["--deepspeed", path, "--glue-dir", str(GLUE_DIR), "--output-dir", str(tmp_path)],
+                          f"{path}: {message}")
+
+
+def test_invalid_json_names_the_line(capsys, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "train_micro_batch_size_per_gpu": 8,\n  oops\n}')
+    assert_one_line_error(capsys, ["--deepspeed", str(path), "--output-dir", str(tmp_path)], f"{path}:3: invalid JSON")
+
+
+def test_auto_values_in_the_deepspeed_json_are_refused(capsys, tmp_path):
+    path = ds_file(tmp_path, train_micro_batch_size_per_gpu="auto")
+    assert_one_line_error(capsys, ["--deepspeed", path, "--output-dir", str(tmp_path)],
+                          'train_micro_batch_size_per_gpu is "auto"')
+
+
+def test_global_batch_alone_derives_the_accumulation():
+    from pkd_fast.engine import check_batch_layout
+
+    config = check_batch_layout({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}, "x.json", world_size=2)
+    assert config["gradient_accumulation_steps"] == 4
