@@ -12,7 +12,7 @@ CPU, so load from other processes falls on each alike), and each alone in a fres
          train.Context.write_cache (the data loader's collate reads the rows)
 
 A step is the trainer's own: the loader's next batch (with the cache's rows), `batch_to_device`,
-`Context._loss`, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
+`Context.loss`, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
 not depend on them); every token is real. On CUDA a BERT-base-sized teacher (12 × 768) in bf16 ZeRO-2
 (ds_configs/zero2.json), timed with device events; on the CPU a 12 × 384 teacher in fp32, small enough for
 a 2-core run, on one thread and timed in CPU time (the step's cost, even when others share the machine).
@@ -160,7 +160,7 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
 
     def step():
         batch = glue_data.batch_to_device(next(batches), device)
-        engine.backward(ctx._loss(engine, teacher, batch, spec, impl, False).total)
+        engine.backward(ctx.loss(engine, teacher, batch, spec, impl, False).terms.total)
         engine.step()
 
     for _ in range(2):  # warm-up: optimizer state, allocator pools, first touch of memory-mapped weights
