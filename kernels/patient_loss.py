@@ -5,8 +5,8 @@ offset from the first layer's tensor and its row stride, so strided rows (a [CLS
 [B, S, H]) are read in place. Each program owns a tile of rows of one layer, holds whole rows in registers
 (one read of the inputs), and writes the student gradient with every scale folded in; backward only
 multiplies it by grad_output, as in `kd_loss`, and as there an fp16 student's gradient is kept in fp32
-until then (`grad_buffer_dtype`: with the 1/(N·L·H) of elementwise_mean folded in, it all lies below
-fp16's smallest subnormal).
+until then (`grad_buffer_dtype`: with the 1/(N·L·H) of elementwise_mean folded in, nearly all of it can
+lie below fp16's smallest subnormal).
 """
 
 from __future__ import annotations
