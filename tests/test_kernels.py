@@ -291,7 +291,8 @@ def test_kd_refuses_out_of_range_labels():
         assert fused_kd_loss(s, t, 1.0, valid, 0.5, ignore_index).isfinite()
         with pytest.raises((IndexError, RuntimeError)):
             kd_loss_reference(s, t, 1.0, labels, 0.5, ignore_index)
-        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\) or equal ignore_index={ignore_index}, got {bad}"):
+        message = rf"labels must lie in \[0, 10\) or equal ignore_index={ignore_index}, got {bad}"
+        with pytest.raises(ValueError, match=message):
             fused_kd_loss(s, t, 1.0, labels, 0.5, ignore_index)
 
 
@@ -384,9 +385,9 @@ def test_patient_bad_arguments():
 LOSS_SCALES = (1.0, 2.0**8, 2.0**16)
 BETAS = (1.0, 100.0, 1000.0)
 ACCUM_STEPS = (1, 8, 64)
-# Per dtype: fp32 math, then one rounding to nearest (fp16: into the result). bf16 keeps its gradient in bf16
-# between forward and backward: two roundings, and Triton's interpreter truncates fp32 -> bf16 (each up to
-# one ulp, 2^-7 of the value), so 2^-6 (a GPU rounds to nearest: 2^-7 at worst).
+# fp32 and fp16: fp32 math, then one rounding to nearest (fp16's after the grad_output multiply). bf16 keeps
+# its gradient in bf16 between forward and backward: two roundings, and Triton's interpreter truncates
+# fp32 -> bf16 (each up to one ulp, 2^-7 of the value), so 2^-6 (a GPU rounds to nearest: 2^-7 at worst).
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-10}
 
 
@@ -401,21 +402,20 @@ def training_grad_outputs(row, beta):
 def check_training_grad(grad, eager, ref, what):
     """The fused `grad` against `ref` (the float64 spec) in grad's dtype, `eager` being the spec run in that
     dtype. Nothing eager keeps is flushed to zero (eager entries a margin above the smallest subnormal, so
-    another fp32 rounding at the boundary can't trip it); entries past the dtype's range overflow; every
-    other entry is within the dtype's rounding, relative to the largest and elementwise (plus the smallest
-    subnormal, and fp32 noise of 1e-6 of the largest: p_s - p_t cancels)."""
+    another fp32 rounding at the boundary can't trip it), and every entry is within the dtype's rounding,
+    relative to the largest and elementwise (plus the smallest subnormal, and fp32 noise of 1e-6 of the
+    largest: p_s - p_t cancels). The grad_outputs here keep every entry within fp16's range."""
     finfo, rtol = torch.finfo(grad.dtype), GRAD_RTOL[grad.dtype]
     subnormal = finfo.tiny * finfo.eps
     grad, eager, ref = grad.double(), eager.double(), ref.double()
     kept = eager.abs() >= 2 * subnormal
     flushed = kept & (grad == 0)
     assert not flushed.any(), f"{what}: {int(flushed.sum())} of the {int(kept.sum())} entries eager keeps are 0"
-    assert grad[ref.abs() > 1.01 * finfo.max].isinf().all(), f"{what}: an entry past the range did not overflow"
-    fits = ref.abs() < 0.99 * finfo.max
-    grad, ref = grad[fits], ref[fits]
-    assert grad.isfinite().all(), f"{what}: NaN or inf where the spec is in range"
+    assert ref.abs().max() < finfo.max, f"{what}: the spec overflows {finfo.dtype}; pick a smaller grad_output"
+    assert grad.isfinite().all(), f"{what}: NaN or inf"
     err, largest = (grad - ref).abs(), ref.abs().max().item()
-    assert err.max().item() <= rtol * largest + subnormal, f"{what}: error {err.max().item() / largest:.3g} of the largest"
+    worst = err.max().item()
+    assert worst <= rtol * largest + subnormal, f"{what}: error {worst / largest:.3g} of the largest"
     bound = rtol * ref.abs() + subnormal + 1e-6 * largest
     assert (err <= bound).all(), f"{what}: {int((err > bound).sum())} entries off by more than {rtol:.3g}"
 
@@ -435,7 +435,9 @@ def test_kd_grad_at_training_scale(row, dtype):
         check_training_grad(grad, eager, s64.grad, f"grad_output {go.item():g}")
 
 
-@pytest.mark.parametrize("row,dtype,shape", [(0, torch.float16, "cls"), (1, torch.bfloat16, "flat"), (2, torch.float32, "cls")])
+@pytest.mark.parametrize(
+    "row,dtype,shape", [(0, torch.float16, "cls"), (1, torch.bfloat16, "flat"), (2, torch.float32, "cls")]
+)
 def test_patient_grad_at_training_scale(row, dtype, shape):
     """The patient term as trained: 32 rows, 5 layers, H = 768, elementwise_mean, β·loss scale; the [CLS]
     rows are strided slices. In fp16 a gradient stored before the scaling is almost all zeros."""
