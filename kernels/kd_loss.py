@@ -5,6 +5,10 @@ column blocks (pass 1), then re-reads the row, which the L2 cache still holds, t
 every scale folded in (pass 2). Backward only multiplies that gradient by grad_output, and skips even that
 where grad_output is exactly 1, a test done on device so nothing syncs with the host.
 
+The gradient is kept in the student dtype between forward and backward, except for fp16 students: there it
+is kept in fp32 (see `grad_buffer_dtype`) and backward writes the fp16 gradient after the multiply, as the
+eager path rounds to fp16 only after grad_output is applied.
+
 The loss is reduced deterministically without float atomics: every program writes its partial sum and the
 last program to finish (an integer atomic counts arrivals) adds the partials in a fixed order. The helpers
 for that, and the grad_output scaling, are shared with `patient_loss`.
@@ -92,6 +96,17 @@ def arrival_counter(device: torch.device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+def grad_buffer_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    """The dtype forward keeps the student gradient in until backward multiplies it by grad_output.
+
+    fp16 gets fp32: with the reduction's 1/count and the loss weights folded in, but not yet grad_output
+    (an fp16 run's loss scale, up to 2^16, times β and ÷ accumulation steps), entries that the scaled
+    gradient keeps lie below fp16's smallest subnormal (6e-8) and would be flushed to zero. bf16 and fp32
+    have fp32's exponent range and keep the student dtype: no extra memory.
+    """
+    return torch.float32 if student_dtype == torch.float16 else student_dtype
+
+
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """grad *= grad_output in place, grad_output a scalar or one factor per row of the 2-D `grad`."""
     per_row = grad_output.dim() > 0
@@ -157,7 +172,7 @@ def _kd_grad_block(
     s_row, t_row, g_row, idx, lo, hi, y_idx, m_s, ld_s, m_t, ld_t, ld_c, g_kl, g_ce, tau, tau_ce,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2 over one block: the gradient, written in the student dtype."""
+    """Pass 2 over one block: the gradient, written in g_row's dtype (`grad_buffer_dtype`)."""
     mask = (idx >= lo) & (idx < hi) if MASKED else None
     other = 0.0 if MASKED else None
     s = tl.load(s_row + idx, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
@@ -275,21 +290,25 @@ def _kd_fwd_kernel(
 
 
 def _vector_width(*tensors: torch.Tensor) -> int:
-    """Elements per 16-byte vector if all rows share their alignment (same element size, base pointers on
-    16 bytes, row strides equal mod the width), else 1: then every load is scalar but still correct."""
-    size = tensors[0].element_size()
-    vec = max(1, 16 // size)
-    same = all(x.element_size() == size and x.data_ptr() % 16 == 0 for x in tensors)
-    return vec if same and len({x.stride(0) % vec for x in tensors}) == 1 else 1
+    """Elements per 16-byte vector of the narrowest dtype if all rows share their alignment (base pointers
+    on 16 bytes, row strides equal mod the width; a wider tensor, such as an fp16 student's fp32 gradient,
+    is then aligned on a multiple of 16 bytes), else 1: then every load is scalar but still correct."""
+    vec = max(1, 16 // min(x.element_size() for x in tensors))
+    aligned = all(x.data_ptr() % 16 == 0 for x in tensors)
+    return vec if aligned and len({x.stride(0) % vec for x in tensors}) == 1 else 1
 
 
 def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
+    """The loss and, with `write_grad`, the scaled-down student gradient: over the logits when `inplace`
+    and the student dtype holds it (`grad_buffer_dtype`), else in a new buffer."""
     n_rows, n_cols = s.shape
     has_kl, has_ce, per_row = alpha != 0.0, alpha != 1.0, reduction == "none"
     r = {"batchmean": 1.0 / n_rows, "mean": 1.0 / (n_rows * n_cols)}.get(reduction, 1.0)
     grad = None
     if write_grad:
-        grad = s.detach() if inplace else torch.empty((n_rows, n_cols), dtype=s.dtype, device=s.device)
+        grad_dtype = grad_buffer_dtype(s.dtype)
+        in_logits = inplace and grad_dtype == s.dtype
+        grad = s.detach() if in_logits else torch.empty((n_rows, n_cols), dtype=grad_dtype, device=s.device)
     t, y, g = (t if has_kl else s), (labels if has_ce else s), (grad if write_grad else s)  # s: unused stand-in
     tau = LOG2E / temperature if has_kl else LOG2E  # student statistics at the KL's scale, else the CE's
     vec = _vector_width(s, t, g)
@@ -310,12 +329,22 @@ def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write
     return loss, grad
 
 
-def take_stored_grad(ctx, name: str) -> torch.Tensor:
-    """The gradient that forward stored, handed over once: it is consumed (scaled in place), not copied."""
+def take_scaled_grad(
+    ctx, name: str, grad_output: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradient forward stored in `ctx.grad`, times grad_output, in the student `dtype`; handed over once.
+
+    Stored in `dtype`, it is scaled in place, not copied. Stored in fp32 for an fp16 student, it is
+    multiplied in fp32 and rounded to fp16 once, into `out` or a new tensor, and the fp32 buffer is freed.
+    grad_output is a scalar or, for a 2-D gradient, one factor per row; it stays on device.
+    """
     if ctx.grad is None:
         raise RuntimeError(f"{name}: backward ran twice; its stored gradient is consumed by the first")
     grad, ctx.grad = ctx.grad, None
-    return grad
+    if grad.dtype == dtype:
+        return scale_grad_(grad, grad_output)
+    factor = grad_output[:, None] if grad_output.dim() else grad_output
+    return torch.mul(grad, factor, out=torch.empty_like(grad, dtype=dtype) if out is None else out)
 
 
 class FusedKDLoss(torch.autograd.Function):
@@ -324,12 +353,16 @@ class FusedKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
         loss, ctx.grad = _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace)
+        ctx.dtype = s.dtype
+        ctx.out = s.detach() if inplace and ctx.grad is not None and ctx.grad.dtype != s.dtype else None
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        return scale_grad_(take_stored_grad(ctx, "fused_kd_loss"), grad_output), None, None, None, None, None, None, None, None
+        out, ctx.out = ctx.out, None
+        grad = take_scaled_grad(ctx, "fused_kd_loss", grad_output, ctx.dtype, out)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -345,9 +378,12 @@ def fused_kd_loss(
 ) -> torch.Tensor:
     """`pkd_fast.losses.kd_loss_reference` in one kernel launch, differentiable w.r.t. the student logits.
 
-    The teacher is a constant (it gets no gradient); labels must lie in [0, V) or equal `ignore_index`.
+    The teacher is a constant (it gets no gradient); labels must lie in [0, V) or equal `ignore_index`
+    (on CUDA this is asserted on device, so a bad label surfaces at a later sync, as in the eager path).
     With `inplace=True` the gradient is written over the student logits, saving the one [N, V] buffer:
-    only for callers that never read those logits again.
+    only for callers that never read those logits again. fp16 logits can't hold the gradient before
+    grad_output lifts it (`grad_buffer_dtype`): there forward keeps it in a separate fp32 buffer, leaving
+    the logits intact, and backward writes the final fp16 gradient over the logits.
     """
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
@@ -369,6 +405,7 @@ def fused_kd_loss(
             got = f"{labels.dtype} {tuple(labels.shape)}"
             raise ValueError(f"labels must be integer class ids of shape ({n_rows},), got {got}")
         labels = labels.contiguous()
+        _check_label_range(labels, student_logits.shape[1], int(ignore_index))
     if any(x is not None and x.device != device for x in (teacher_logits, labels)):
         raise ValueError("student logits, teacher logits and labels must be on the same device")
     if inplace and student_logits.stride(1) != 1:
@@ -378,6 +415,17 @@ def fused_kd_loss(
         _unit_column_stride(student_logits), teacher_logits, labels, temperature, alpha, int(ignore_index), reduction,
         write_grad, inplace,
     )  # fmt: skip
+
+
+def _check_label_range(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+    """Refuse labels outside [0, V) other than `ignore_index`, as the eager path's gather does. On CUDA the
+    check is an asynchronous device assert, so the step never waits on the host; elsewhere it raises here."""
+    bad = ((labels < 0) | (labels >= n_cols)) & (labels != ignore_index)
+    message = f"labels must lie in [0, {n_cols}) or equal ignore_index={ignore_index}"
+    if labels.device.type == "cuda":
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        raise ValueError(f"{message}, got {labels[bad][0].item()}")
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ One launch covers every layer pair without stacking them: a small int64 table gi
 offset from the first layer's tensor and its row stride, so strided rows (a [CLS] slice `h[:, 0]` of
 [B, S, H]) are read in place. Each program owns a tile of rows of one layer, holds whole rows in registers
 (one read of the inputs), and writes the student gradient with every scale folded in; backward only
-multiplies it by grad_output, as in `kd_loss`.
+multiplies it by grad_output, as in `kd_loss`, and as there an fp16 student's gradient is kept in fp32
+until then (`grad_buffer_dtype`: with the 1/(N·L·H) of elementwise_mean folded in, nearly all of it can
+lie below fp16's smallest subnormal).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import triton.language as tl
 
 from pkd_fast.losses import check_layer_pairs
 
-from .kd_loss import arrival_counter, finish_sum, scale_grad_, take_stored_grad
+from .kd_loss import arrival_counter, finish_sum, grad_buffer_dtype, take_scaled_grad
 
 MAX_HIDDEN = 16384  # a row lives in registers
 TILE = 4096  # elements per program: rows of a layer × the padded hidden size
@@ -29,7 +31,7 @@ EPS = tl.constexpr(1e-12)  # F.normalize's clamp on the norm
 #   d = ĥs − ĥt,   loss_row = w·‖d‖²,   w = 1/N (mean), 1/(N·L·H) (elementwise_mean) or 1 (sum)
 #   ∂loss/∂hs = 2w/n_s·(d − [‖hs‖ ≥ eps]·(ĥs·d)·ĥs)   (a clamped norm passes no gradient, as in torch)
 # Without normalisation d = hs − ht and the gradient is 2w·d. The gradient goes to a contiguous
-# [L, N, H] buffer in the student dtype; the loss partials are summed by `finish_sum`.
+# [L, N, H] buffer in `grad_buffer_dtype` (fp32 for fp16); the loss partials are summed by `finish_sum`.
 @triton.jit
 def _patient_fwd_kernel(
     s_ptr, t_ptr, layout_ptr, g_ptr, loss_ptr, partial_ptr, counter_ptr,
@@ -108,7 +110,9 @@ def _patient_forward(student, teacher, normalize, reduction, write_grad):
     tiles_per_layer = triton.cdiv(n_rows, block_r)
     n_prog = n_layers * tiles_per_layer
     device = s0.device
-    grad = torch.empty((n_layers, n_rows, n_cols), dtype=s0.dtype, device=device) if write_grad else None
+    grad = None
+    if write_grad:
+        grad = torch.empty((n_layers, n_rows, n_cols), dtype=grad_buffer_dtype(s0.dtype), device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     partials = torch.empty(n_prog, dtype=torch.float32, device=device)
     _patient_fwd_kernel[(n_prog,)](
@@ -128,7 +132,7 @@ class FusedPatientLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, normalize, reduction, stacked, write_grad, *hidden):
         student, teacher = hidden[: len(hidden) // 2], hidden[len(hidden) // 2 :]
-        ctx.stacked, ctx.shapes = stacked, [h.shape for h in student]
+        ctx.stacked, ctx.shapes, ctx.dtype = stacked, [h.shape for h in student], student[0].dtype
         if stacked:
             student, teacher = student[0].unbind(0), teacher[0].unbind(0)
         loss, ctx.grad = _patient_forward(student, teacher, normalize, reduction, write_grad)
@@ -137,7 +141,7 @@ class FusedPatientLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad = scale_grad_(take_stored_grad(ctx, "fused_patient_loss"), grad_output)
+        grad = take_scaled_grad(ctx, "fused_patient_loss", grad_output, ctx.dtype)
         grads = [grad.view(ctx.shapes[0])] if ctx.stacked else [g.view(s) for g, s in zip(grad, ctx.shapes)]
         return None, None, None, None, *grads, *([None] * len(ctx.shapes))
 

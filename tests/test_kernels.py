@@ -205,17 +205,21 @@ def test_kd_strided_rows_and_mixed_dtypes():
     compare_kd(s, t, 2.0, labels, 0.5, "mean")
 
 
-def test_kd_inplace_reuses_the_logits():
-    """inplace=True: the same gradient, written over the (row-strided) student logits and nowhere else."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kd_inplace_reuses_the_logits(dtype):
+    """inplace=True: the same gradient, written over the (row-strided) student logits and nowhere else.
+    fp16 logits can't hold it before grad_output lifts it: they stay intact until backward writes it."""
     torch.manual_seed(7)
-    wide = torch.randn(7, 1280, device=DEVICE)
+    wide = torch.randn(7, 1280, device=DEVICE).to(dtype)
     _, t, labels = kd_inputs(7, 1271, torch.float32, 0.5)
     s = wide[:, :1271].requires_grad_()
-    go = torch.tensor(0.5, device=DEVICE)
+    go = torch.tensor(2.0**16 / 8, device=DEVICE)
     loss_ref = fused_kd_loss(s, t, 2.0, labels, alpha=0.5)
     loss_ref.backward(go)
-    grad_ref, s.grad, margin = s.grad.clone(), None, wide[:, 1271:].clone()
+    grad_ref, s.grad, margin, logits = s.grad.clone(), None, wide[:, 1271:].clone(), s.detach().clone()
     loss = fused_kd_loss(s, t, 2.0, labels, alpha=0.5, inplace=True)
+    if dtype == torch.float16:
+        assert torch.equal(s.detach(), logits)
     loss.backward(go)
     assert torch.equal(loss, loss_ref) and torch.equal(s.grad, grad_ref)
     assert torch.equal(s.detach(), grad_ref)  # the logits now hold the (scaled) gradient
@@ -266,6 +270,30 @@ def test_kd_bad_arguments():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_kd_refuses_out_of_range_labels():
+    """Labels outside [0, V) other than ignore_index are refused, as the eager path's gather refuses them.
+    On CUDA that is a device assert, which ruins the process's CUDA context: it runs in a subprocess."""
+    if DEVICE == "cuda":
+        code = (
+            "import torch; from pkd_fast.kernels import fused_kd_loss; s = torch.randn(4, 10, device='cuda'); "
+            "y = torch.tensor([0, -100, 9, 3], device='cuda'); fused_kd_loss(s, s, 1.0, y, 0.5); "
+            "torch.cuda.synchronize(); print('valid labels pass'); y[2] = 10; "
+            "fused_kd_loss(s, s, 1.0, y, 0.5); torch.cuda.synchronize()"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.stdout.strip() == "valid labels pass" and result.returncode != 0, result.stderr[-2000:]
+        return
+    s, t, _ = kd_inputs(4, 10, torch.float32, 1.0)
+    for bad, ignore_index in ((10, IGNORE), (-1, IGNORE), (IGNORE, -1)):
+        valid, labels = (torch.tensor([0, 9, ignore_index, y], device=DEVICE) for y in (3, bad))
+        assert fused_kd_loss(s, t, 1.0, valid, 0.5, ignore_index).isfinite()
+        with pytest.raises((IndexError, RuntimeError)):
+            kd_loss_reference(s, t, 1.0, labels, 0.5, ignore_index)
+        message = rf"labels must lie in \[0, 10\) or equal ignore_index={ignore_index}, got {bad}"
+        with pytest.raises(ValueError, match=message):
+            fused_kd_loss(s, t, 1.0, labels, 0.5, ignore_index)
 
 
 # --- patient loss ---------------------------------------------------------------------------------------
@@ -347,6 +375,87 @@ def test_patient_bad_arguments():
     with pytest.raises(ValueError, match="both"):
         fused_patient_loss(torch.stack(h), h)
     assert fused_patient_loss([], []).item() == 0.0
+
+
+# --- gradients at the scales training uses -----------------------------------------------------------------
+# A DeepSpeed step hands each loss term grad_output = loss scale (fp16: 2^16 and down) × its weight (β for
+# the patient term) ÷ accumulation steps. In fp16 the gradient before that factor (1/N, α·T, 1/(N·L·H)
+# folded in) can lie below the smallest subnormal where the scaled one, and the eager path's, does not.
+
+LOSS_SCALES = (1.0, 2.0**8, 2.0**16)
+BETAS = (1.0, 100.0, 1000.0)
+ACCUM_STEPS = (1, 8, 64)
+# fp32 and fp16: fp32 math, then one rounding to nearest (fp16's after the grad_output multiply). bf16 keeps
+# its gradient in bf16 between forward and backward: two roundings, and Triton's interpreter truncates
+# fp32 -> bf16 (each up to one ulp, 2^-7 of the value), so 2^-6 (a GPU rounds to nearest: 2^-7 at worst).
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-10}
+
+
+def training_grad_outputs(row, beta):
+    """Row `row` of two orthogonal 3×3 Latin squares: three loss scale × β ÷ accumulation steps factors,
+    such that rows 0-2 together meet every pair of axis values once. Without `beta` (the KD term) β is 1."""
+    for j, loss_scale in enumerate(LOSS_SCALES):
+        weight = BETAS[(row + j) % 3] if beta else 1.0
+        yield loss_scale * weight / ACCUM_STEPS[(row + 2 * j) % 3]
+
+
+def check_training_grad(grad, eager, ref, what):
+    """The fused `grad` against `ref` (the float64 spec) in grad's dtype, `eager` being the spec run in that
+    dtype. Nothing eager keeps is flushed to zero (eager entries a margin above the smallest subnormal, so
+    another fp32 rounding at the boundary can't trip it), and every entry is within the dtype's rounding,
+    relative to the largest and elementwise (plus the smallest subnormal, and fp32 noise of 1e-6 of the
+    largest: p_s - p_t cancels). The grad_outputs here keep every entry within fp16's range."""
+    finfo, rtol = torch.finfo(grad.dtype), GRAD_RTOL[grad.dtype]
+    subnormal = finfo.tiny * finfo.eps
+    grad, eager, ref = grad.double(), eager.double(), ref.double()
+    kept = eager.abs() >= 2 * subnormal
+    flushed = kept & (grad == 0)
+    assert not flushed.any(), f"{what}: {int(flushed.sum())} of the {int(kept.sum())} entries eager keeps are 0"
+    assert ref.abs().max() < finfo.max, f"{what}: the spec overflows {finfo.dtype}; pick a smaller grad_output"
+    assert grad.isfinite().all(), f"{what}: NaN or inf"
+    err, largest = (grad - ref).abs(), ref.abs().max().item()
+    worst = err.max().item()
+    assert worst <= rtol * largest + subnormal, f"{what}: error {worst / largest:.3g} of the largest"
+    bound = rtol * ref.abs() + subnormal + 1e-6 * largest
+    assert (err <= bound).all(), f"{what}: {int((err > bound).sum())} entries off by more than {rtol:.3g}"
+
+
+@pytest.mark.parametrize("row,dtype", enumerate(DTYPES))
+def test_kd_grad_at_training_scale(row, dtype):
+    """A vocabulary KD scaled down for the interpreter (V = 4096 for 30522, N = 64), T = 10, alpha = 0.5:
+    under an fp16 loss scale a gradient stored in fp16 before the scaling flushes entries eager keeps."""
+    torch.manual_seed(12)
+    s, t, labels = kd_inputs(64, 4096, dtype, 0.5)
+    for go in training_grad_outputs(row, beta=False):
+        go = torch.tensor(go, device=DEVICE)
+        s64 = s.detach().double().requires_grad_()
+        kd_ref64(s64, t, 10.0, labels, 0.5).backward(go.double())
+        _, grad = run_kd(fused_kd_loss, s, t, 10.0, labels, 0.5, "batchmean", go)
+        _, eager = run_kd(kd_loss_reference, s, t, 10.0, labels, 0.5, "batchmean", go)
+        check_training_grad(grad, eager, s64.grad, f"grad_output {go.item():g}")
+
+
+@pytest.mark.parametrize(
+    "row,dtype,shape", [(0, torch.float16, "cls"), (1, torch.bfloat16, "flat"), (2, torch.float32, "cls")]
+)
+def test_patient_grad_at_training_scale(row, dtype, shape):
+    """The patient term as trained: 32 rows, 5 layers, H = 768, elementwise_mean, β·loss scale; the [CLS]
+    rows are strided slices. In fp16 a gradient stored before the scaling is almost all zeros."""
+    torch.manual_seed(13)
+    t_base = torch.randn(5, 32 if shape == "cls" else 16, 2, 768, device=DEVICE)  # 32 rows a layer either way
+    s_base = (t_base + 0.5 * torch.randn_like(t_base)).to(dtype)  # a student near its teacher, as in training
+    t_base = t_base.to(dtype)
+    teacher = _layers(t_base, shape, stacked=False)
+    for go in training_grad_outputs(row, beta=True):
+        go = torch.tensor(go, device=DEVICE)
+        s64 = s_base.double().requires_grad_()
+        pt_ref64(_layers(s64, shape, False), teacher, reduction="elementwise_mean").backward(go.double())
+        grads = []
+        for fn in (fused_patient_loss, patient_loss_reference):
+            leaf = s_base.detach().clone().requires_grad_()
+            fn(_layers(leaf, shape, False), teacher, reduction="elementwise_mean").backward(go)
+            grads.append(leaf.grad)
+        check_training_grad(*grads, s64.grad, f"grad_output {go.item():g}")
 
 
 def test_one_launch_per_forward_and_backward(monkeypatch):
