@@ -279,16 +279,28 @@ def _build_once(target: Path, build) -> datasets.Dataset:
     return datasets.load_from_disk(str(target))
 
 
-def _generated(generator, scratch: Path, features, fingerprint: str, **gen_kwargs) -> datasets.Dataset:
-    """Dataset.from_generator into `scratch`, with the generator's own PkdError (file:line) surfaced
-    instead of `datasets`' generic wrapper."""
+def _generated(generator, scratch: Path, features, fingerprint: str, empty: str, **gen_kwargs) -> datasets.Dataset:
+    """Dataset.from_generator into `scratch`, surfacing the generator's own PkdError (file:line) instead of
+    `datasets`' generic wrapper, and PkdError(`empty`) when it yields nothing."""
+    yielded = 0
+
+    def counted(**kwargs):
+        nonlocal yielded
+        for row in generator(**kwargs):
+            yielded += 1
+            yield row
+
     try:
         return datasets.Dataset.from_generator(
-            generator, features=features, cache_dir=str(scratch), gen_kwargs=gen_kwargs, fingerprint=fingerprint
+            counted, features=features, cache_dir=str(scratch), gen_kwargs=gen_kwargs, fingerprint=fingerprint
         )
     except datasets.exceptions.DatasetGenerationError as err:
         if isinstance(err.__cause__, PkdError):
             raise err.__cause__ from None
+        raise
+    except ValueError:
+        if yielded == 0:  # datasets cannot build a dataset of no rows
+            raise PkdError(empty) from None
         raise
 
 
@@ -322,12 +334,12 @@ def tokenize_corpus(
 
     def build(scratch: Path) -> datasets.Dataset:
         if text_files is not None:
-            docs = _generated(read_documents, scratch, datasets.Features({"text": datasets.Value("string")}),
-                              key, paths=[str(p) for p in files], text_column=text_column)
+            docs = _generated(read_documents, scratch, datasets.Features({"text": datasets.Value("string")}), key,
+                              f"{describe}: no text (every line is blank)", paths=[str(p) for p in files], text_column=text_column)
         else:
             docs = hub
-        if len(docs) == 0:
-            raise PkdError(f"{describe}: no text (every document is blank)")
+            if len(docs) == 0:
+                raise PkdError(f"{describe}: no documents in split {split!r}")
         return docs.map(
             lambda batch: {"input_ids": encode(tokenizer, batch["text"])},
             batched=True, batch_size=_DOCS_PER_BATCH, remove_columns=docs.column_names, features=_TOKENS,
@@ -345,7 +357,8 @@ def pack_corpus(tokens: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
                    "tokenizer": _tokenizer_digest(tokenizer)})
     return _build_once(
         Path(cache_dir) / f"blocks-{key[:24]}",
-        lambda scratch: _generated(_pack_tokens, scratch, _BLOCKS, key, tokens=tokens, tokenizer=tokenizer, max_seq_length=max_seq_length),
+        lambda scratch: _generated(_pack_tokens, scratch, _BLOCKS, key, "the corpus has no tokens (every document tokenises to nothing)",
+                                   tokens=tokens, tokenizer=tokenizer, max_seq_length=max_seq_length),
     )
 
 
