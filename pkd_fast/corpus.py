@@ -203,7 +203,7 @@ class Packer:
         if not ids:
             return []
         blocks = []
-        if len(self.carry) == self.room - 1:  # a separator would end the block: close it here instead
+        if self.carry and len(self.carry) == self.room - 1:  # a separator would end the block: close it here
             blocks.append(self._block(self.carry))
             self.carry = []
         buf = self.carry + [self.sep_id] + list(ids) if self.carry else list(ids)
@@ -387,7 +387,7 @@ class MlmMasker:
             raise PkdError(f"--mlm-probability {mlm_probability}: expected a number between 0 and 1")
         self.mlm_probability, self.seed, self.epoch = mlm_probability, seed, 0
         self.mask_id = _special_id(tokenizer, "mask")
-        _special_id(tokenizer, "pad")
+        _special_id(tokenizer, "pad")  # the collator pads with it
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.replacement_ids = torch.tensor(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
 

@@ -183,7 +183,10 @@ def load_mlm_teacher(path: str, dtype: torch.dtype = torch.float32) -> PreTraine
 def fresh_mlm_head(path: str, dtype: torch.dtype = torch.float32, train_body: bool = False) -> PreTrainedModel:
     """A BertForMaskedLM over a (headless) BertModel checkpoint, its head freshly initialised: the
     decoder is tied to the word embeddings (so only the transform, its LayerNorm and the output bias are
-    new); those train, and the body stays frozen unless `train_body` (the tied decoder then trains too)."""
+    new); those train, and the body stays frozen unless `train_body` (the tied decoder then trains too).
+    A checkpoint that already has a head is refused rather than silently reused or overwritten."""
+    if has_mlm_head(path):
+        raise PkdError(f"{path}: already has a masked-LM head; load it with load_mlm_teacher")
     model = _masked_lm(path, dtype)
     head = model.cls.predictions
     if head.decoder.weight is not model.get_input_embeddings().weight:

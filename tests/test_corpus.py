@@ -60,7 +60,7 @@ def content(blocks, tok) -> list[int]:
 
 # -- packing -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("max_len", [5, 8, 32])
+@pytest.mark.parametrize("max_len", [3, 4, 5, 8, 32])
 def test_packing_keeps_every_token_once_with_cls_sep_at_the_edges(max_len):
     cls, sep = 1, 2
     g = torch.Generator().manual_seed(max_len)
@@ -314,3 +314,26 @@ def test_stream_is_split_over_ranks(tok, tmp_path):
     assert {b["example_idx"] % 2 for b in shares[1]} == {1}
     words = sorted(content([b["input_ids"] for s in shares for b in s], tok))
     assert words == sorted(i for d in corpus.encode(tok, docs) for i in d)  # together they read everything once
+
+
+def test_a_datasets_corpus_reads_like_the_files(tok, tmp_path, monkeypatch):
+    """--dataset through `datasets.load_dataset` (here a local folder, which needs no network), whole and
+    streamed, with a renamed text column: the same blocks as the files."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    docs = sentences(120)
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", docs, field="body")
+    files = [str(write_text(tmp_path / "a.txt", docs))]
+    expected = corpus.prepare_blocks(tok, 32, tmp_path / "cache", text_files=files)["input_ids"]
+
+    whole = corpus.prepare_blocks(tok, 32, tmp_path / "cache", dataset=str(folder), text_column="body")
+    assert whole["input_ids"] == expected
+    with monkeypatch.context() as m:  # a second run loads the cached tokens: the dataset's fingerprint is stable
+        m.setattr(corpus, "encode", None)
+        assert corpus.prepare_blocks(tok, 32, tmp_path / "cache", dataset=str(folder), text_column="body")["input_ids"] == expected
+    streamed = corpus.StreamingBlocks(corpus.stream_documents(dataset=str(folder), text_column="body"), tok, 32)
+    assert [b["input_ids"] for b in streamed] == expected
+    assert "has columns" in one_line_error(corpus.prepare_blocks, tok, 32, tmp_path / "cache", dataset=str(folder), text_column="text")
+    assert "cannot load" in one_line_error(corpus.prepare_blocks, tok, 32, tmp_path / "cache", dataset=str(tmp_path / "nowhere"))
+    assert "exactly one of" in one_line_error(corpus.tokenize_corpus, tok, tmp_path / "cache", text_files=files, dataset=str(folder))

@@ -41,6 +41,8 @@ def test_default_teacher_has_no_head_until_one_is_added_and_saved(tmp_path):
         head.bias.add_(0.5)  # as if fitted
     model.save_pretrained(tmp_path / "with_head")
     assert models.has_mlm_head(tmp_path / "with_head")
+    with pytest.raises(PkdError, match="already has a masked-LM head"):
+        models.fresh_mlm_head(str(tmp_path / "with_head"))
     teacher = models.load_mlm_teacher(str(tmp_path / "with_head"))
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert torch.equal(teacher.cls.predictions.bias, head.bias)
