@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
+from pkd_fast.data import model_inputs, real_token_index
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import Task
 
@@ -256,7 +257,7 @@ def mlm_row_index(batch: dict, rows: str = "masked") -> torch.Tensor:
     if rows == "masked":
         return (batch["mlm_labels"].flatten() != -100).nonzero().squeeze(1)
     if rows == "all":
-        return batch["attention_mask"].flatten().nonzero().squeeze(1)
+        return real_token_index(batch["attention_mask"])
     raise ValueError(f"rows must be 'masked' or 'all', got {rows!r}")
 
 
@@ -299,7 +300,7 @@ def mlm_rows(student, teacher, batch: dict, rows: str = "masked", output_hidden_
     """Forward the student (a `MaskedLMRows`, or a DeepSpeed engine around one) and the teacher (the
     same, run under no_grad; None for no teacher) on `batch` and return the gathered rows' logits."""
     row_index = mlm_row_index(batch, rows)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs = model_inputs(batch)
     s_logits, s_hidden = student(**inputs, row_index=row_index, output_hidden_states=output_hidden_states)
     t_logits = t_hidden = None
     if teacher is not None:

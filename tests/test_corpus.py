@@ -304,17 +304,30 @@ def test_stream_equals_map_style_and_resumes_at_the_exact_block(tok, tmp_path):
     assert torch.equal(next(iter(rest))["example_idx"], torch.arange(8, 16))
 
 
-def test_stream_is_split_over_ranks(tok, tmp_path):
+@pytest.mark.parametrize("n_files", [4, 3])  # whole files per rank; every other document when files ∤ ranks
+def test_stream_is_split_over_ranks_and_each_rank_resumes(tok, tmp_path, n_files):
     docs = sentences(120)
-    files = [str(write_text(tmp_path / f"{i}.txt", docs[i::4])) for i in range(4)]
-    shares = [list(corpus.StreamingBlocks(corpus.stream_documents(text_files=files, rank=r, world_size=2), tok, 24, rank=r, world_size=2))
-              for r in range(2)]
+    files = [str(write_text(tmp_path / f"{i}.txt", docs[i::n_files])) for i in range(n_files)]
+
+    def stream(rank):
+        documents = corpus.stream_documents(text_files=files, rank=rank, world_size=2)
+        return corpus.StreamingBlocks(documents, tok, 24, rank=rank, world_size=2, docs_per_batch=5)
+
+    shares = [list(stream(r)) for r in range(2)]
     assert all(shares)
-    assert sorted(b["example_idx"] for s in shares for b in s) == sorted(set(b["example_idx"] for s in shares for b in s))
-    assert {b["example_idx"] % 2 for b in shares[1]} == {1}
+    indices = [b["example_idx"] for s in shares for b in s]
+    assert len(indices) == len(set(indices)) and {b["example_idx"] % 2 for b in shares[1]} == {1}
     words = sorted(content([b["input_ids"] for s in shares for b in s], tok))
     assert words == sorted(i for d in corpus.encode(tok, docs) for i in d)  # together they read everything once
 
+    partial = stream(1)
+    for _, _ in zip(range(7), partial):
+        pass
+    resumed = stream(1)
+    resumed.load_state_dict(partial.state_dict())
+    assert list(resumed) == shares[1][7:]
+    with pytest.raises(PkdError, match="same number of ranks"):
+        stream(0).load_state_dict(partial.state_dict())
 
 def test_a_datasets_corpus_reads_like_the_files(tok, tmp_path, monkeypatch):
     """--dataset through `datasets.load_dataset` (here a local folder, which needs no network), whole and
