@@ -6,10 +6,16 @@ Layer numbers are 1-based: `hidden_states[i]` is layer i's output and `hidden_st
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
+from pkd_fast.data import model_inputs, real_token_index
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import Task
 
@@ -139,3 +145,198 @@ def pt_rows(hidden_states, layers, token_index: torch.Tensor | None) -> list[tor
     if token_index is None:
         return [hidden_states[i][:, 0] for i in layers]
     return [hidden_states[i].flatten(0, 1).index_select(0, token_index) for i in layers]
+
+
+# -- masked-LM (task-agnostic distillation on raw text) ----------------------------------------------
+#
+# BERT's masked-LM models (BertForMaskedLM): the body `model.bert` and the head `model.cls.predictions`
+# (transform = dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus a bias).
+# The losses read a few rows per batch (the masked positions, or every real token), so the head runs on
+# those rows only: [n, H] → [n, V], never [B, L, V].
+
+MLM_HEAD = "cls.predictions."
+# A head is present when its transform and output bias are stored (the decoder is the tied embeddings).
+# Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+_MLM_HEAD_KEYS = (
+    ("transform.dense.weight",), ("transform.dense.bias",),
+    ("transform.LayerNorm.weight", "transform.LayerNorm.gamma"), ("transform.LayerNorm.bias", "transform.LayerNorm.beta"),
+    ("bias", "decoder.bias"),
+)
+
+
+def _checkpoint_keys(path: str) -> set[str]:
+    """Parameter names stored in a local checkpoint directory, read from file headers (no weights loaded)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PkdError(f"--teacher {path}: not a local directory (save_pretrained a hub model first)")
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).is_file()), None)
+    if index is not None:
+        return set(json.loads(index.read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return set(f.keys())
+    if (folder / "pytorch_model.bin").is_file():
+        return set(torch.load(folder / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True))
+    raise PkdError(f"--teacher {path}: no model.safetensors or pytorch_model.bin")
+
+
+def has_mlm_head(path_or_model: str | torch.nn.Module) -> bool:
+    """Whether a checkpoint directory (or a model) holds BertForMaskedLM-style `cls.predictions` weights
+    (BertForMaskedLM, BertForPreTraining). A bare BertModel, such as the default teacher, has none."""
+    if isinstance(path_or_model, torch.nn.Module):
+        keys = set(path_or_model.state_dict())
+    else:
+        keys = _checkpoint_keys(str(path_or_model))
+    return all(any(MLM_HEAD + name in keys for name in names) for names in _MLM_HEAD_KEYS)
+
+
+def _masked_lm(path: str, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise PkdError(f"cannot load a masked-LM model from {path!r}: {err}") from None
+    if not hasattr(model, "cls") or not hasattr(model.cls, "predictions"):
+        raise PkdError(f"--teacher {path}: a {type(model).__name__}; masked-LM distillation supports BERT-style models (cls.predictions)")
+    return model
+
+
+def load_mlm_teacher(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A masked-LM teacher with its trained head (SDPA attention), frozen and in eval mode. A checkpoint
+    without a head is refused: a random head would teach noise (fit one first, from `fresh_mlm_head`)."""
+    if not has_mlm_head(path):
+        raise PkdError(
+            f"--teacher {path}: no masked-LM head (cls.predictions); fit one first (a fresh head on this body), "
+            "then distil from the saved result"
+        )
+    model = _masked_lm(path, dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fresh_mlm_head(path: str, dtype: torch.dtype = torch.float32, train_body: bool = False) -> PreTrainedModel:
+    """A BertForMaskedLM over a (headless) BertModel checkpoint, its head freshly initialised: the
+    decoder is tied to the word embeddings (so only the transform, its LayerNorm and the output bias are
+    new); those train, and the body stays frozen unless `train_body` (the tied decoder then trains too).
+    A checkpoint that already has a head is refused rather than silently reused or overwritten."""
+    if has_mlm_head(path):
+        raise PkdError(f"{path}: already has a masked-LM head; load it with load_mlm_teacher")
+    model = _masked_lm(path, dtype)
+    head = model.cls.predictions
+    if head.decoder.weight is not model.get_input_embeddings().weight:
+        raise PkdError(f"{path}: its config unties the word embeddings (tie_word_embeddings=false); a fresh head needs the tied decoder")
+    model.requires_grad_(train_body)
+    head.transform.requires_grad_(True)
+    head.bias.requires_grad_(True)
+    return model
+
+
+def mlm_student_layers(strategy: str, teacher_layers: int, k: int | None = None, explicit: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The 1-based teacher layers a k-layer masked-LM student is built from, in order.
+
+    first: 1..k. alternate: every other layer, 1,3,5,... (DistilBERT's choice: encoder.layer 0,2,4,...
+    of a 12-layer teacher for 6 layers; k defaults to half the teacher's depth, rounded up). An explicit
+    list overrides both (k, when given, must be its length); it must ascend without repeats."""
+    n = teacher_layers
+    if explicit is not None:
+        layers = tuple(explicit)
+        if k is not None and len(layers) != k:
+            raise PkdError(f"--student-layer-list {','.join(map(str, layers))}: {len(layers)} layers for a {k}-layer student")
+        bad = [i for i in layers if not 1 <= i <= n]
+        if bad or not layers:
+            raise PkdError(f"--student-layer-list: layer(s) {bad or 'none'} out of range; the teacher has layers 1..{n}")
+        if list(layers) != sorted(set(layers)):
+            raise PkdError(f"--student-layer-list {','.join(map(str, layers))}: layers must ascend without repeats")
+        return layers
+    if strategy == "alternate":
+        k = -(-n // 2) if k is None else k
+        if not 1 <= k <= -(-n // 2):
+            raise PkdError(f"--student-layers {k}: every other layer of a {n}-layer teacher gives at most {-(-n // 2)}")
+        return tuple(range(1, 2 * k, 2))
+    if strategy == "first":
+        if k is None or not 1 <= k <= n:
+            raise PkdError(f"--student-layers {k}: must be between 1 and the teacher's depth {n}")
+        return tuple(range(1, k + 1))
+    raise PkdError(f"unknown student layer choice {strategy!r}; expected first, alternate or an explicit list")
+
+
+def build_mlm_student(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A masked-LM student: the teacher's embeddings, its 1-based `layers` (student layer j ← teacher
+    layer layers[j]) and its MLM head, each copied by key, so the student starts as that sub-network."""
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    config.architectures = None
+    student = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    src = teacher.state_dict()
+    rename = {f".encoder.layer.{j}.": f".encoder.layer.{t - 1}." for j, t in enumerate(layers)}
+
+    def source_key(key: str) -> str:
+        for own, theirs in rename.items():
+            if own in key:
+                return key.replace(own, theirs, 1)
+        return key
+
+    wanted = {key: source_key(key) for key in student.state_dict()}
+    missing = [theirs for theirs in wanted.values() if theirs not in src]
+    if missing:
+        raise PkdError(f"the teacher lacks weights the student needs: {missing[:5]}")
+    student.load_state_dict({key: src[theirs] for key, theirs in wanted.items()}, strict=True)
+    return student.to(next(teacher.parameters()).dtype)
+
+
+def mlm_row_index(batch: dict, rows: str = "masked") -> torch.Tensor:
+    """Flat positions (into [B·L]) whose vocabulary logits the loss reads: the masked positions (those
+    with an mlm_label), or every real token (`rows="all"`, for KL over the whole sequence)."""
+    if rows == "masked":
+        return (batch["mlm_labels"].flatten() != -100).nonzero().squeeze(1)
+    if rows == "all":
+        return real_token_index(batch["attention_mask"])
+    raise ValueError(f"rows must be 'masked' or 'all', got {rows!r}")
+
+
+def lm_head_rows(model: PreTrainedModel, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    """The head's vocabulary logits [n, V] of the rows `row_index` of `hidden` [B, L, H]: gather, then
+    transform + decoder, so the cost is n·H·V, not B·L·H·V."""
+    return model.cls.predictions(hidden.flatten(0, 1).index_select(0, row_index))
+
+
+class MaskedLMRows(torch.nn.Module):
+    """A masked-LM model whose forward sends only `row_index`'s rows through the head: the module to
+    hand to DeepSpeed (its `model` is what save_pretrained writes). Returns (logits [n, V], hidden_states
+    or None)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                    output_hidden_states=output_hidden_states)
+        return lm_head_rows(self.model, out.last_hidden_state, row_index), out.hidden_states
+
+
+@dataclass
+class MlmRows:
+    """One batch's masked-LM rows for `pkd_fast.losses.pkd_loss`: student/teacher logits [n, V] and labels
+    [n] (-100 at rows that are not masked, so CE reads the masked rows and KL all n), the flat `row_index`
+    (for `pt_rows`), and each model's hidden states when asked for."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    labels: torch.Tensor
+    row_index: torch.Tensor
+    student_hidden: tuple[torch.Tensor, ...] | None = None
+    teacher_hidden: tuple[torch.Tensor, ...] | None = None
+
+
+def mlm_rows(student, teacher, batch: dict, rows: str = "masked", output_hidden_states: bool = False) -> MlmRows:
+    """Forward the student (a `MaskedLMRows`, or a DeepSpeed engine around one) and the teacher (the
+    same, run under no_grad; None for no teacher) on `batch` and return the gathered rows' logits."""
+    row_index = mlm_row_index(batch, rows)
+    inputs = model_inputs(batch)
+    s_logits, s_hidden = student(**inputs, row_index=row_index, output_hidden_states=output_hidden_states)
+    t_logits = t_hidden = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits, t_hidden = teacher(**inputs, row_index=row_index, output_hidden_states=output_hidden_states)
+    labels = batch["mlm_labels"].flatten().index_select(0, row_index)
+    return MlmRows(s_logits, t_logits, labels, row_index, s_hidden, t_hidden)
