@@ -85,7 +85,7 @@ def _weights_digest(teacher_path: str) -> str:
     return digest.hexdigest()
 
 
-def _tokenizer_digest(tokenizer) -> str:
+def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
@@ -124,7 +124,7 @@ def fingerprint(teacher_path: str, tokenizer, task: str, max_seq_length: int, tr
     return {
         "teacher_weights": _weights_digest(teacher_path),
         "teacher_config": _config_digest(teacher_path),
-        "tokenizer": _tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_digest(tokenizer),
         "task": task,
         "split": SPLIT,
         "max_seq_length": max_seq_length,

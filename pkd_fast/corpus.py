@@ -54,7 +54,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from pkd_fast.cache import _tokenizer_digest  # the teacher cache's tokenizer fingerprint, shared on purpose
+from pkd_fast.cache import tokenizer_digest
 from pkd_fast.data import make_loader
 from pkd_fast.errors import PkdError
 
@@ -169,7 +169,7 @@ def check_max_seq_length(max_seq_length: int, max_position_embeddings: int) -> N
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     """Masked-LM distillation compares the two models' vocabulary logits column by column, so both must
     use one tokenizer (same vocabulary, normalisation and special tokens)."""
-    if _tokenizer_digest(teacher_tokenizer) != _tokenizer_digest(student_tokenizer):
+    if tokenizer_digest(teacher_tokenizer) != tokenizer_digest(student_tokenizer):
         raise PkdError(
             f"the teacher's tokenizer ({teacher_tokenizer.name_or_path}, {len(teacher_tokenizer)} tokens) and the "
             f"student's ({student_tokenizer.name_or_path}, {len(student_tokenizer)} tokens) differ; masked-LM "
@@ -321,7 +321,7 @@ def tokenize_corpus(
     digest, so a second run with the same inputs loads the saved tokens instead of re-tokenising."""
     if (text_files is None) == (dataset is None):
         raise PkdError("give exactly one of --text-files and --dataset")
-    tok_digest = _tokenizer_digest(tokenizer)
+    tok_digest = tokenizer_digest(tokenizer)
     if text_files is not None:
         files = resolve_text_files(text_files)
         source = {"files": _files_identity(files)}
@@ -354,7 +354,7 @@ def pack_corpus(tokens: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     """The tokenised corpus packed into blocks (columns input_ids, example_idx = block index), saved under
     `cache_dir` keyed by the tokens' fingerprint and `max_seq_length`."""
     key = _sha256({"format": FORMAT, "tokens": tokens._fingerprint, "max_seq_length": max_seq_length,
-                   "tokenizer": _tokenizer_digest(tokenizer)})
+                   "tokenizer": tokenizer_digest(tokenizer)})
     return _build_once(
         Path(cache_dir) / f"blocks-{key[:24]}",
         lambda scratch: _generated(_pack_tokens, scratch, _BLOCKS, key, "the corpus has no tokens (every document tokenises to nothing)",
