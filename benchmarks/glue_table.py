@@ -106,7 +106,7 @@ class Sweep:
             _same_epochs(out / "teacher", summary["runs"]["teacher"], epochs)
         model = out / "teacher" / "model"
         path = str(model) if model.is_dir() else self.args.teacher
-        if self.cache is not None:  # reuses a store whose fingerprint matches, (re)writes any other
+        if self.cache is not None:  # reuses a store whose fingerprint matches; refuses one of another teacher or data
             train.main([*self.common, "--stage", "cache", "--teacher", path, "--teacher-cache", str(self.cache),
                         "--output-dir", str(self.out / "cache_run")])
         return path, summary["runs"]["teacher"], summary["train_rows_available"]
