@@ -44,6 +44,8 @@ GRIDS = {
     # One point, lr above the paper's range: short CPU runs at lr ≤ 5e-5 left every student at the majority class.
     "cpu": {"temperature": [10], "alpha": [0.7], "beta": [100], "lr": [1e-4]},
 }
+# The differences the paper's claim is about (PKD > KD > FT; Skip ≥ Last), as (minuend, subtrahend).
+PAIRS = (("kd", "ft"), ("skip", "kd"), ("last", "kd"), ("skip", "last"))
 # Which knobs each strategy has: FT ignores the teacher, KD has no patient term.
 KNOBS = {"ft": ("lr",), "kd": ("temperature", "alpha", "lr"), "skip": ("temperature", "alpha", "beta", "lr"), "last": ("temperature", "alpha", "beta", "lr")}
 
@@ -68,6 +70,28 @@ def loss_mix(logs: list[Path], alpha: float, beta: float) -> dict | None:
     means = {name: statistics.mean(w * step.get(key, 0.0) for step in steps) for name, (w, key) in weighted.items()}
     total = sum(means.values())
     return {name: round(100 * v / total, 1) for name, v in means.items()}
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Per-seed differences a − b of two strategies run on the same seeds. Runs of one seed share the
+    student's init, head, data order and dropout stream, so they differ only in the loss: the difference
+    cancels the seed's own luck, which independent means ± std cannot. Mean, 95% t-interval and the
+    two-sided paired t-test's p-value (None below 2 seeds, and p None when every difference is equal)."""
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95": None, "p": None, "n": len(diffs), "diffs": diffs}
+    spread = statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * spread / len(diffs) ** 0.5
+    p_value = float(stats.ttest_rel(a, b).pvalue) if spread > 0 else None  # no spread: the t-test is undefined
+    return {"mean": mean, "ci95": [mean - half, mean + half], "p": p_value, "n": len(diffs), "diffs": diffs}
+
+
+def paired_table(rows: dict) -> dict:
+    """`paired_difference` for every pair in PAIRS whose two strategies were both run."""
+    return {f"{a}-{b}": paired_difference(rows[a]["seeds"], rows[b]["seeds"]) for a, b in PAIRS if a in rows and b in rows}
 
 
 def teacher_slug(teacher: str) -> str:
@@ -153,7 +177,7 @@ class Sweep:
             "grid": self.args.grid, "grid_values": GRIDS[self.args.grid], "seeds": self.args.seeds,
             "train_rows": student_rows, "train_rows_available": rows_available, "max_seq_length": self.args.max_seq_length, "epochs": self.args.epochs,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": date.today().isoformat(), "rows": rows,
+            "date": date.today().isoformat(), "rows": rows, "paired": paired_table(rows),
             # Summed over every run, so a resumed sweep reports the training it took, not the resume's few seconds.
             "train_seconds_total": round(sum(r["train_seconds"] for r in rows.values()), 1),
         }
@@ -183,6 +207,14 @@ def render_markdown(result: dict) -> str:
             best += f", layers {','.join(map(str, r['layer_map']))}"
         mix = " / ".join(f"{v:g}" for v in r["loss_mix_percent"].values()) if r.get("loss_mix_percent") else "-"
         lines.append(f"| {NAMES[name]} | {r['mean']:.2f} ± {r['std']:.2f} | {best} | {mix} | {r['grid_points']} | {r['train_seconds']} |")
+    if result.get("paired"):
+        lines += ["", "Paired by seed (same init, data order and dropout; only the loss differs):", "",
+                  "| difference | mean | 95% interval | p (paired t) | seeds |", "|---|---|---|---|---|"]
+        for pair, d in result["paired"].items():
+            a, b = pair.split("-")
+            ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
+            p_value = f"{d['p']:.3f}" if d["p"] is not None else "-"
+            lines.append(f"| {NAMES[a]} − {NAMES[b]} | {d['mean']:+.2f} | {ci} | {p_value} | {d['n']} |")
     return "\n".join(lines)
 
 

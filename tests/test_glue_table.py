@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_table import GRIDS, grid_points, write_summary  # noqa: E402
+from benchmarks.glue_table import GRIDS, grid_points, paired_difference, paired_table, write_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -22,6 +22,25 @@ def test_grid_points_follow_each_strategys_knobs():
     assert len(grid_points(paper, "kd")) == 3 * 3 * 3
     assert len(grid_points(paper, "skip")) == 3 * 3 * 4 * 3
     assert {p["beta"] for p in grid_points(paper, "last")} == {10, 100, 500, 1000}
+
+
+def test_paired_difference_is_the_mean_of_per_seed_differences_with_a_t_interval():
+    d = paired_difference([81.0, 83.0, 85.0], [80.0, 81.0, 82.0])  # differences 1, 2, 3
+    assert d["diffs"] == [1.0, 2.0, 3.0] and d["mean"] == pytest.approx(2.0)
+    half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2) · sd 1 / √3
+    assert d["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert d["p"] == pytest.approx(0.07417990022744853)  # t = 2√3 on 2 degrees of freedom, two-sided
+    # A seed's luck shared by both strategies cancels: independent stds of 10 points, one constant gap.
+    noisy = paired_difference([60.0, 80.0, 70.0, 90.0], [59.0, 79.0, 69.0, 89.0])
+    assert noisy["ci95"] == pytest.approx([1.0, 1.0]) and noisy["p"] is None  # zero spread: no test to run
+    assert paired_difference([1.0], [0.5])["ci95"] is None
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_paired_table_covers_the_pairs_that_were_run():
+    rows = {s: {"seeds": [float(i), float(i) + 1]} for i, s in enumerate(("ft", "kd", "skip"))}
+    assert set(paired_table(rows)) == {"kd-ft", "skip-kd"}
 
 
 def _result(task, metric, means, rows=3668, available=3668):
@@ -67,6 +86,7 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     assert result["rows"]["ft"]["loss_mix_percent"] == {"ce": 100.0, "kd": 0.0, "pt": 0.0}
     assert skip["loss_mix_percent"]["pt"] > 0 and sum(skip["loss_mix_percent"].values()) == pytest.approx(100, abs=0.2)
     assert "| PKD-Skip |" in stem.with_suffix(".md").read_text()
+    assert result["paired"] == {}  # ft and skip only: none of the paper's pairs (KD−FT, Skip−KD, Last−KD, Skip−Last)
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| mrpc (f1) | 64 of 3,668 rows" in (tmp_path / "results" / "glue_summary.md").read_text()
     # The teacher ran over the training set once, into the cache the PKD points then read.
@@ -85,3 +105,32 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     longer = subprocess.run([*cmd[:cmd.index("--epochs") + 1], "2", *cmd[cmd.index("--epochs") + 2:]], capture_output=True, text=True, timeout=900)
     assert longer.returncode == 2 and "a finished run of 1 epoch(s), this sweep asks for 2" in longer.stderr, longer.stderr[-2000:]
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
+def test_strategies_of_one_seed_differ_only_in_the_loss(tmp_path):
+    """What makes the per-seed difference a paired measurement: with α = β = 0 a KD run is FT, and it must
+    then reproduce FT's run exactly (same init, head, data order and dropout masks, teacher and all)."""
+    from transformers import AutoTokenizer
+
+    from pkd_fast.config import default_teacher
+    from pkd_fast.models import load_classifier
+    from pkd_fast.tasks import get_task
+
+    load_classifier(default_teacher(), get_task("sst2")).save_pretrained(tmp_path / "teacher")  # dropout on
+    AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(tmp_path / "teacher")
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 16})
+    (tmp_path / "fp32.json").write_text(json.dumps(config))
+    cmd = [sys.executable, str(REPO / "pkd_fast" / "train.py"), "--stage", "student", "--teacher", str(tmp_path / "teacher"),
+           "--strategy", "ft,kd", "--alpha", "0", "--glue-dir", str(GLUE_DIR), "--max-train-samples", "64",
+           "--max-seq-length", "32", "--max-eval-samples", "32", "--epochs", "1", "--log-steps", "1",
+           "--deepspeed", str(tmp_path / "fp32.json"), "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ft, kd = ([json.loads(line) for line in (tmp_path / "run" / "students" / s / "train_log.jsonl").read_text().splitlines()]
+              for s in ("ft", "kd"))
+    assert [r["total"] for r in kd] == [r["total"] for r in ft] and len(ft) == 4
+    results = [json.loads((tmp_path / "run" / "students" / s / "results.json").read_text())["dev"] for s in ("ft", "kd")]
+    assert results[0] == results[1]
