@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
 
 
@@ -40,13 +42,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
-    """Join the launcher's process group, or make a one-process group for a plain `python train.py`."""
+def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
+    """Join the launcher's process group, or make a one-process group for a plain `python train.py`.
+
+    `timeout_s` bounds the rendezvous and every collective: a peer that stops answering without closing its
+    sockets (a frozen host, a dead link) ends the survivors' wait after that long instead of the backend's."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(cfg: Config) -> dict:
     # -- setup ---------------------------------------------------------------------------------------
-    world = ds.init_distributed()
+    world = ds.init_distributed(cfg.dist_timeout)
     _configure_logging(world.is_main)
     task = get_task(cfg.task)
     out = Path(cfg.output_dir)
