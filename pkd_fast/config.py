@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch end)")
     g.add_argument("--dist-timeout", type=float, default=d["dist_timeout"].default, metavar="SECONDS",
                    help="how long a rank waits for a peer that stops answering (a frozen host, a dead link) before "
-                        "the run fails; a peer whose processes die is noticed at once")
+                        "the run fails; a peer whose processes die is noticed within seconds")
     return p
 
 
