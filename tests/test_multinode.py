@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 import multihost
 from pkd_fast.train import main
+from test_config import assert_one_line_error
 from test_train import GLUE_DIR, SMALL, ds_json, save_teacher, train, train_log
 
 pytestmark = [
@@ -31,6 +32,12 @@ STEPS, SAVE_EVERY = 6, 2  # 96 rows, 8 per rank and step, two ranks
 KILL_EXIT_S = 30  # a killed peer's sockets close at once: the survivor needs seconds, not a timeout
 DIST_TIMEOUT_S = 20
 TIMEOUT_SLACK_S = 30  # the survivor's step in flight, its error path and the launcher's exit, on 2 busy cores
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_dist_timeout_is_a_positive_number_of_seconds(capsys, tmp_path, value):
+    assert_one_line_error(capsys, ["--dist-timeout", value, "--output-dir", str(tmp_path)],
+                          "--dist-timeout must be a positive number of seconds")
 
 
 def open_hosts(workdir: Path) -> multihost.TwoHosts:
