@@ -32,8 +32,8 @@ RESULT_NEUTRAL = frozenset({
     "output_dir", "resume", "log_steps", "save_steps", "stage", "strategy", "preset", "local_rank", "deepspeed",
     "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "dist_timeout",
 })
-# --dist-timeout's default, in seconds: the backends' own (30 minutes or more) leave a job with a frozen peer
-# idle for that long; a few minutes still outlast any collective of a healthy run.
+# --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
+# the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
 DEFAULT_DIST_TIMEOUT_S = 600.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"

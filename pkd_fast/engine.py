@@ -70,8 +70,8 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
 def require_shared_directory(directory: Path, world: Dist, named: str, advice: str) -> None:
     """Refuse a directory that is not one filesystem for every rank (a node-local path given on several
     nodes), naming the ranks and hosts that cannot see rank 0's files; `named` is what the message calls it
-    (e.g. the flag and its value). Rank 0 writes a file whose name is
-    new to this call (so a file left on another node's disk cannot pass for it), every rank looks for it."""
+    (e.g. the flag and its value). Rank 0 writes a file whose name is new to this call (so a file left on
+    another node's disk cannot pass for it), and every rank looks for it."""
     if world.world_size == 1:
         return
     name = [f".ranks_see_this-{socket.gethostname()}-{os.getpid()}" if world.is_main else None]
@@ -104,7 +104,7 @@ def lost_peer_message(err: BaseException, rank: int, timeout_s: float) -> str | 
         return None
     detail = _BACKEND_SOURCE.sub("", text.splitlines()[0] if text else type(err).__name__).split(". This is typically")[0]
     peer = _PEER_ADDRESS.search(detail)
-    if "Timed out" in detail or "timed out" in detail:
+    if "timed out" in detail.lower():
         what = f"a peer sent nothing for --dist-timeout {timeout_s:g} s (a frozen process or host, or a dead link)"
     elif peer:
         what = f"lost the connection to the peer at {peer.group(1)} (its process or host is gone)"
