@@ -133,13 +133,7 @@ class TwoHosts:
     def master(self) -> Host:
         return self.hosts[0]
 
-    def link(self, up: bool) -> None:
-        """Take host 2's end of the link down (or up again): a peer that vanishes without closing sockets."""
-        h = self.hosts[1]
-        _ip("-n", h.netns, "link", "set", h.ifname, "up" if up else "down")
-
-    def launch(self, node_rank: int, args: list[str], *, master_port: int, env: dict | None = None,
-               log_name: str = "") -> Launch:
+    def launch(self, node_rank: int, args: list[str], *, master_port: int, log_name: str = "") -> Launch:
         """DeepSpeed's launcher on one host, as a user types it on that machine."""
         host = self.hosts[node_rank]
         cmd = ["deepspeed", "--no_ssh", "--node_rank", str(node_rank), "--hostfile", str(self.hostfile),
@@ -148,7 +142,7 @@ class TwoHosts:
             cmd = ["sh", "-c", f'mount --bind {shlex.quote(str(host.disk))} {shlex.quote(str(self.local_path))} && exec "$@"',
                    "sh", *cmd]
         # gloo binds and connects through this interface; without it, it resolves the hostname to 127.0.0.1
-        run_env = {**os.environ, "GLOO_SOCKET_IFNAME": host.ifname, **(env or {})}
+        run_env = {**os.environ, "GLOO_SOCKET_IFNAME": host.ifname}
         run_env["PATH"] = f"{Path(sys.executable).parent}:{run_env.get('PATH', '')}"  # `deepspeed` bound to this venv
         log = self.workdir / f"{log_name or 'run'}-host{node_rank + 1}.log"
         with open(log, "w") as out:
@@ -158,12 +152,9 @@ class TwoHosts:
         self.launches.append(launch)
         return launch
 
-    def run_both(self, args: list[str], *, timeout: float = 300, env: dict | None = None, log_name: str = "",
-                 args_per_host: tuple[list[str], list[str]] = ([], [])) -> tuple[Launch, Launch]:
-        """Launch on both hosts (host 1 first) and wait for both to exit."""
-        port = next(_ports)
-        launches = tuple(self.launch(i, [*args, *args_per_host[i]], master_port=port, env=env, log_name=log_name)
-                         for i in range(2))
+    def run_both(self, args: list[str], *, timeout: float = 300, log_name: str = "") -> tuple[Launch, Launch]:
+        """Launch on both hosts and wait for both to exit; past `timeout` both are killed and the test fails."""
+        launches = self.start_both(args, log_name=log_name)
         deadline = time.monotonic() + timeout
         for launch in launches:
             try:
@@ -174,9 +165,10 @@ class TwoHosts:
                 raise AssertionError(f"the two hosts did not finish in {timeout:.0f} s\n" + describe(launches)) from None
         return launches
 
-    def start_both(self, args: list[str], *, env: dict | None = None, log_name: str = "") -> tuple[Launch, Launch]:
+    def start_both(self, args: list[str], *, log_name: str = "") -> tuple[Launch, Launch]:
+        """The same command on both hosts (host 1 first), one fresh master port; returns without waiting."""
         port = next(_ports)
-        return tuple(self.launch(i, args, master_port=port, env=env, log_name=log_name) for i in range(2))
+        return tuple(self.launch(i, args, master_port=port, log_name=log_name) for i in range(2))
 
 
 def describe(launches) -> str:
