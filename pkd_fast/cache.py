@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pkd_fast.engine import fault_point
+from pkd_fast.engine import fault_point, require_shared_directory
 from pkd_fast.errors import PkdError
 
 log = logging.getLogger("pkd_fast")
@@ -328,24 +327,13 @@ class Writer:
     def _require_shared_directory(self) -> None:
         """Every rank writes into rank 0's files, so every rank must see them: caching across nodes without
         a shared filesystem is refused here, before any work, naming the ranks and hosts that cannot."""
-        if self.world.world_size == 1:
-            return
-        token = self.tmp / "ranks_see_this"
-        if self.world.is_main:
-            token.write_text(str(os.getpid()))
-        dist.barrier()
-        seen = [None] * self.world.world_size
-        dist.all_gather_object(seen, (token.is_file(), socket.gethostname()))
-        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
-        if blind:
+        try:
+            require_shared_directory(self.tmp, self.world, f"--teacher-cache {self.directory}", "put it on a shared filesystem, or "
+                                     "write the cache on one node (--stage cache) and copy it to each node")
+        except PkdError:
             if self.world.is_main:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-            raise PkdError(f"--teacher-cache {self.directory}: not on a filesystem shared by all ranks ({', '.join(blind)} "
-                           "cannot see rank 0's files); put it on a shared filesystem, or write the cache on one node "
-                           "(--stage cache) and copy it to each node")
-        dist.barrier()
-        if self.world.is_main:
-            token.unlink()
+            raise
 
     def _allocate(self) -> str:
         target = self.directory

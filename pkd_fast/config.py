@@ -30,8 +30,11 @@ PKD_STRATEGIES = ("skip", "last")
 # run's results do not depend on them, so --resume may change them (all others must match the checkpoint).
 RESULT_NEUTRAL = frozenset({
     "output_dir", "resume", "log_steps", "save_steps", "stage", "strategy", "preset", "local_rank", "deepspeed",
-    "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite",
+    "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "dist_timeout",
 })
+# --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
+# the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
+DEFAULT_DIST_TIMEOUT_S = 600.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
@@ -101,6 +104,7 @@ class Config:
     verify_cache: str = "sampled"  # sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
     log_steps: int = 20
     save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds a rank waits on an unanswering peer before the run fails
     preset: str | None = None
     local_rank: int = -1  # added by the deepspeed launcher; the rank is read from the environment
 
@@ -137,6 +141,8 @@ class Config:
         need(self.max_seq_length >= 8, f"--max-seq-length must be >= 8, got {self.max_seq_length}")
         need(self.student_layers is None or self.student_layers >= 1, "--student-layers must be >= 1")
         need(self.log_steps >= 1, f"--log-steps must be >= 1, got {self.log_steps}")
+        need(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+             f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         need(self.save_steps >= 0, f"--save-steps must be >= 0 (0: each epoch end), got {self.save_steps}")
         for name in ("seed", "data_seed"):
             need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -257,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the latest DeepSpeed checkpoint under --output-dir")
     g.add_argument("--log-steps", type=int, default=d["log_steps"].default)
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch end)")
+    g.add_argument("--dist-timeout", type=float, default=d["dist_timeout"].default, metavar="SECONDS",
+                   help="how long a rank waits for a peer that stops answering (a frozen host, a dead link) before "
+                        "the run fails; a peer whose processes die is noticed within seconds")
     return p
 
 

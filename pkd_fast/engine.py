@@ -8,18 +8,22 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
+from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
 
 
@@ -40,19 +44,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
-    """Join the launcher's process group, or make a one-process group for a plain `python train.py`."""
+def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
+    """Join the launcher's process group, or make a one-process group for a plain `python train.py`.
+
+    `timeout_s` bounds the rendezvous and every collective: a peer that stops answering without closing its
+    sockets (a frozen host, a dead link) ends the survivors' wait after that long. It must reach every group,
+    not just the world's: DeepSpeed runs ZeRO's gradient reductions on its own clone of the world group, made
+    by `new_group` without a timeout, which torch fills in from its module default (30 minutes), so that
+    default is set too."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        timeout = timedelta(seconds=timeout_s)
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def require_shared_directory(directory: Path, world: Dist, named: str, advice: str) -> None:
+    """Refuse a directory that is not one filesystem for every rank (a node-local path given on several
+    nodes), naming the ranks and hosts that cannot see rank 0's files; `named` is what the message calls it
+    (e.g. the flag and its value). Rank 0 writes a file whose name is new to this call (so a file left on
+    another node's disk cannot pass for it), and every rank looks for it."""
+    if world.world_size == 1:
+        return
+    name = [f".ranks_see_this-{socket.gethostname()}-{os.getpid()}" if world.is_main else None]
+    dist.broadcast_object_list(name, src=0)
+    token = directory / name[0]
+    if world.is_main:
+        token.write_text("")
+    dist.barrier()
+    seen = [None] * world.world_size
+    dist.all_gather_object(seen, (token.is_file(), socket.gethostname()))
+    dist.barrier()
+    if world.is_main:
+        token.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise PkdError(f"{named}: not on a filesystem shared by all ranks ({', '.join(blind)} cannot see "
+                       f"rank 0's files); {advice}")
+
+
+_BACKEND_SOURCE = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")  # gloo's "[.../pair.cc:537] " prefix
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f:.]+)\]:\d+")  # gloo names a peer as "[10.0.0.2]:30352"
+
+
+def lost_peer_message(err: BaseException, rank: int, timeout_s: float) -> str | None:
+    """One line for a collective that failed because another rank died or stopped answering (the backend's
+    own error is a long traceback that ends in a source path), naming the peer where the backend names its
+    address; None for any other error. Every node is then relaunched with --resume."""
+    text = str(err).strip()
+    if not (isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None
+    detail = _BACKEND_SOURCE.sub("", text.splitlines()[0] if text else type(err).__name__).split(". This is typically")[0]
+    peer = _PEER_ADDRESS.search(detail)
+    if "timed out" in detail.lower():
+        what = f"a peer sent nothing for --dist-timeout {timeout_s:g} s (a frozen process or host, or a dead link)"
+    elif peer:
+        what = f"lost the connection to the peer at {peer.group(1)} (its process or host is gone)"
+    else:
+        what = "lost a peer"
+    return (f"rank {rank}: {what}; backend: {detail}. Relaunch every node with --resume: it continues from the "
+            "last checkpoint")
 
 
 def _find_auto(node, path=""):

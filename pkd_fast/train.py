@@ -53,20 +53,29 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    cfg = None
     try:
-        return run(parse_config(argv))
+        cfg = parse_config(argv)
+        return run(cfg)
     except PkdError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:  # a collective failed: say which peer was lost, not a traceback
+        lost = ds.lost_peer_message(err, dist.get_rank(), cfg.dist_timeout) if cfg and dist.is_initialized() else None
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def run(cfg: Config) -> dict:
     # -- setup ---------------------------------------------------------------------------------------
-    world = ds.init_distributed()
+    world = ds.init_distributed(cfg.dist_timeout)
     _configure_logging(world.is_main)
     task = get_task(cfg.task)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json")
@@ -142,6 +151,12 @@ def run(cfg: Config) -> dict:
         (out / "results.md").write_text(table + "\n")
         print("\n" + table, flush=True)
     return summary
+
+
+# Why several nodes need one --output-dir: rank 0 alone publishes a checkpoint ('latest') and writes the
+# results and model, while every rank writes its own part of each checkpoint.
+_SHARED_OUTPUT = ("every rank writes its part of each checkpoint there and rank 0 publishes it, so --resume needs "
+                  "all of them in one place: put --output-dir on a filesystem every node mounts (NFS, Lustre, ...)")
 
 
 _PT_SCALES = {
