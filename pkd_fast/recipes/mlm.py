@@ -14,7 +14,7 @@ student   The teacher's embeddings, the chosen layers (--student-layer-choice / 
           BertForMaskedLM (+ tokenizer) under <output-dir>/students/<choice>/model, which
           `--objective glue --init-from pretrained --base-model DIR` starts a task distillation from.
 held out  Masked-LM loss and accuracy on --validation-files, or else on the corpus's last 1% of blocks
-          (never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
+          (at least 8; never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from pkd_fast.recipes import common
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
-HELD_OUT_SHARE = 0.01  # without --validation-files: the corpus's last 1% of blocks (at least one)
+# Without --validation-files: the corpus's last 1% of blocks, at least HELD_OUT_MIN (one block, often the
+# short last one, may hold no masked token at all).
+HELD_OUT_SHARE, HELD_OUT_MIN = 0.01, 8
 
 
 @dataclass
@@ -69,6 +71,8 @@ def run(cfg: Config) -> dict:
     if headless and cfg.stage == "student":
         raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to distil from; fit one first with --stage teacher "
                        f"(or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
+    if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
+        mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
 
     results, teacher_path = {}, cfg.teacher
@@ -111,10 +115,10 @@ class MlmContext:
             if cfg.validation_files is not None:
                 self.train_set, self.held_out = blocks, self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column)
             else:
-                n_held = max(1, int(len(blocks) * HELD_OUT_SHARE))
-                if len(blocks) <= n_held:
+                n_held = max(HELD_OUT_MIN, int(len(blocks) * HELD_OUT_SHARE))
+                if len(blocks) < 2 * n_held:
                     raise PkdError(f"the corpus packs into {len(blocks)} block(s) of {cfg.max_seq_length} tokens: too few to "
-                                   "hold out the last 1% for evaluation; give more text or --validation-files")
+                                   f"hold out {n_held} for evaluation; give more text or --validation-files")
                 self.train_set = blocks.select(range(len(blocks) - n_held))
                 self.held_out = blocks.select(range(len(blocks) - n_held, len(blocks)))
             self.train_blocks = len(self.train_set)
