@@ -234,9 +234,14 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict
     dist.barrier()
     fault_point("ckpt-published", step)
     if rank == 0:
-        older = sorted((d for d in directory.glob("step*") if d.name != tag and d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(directory, keep)
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Remove all but the newest `keep` step checkpoints (by step number)."""
+    steps = sorted((d for d in directory.glob("step*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_checkpoints(directory: Path) -> None:
