@@ -285,13 +285,23 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None/False: those flags say in their help what they default to
+    (often per objective), and "(default: None)" would only mislead."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog="pkd_fast/train.py",
         description="Patient Knowledge Distillation of a BERT teacher into a shallower student, on DeepSpeed: "
                     "on a GLUE task (--objective glue) or on raw text with the masked-LM objective (--objective mlm).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     # Our own --deepspeed PATH: DeepSpeed's add_config_arguments defines --deepspeed as a switch.
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config (batch size, precision, ZeRO)")
@@ -368,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default)
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="(default: outputs/<task>)")
+    g.add_argument("--output-dir", default=None, help="(default: outputs/<task>, or outputs/mlm)")
     g.add_argument("--resume", action="store_true", help="continue from the latest DeepSpeed checkpoint under --output-dir")
     g.add_argument("--log-steps", type=int, default=d["log_steps"].default)
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch end)")
