@@ -325,7 +325,7 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if hf is None or not hf.supports_gradient_checkpointing:
         raise PkdError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _no_gradient(output: StepOutput) -> torch.Tensor:

@@ -138,6 +138,6 @@ def test_gradient_checkpointing_reaches_the_model_inside_a_wrapper_and_keeps_the
 
     plain = grads()
     _enable_gradient_checkpointing(model)
-    assert model.model.is_gradient_checkpointing
+    assert model.model.is_activation_checkpointing
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(b, a)
