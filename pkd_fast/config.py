@@ -1,7 +1,9 @@
 """Every flag of `pkd_fast/train.py` in one dataclass, parsed and validated in one place.
 
 Batch size, gradient accumulation, precision and ZeRO stage come from the DeepSpeed JSON (`--deepspeed`);
-the flags here are the distillation's own.
+the flags here are the distillation's own. `--objective` picks the recipe (GLUE task distillation or
+masked-LM distillation on raw text); a flag only the other objective reads is refused, so the defaults
+of objective-specific flags are filled in (`_resolve_defaults`) only after that check.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.tasks import TASKS
 
+OBJECTIVES = ("glue", "mlm")
 STAGES = ("all", "teacher", "cache", "student")
+MLM_STAGES = ("all", "teacher", "student")
+KD_POSITIONS = ("masked", "all")
+STUDENT_LAYER_CHOICES = ("first", "alternate")
 NONFINITE_ACTIONS = ("stop", "skip")
 CACHE_CHECKS = ("sampled", "full")
 # A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c) can only be a local path.
@@ -30,11 +36,20 @@ PKD_STRATEGIES = ("skip", "last")
 # run's results do not depend on them, so --resume may change them (all others must match the checkpoint).
 RESULT_NEUTRAL = frozenset({
     "output_dir", "resume", "log_steps", "save_steps", "stage", "strategy", "preset", "local_rank", "deepspeed",
-    "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "dist_timeout",
+    "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "keep_checkpoints", "dist_timeout",
 })
 # --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
 # the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
 DEFAULT_DIST_TIMEOUT_S = 600.0
+# Flags only one objective reads (None or False when not given); the other objective refuses them.
+GLUE_ONLY = ("task", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
+             "init_from", "base_model", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset")
+MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
+            "kd_positions", "student_layer_choice", "student_layer_list")
+# What those flags default to under their own objective.
+GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
+                 "verify_cache": "sampled", "pt_tokens": "cls"}
+MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
@@ -59,6 +74,10 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,4,6, got {text!r}") from None
 
 
+def _globs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _strategies(text: str) -> tuple[str, ...]:
     names = tuple(x.strip().lower() for x in text.split(",") if x.strip())
     bad = [n for n in names if n not in STRATEGIES]
@@ -70,46 +89,84 @@ def _strategies(text: str) -> tuple[str, ...]:
 @dataclass
 class Config:
     deepspeed: str = str(DEFAULT_DS_CONFIG)
+    objective: str = "glue"
     stage: str = "all"
-    task: str = "sst2"
+    task: str | None = None  # default sst2 (GLUE only)
     glue_dir: str | None = None
     teacher: str = field(default_factory=default_teacher)
     base_model: str | None = None  # pretrained weights for --init-from pretrained; default: the teacher's own base
     student_layers: int | None = None  # default: half the teacher's depth
-    strategy: tuple[str, ...] = ("ft", "kd", "skip")
+    strategy: tuple[str, ...] | None = None  # default ft,kd,skip (GLUE only)
     layer_map: tuple[int, ...] | None = None
-    init_from: str = "teacher"
+    init_from: str | None = None  # default teacher (GLUE only)
     temperature: float = 10.0
     alpha: float = 0.7
     beta: float = 100.0
-    pt_tokens: str = "cls"
+    pt_tokens: str | None = None  # default cls under glue, all under mlm
     pt_reduction: str = "elementwise_mean"
     teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
     cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L
     lr: float = 5e-5
     teacher_lr: float | None = None
-    epochs: int = 3
+    epochs: int | None = None  # default 3, unless --max-steps
+    max_steps: int | None = None  # optimizer steps, replacing --epochs (a stream has no epochs to count)
     teacher_epochs: int | None = None
     warmup_ratio: float = 0.1
     seed: int = 42
     max_seq_length: int = 128
     max_train_samples: int | None = None
-    data_seed: int = 42  # picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
+    data_seed: int | None = None  # default 42 (GLUE only); picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
     max_eval_samples: int | None = None
     output_dir: str = "outputs"
     resume: bool = False
     loss_impl: str = "auto"
     on_nonfinite: str = "stop"  # stop: end the run at the next check; skip: drop the micro-batch and count it
     overwrite_cache: bool = False  # replace a --teacher-cache written for another teacher or data set
-    verify_cache: str = "sampled"  # sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
+    verify_cache: str | None = None  # default sampled (GLUE only). sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
     log_steps: int = 20
     save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds a rank waits on an unanswering peer before the run fails
+    keep_checkpoints: int = 1  # the newest N checkpoints are kept
+    gradient_checkpointing: bool = False
+    # masked-LM distillation (--objective mlm): raw text → packed blocks → MLM head fit → student
+    text_files: tuple[str, ...] | None = None  # globs
+    validation_files: tuple[str, ...] | None = None  # globs; default: the last 1% of the training blocks
+    dataset: str | None = None  # a `datasets` corpus instead of --text-files
+    dataset_config: str | None = None
+    text_column: str | None = None  # default text
+    streaming: bool = False
+    mlm_probability: float | None = None  # default 0.15
+    kd_positions: str | None = None  # default all: KL over every real token (masked: only the masked ones)
+    student_layer_choice: str | None = None  # default alternate (unless --student-layer-list)
+    student_layer_list: tuple[int, ...] | None = None
     preset: str | None = None
     local_rank: int = -1  # added by the deepspeed launcher; the rank is read from the environment
 
     def __post_init__(self):
+        self._check_objective()
+        self._resolve_defaults()
         self.validate()
+
+    def _check_objective(self) -> None:
+        """Refuse a flag of the other objective (checked before the defaults fill those fields in)."""
+        if self.objective not in OBJECTIVES:
+            raise PkdError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        foreign = MLM_ONLY if self.objective == "glue" else GLUE_ONLY
+        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) not in (None, False)]
+        if given:
+            raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
+
+    def _resolve_defaults(self) -> None:
+        defaults = GLUE_DEFAULTS if self.objective == "glue" else MLM_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.objective == "glue" and self.glue_dir is None:
+            self.glue_dir = os.environ.get("GLUE_DIR") or None
+        if self.objective == "mlm" and self.student_layer_choice is None and self.student_layer_list is None:
+            self.student_layer_choice = "alternate"
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 3
 
     def validate(self) -> None:
         """Every check that needs only the flags; checks that need a model or the world size run later."""
@@ -117,8 +174,9 @@ class Config:
             if not ok:
                 raise PkdError(msg)
 
-        need(self.stage in STAGES, f"--stage must be one of {STAGES}, got {self.stage!r}")
-        need(self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
+        stages = STAGES if self.objective == "glue" else MLM_STAGES
+        need(self.stage in stages, f"--stage must be one of {stages} under --objective {self.objective}, got {self.stage!r}")
+        need(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
         for name in ("temperature", "alpha", "beta", "lr", "teacher_lr", "warmup_ratio"):
             value = getattr(self, name)
             need(value is None or math.isfinite(value), f"--{_flag(name)} must be a finite number, got {value}")
@@ -127,16 +185,20 @@ class Config:
         need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
         need(self.pt_tokens in ("cls", "all"), f"--pt-tokens must be cls or all, got {self.pt_tokens!r}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
-        need(self.init_from in ("teacher", "pretrained"), "--init-from must be teacher or pretrained")
+        need(self.init_from in (None, "teacher", "pretrained"), "--init-from must be teacher or pretrained")
         need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
-        need(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
+        need(self.verify_cache is None or self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
         need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
         need(self.cache_layers is None or (bool(self.cache_layers) and min(self.cache_layers) >= 0),
              f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
         need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
-        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.teacher_epochs is None or self.teacher_epochs >= 1, f"--teacher-epochs must be >= 1, got {self.teacher_epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.max_steps is None or (self.epochs is None and self.teacher_epochs is None),
+             "--max-steps replaces --epochs and --teacher-epochs; give one or the other")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_seq_length >= 8, f"--max-seq-length must be >= 8, got {self.max_seq_length}")
         need(self.student_layers is None or self.student_layers >= 1, "--student-layers must be >= 1")
@@ -145,12 +207,39 @@ class Config:
              f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         need(self.save_steps >= 0, f"--save-steps must be >= 0 (0: each epoch end), got {self.save_steps}")
         for name in ("seed", "data_seed"):
-            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            need(value is None or value >= 0, f"--{_flag(name)} must be >= 0, got {value}")
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"--{_flag(name)} must be >= 1, got {v}")
+        if self.objective == "mlm":
+            self._validate_mlm(need)
         self._validate_paths(need)
         self._validate_flag_use(need)
+
+    def _validate_mlm(self, need) -> None:
+        need((self.text_files is None) != (self.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
+        need(self.dataset_config is None or self.dataset is not None, "--dataset-config only applies with --dataset")
+        need(0.0 < self.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {self.mlm_probability}")
+        need(self.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {self.kd_positions!r}")
+        need(self.student_layer_choice is None or self.student_layer_list is None,
+             "--student-layer-choice and --student-layer-list both pick the student's layers; give one")
+        need(self.student_layer_choice is None or self.student_layer_choice in STUDENT_LAYER_CHOICES,
+             f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {self.student_layer_choice!r}")
+        need(self.student_layer_list is None or bool(self.student_layer_list), "--student-layer-list: no layers given")
+        if self.streaming:
+            need(self.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
+            need(self.validation_files is not None,
+                 "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
+        if self.text_files is not None or self.validation_files is not None:
+            from pkd_fast.corpus import resolve_text_files  # each glob must match a file of a known format
+
+            for flag, globs in (("--text-files", self.text_files), ("--validation-files", self.validation_files)):
+                if globs is not None:
+                    try:
+                        resolve_text_files(globs)
+                    except PkdError as err:
+                        raise PkdError(str(err).replace("--text-files", flag, 1)) from None
 
     def _validate_paths(self, need) -> None:
         need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
@@ -167,7 +256,7 @@ class Config:
 
     def _validate_flag_use(self, need) -> None:
         """Flags that would do nothing in this run are refused rather than silently ignored."""
-        pkd = [s for s in self.strategy if s in PKD_STRATEGIES]
+        pkd = [s for s in self.strategy or () if s in PKD_STRATEGIES]
         trains_students = self.stage in ("all", "student")
         if self.layer_map is not None:
             need(trains_students and bool(pkd), "--layer-map only applies to PKD students (--strategy skip or last)")
@@ -177,11 +266,13 @@ class Config:
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
         if self.base_model is not None:
             need(self.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
+        if self.objective == "mlm" and self.teacher_lr is not None:
+            need(self.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
 
     @property
     def distilled(self) -> tuple[str, ...]:
         """The strategies that read a teacher (all but ft)."""
-        return tuple(s for s in self.strategy if s != "ft")
+        return tuple(s for s in self.strategy or () if s != "ft")
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -200,40 +291,71 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None/False: those flags say in their help what they default to
+    (often per objective), and "(default: None)" would only mislead."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog="pkd_fast/train.py",
-        description="Patient Knowledge Distillation of a BERT teacher into a shallower student, on DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Patient Knowledge Distillation of a BERT teacher into a shallower student, on DeepSpeed: "
+                    "on a GLUE task (--objective glue) or on raw text with the masked-LM objective (--objective mlm).",
+        formatter_class=_HelpFormatter,
     )
     # Our own --deepspeed PATH: DeepSpeed's add_config_arguments defines --deepspeed as a switch.
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config (batch size, precision, ZeRO)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
+    p.add_argument("--objective", choices=OBJECTIVES, default="glue",
+                   help="glue: distil on a GLUE task; mlm: masked-LM distillation on raw text (--text-files or --dataset)")
     p.add_argument("--stage", choices=STAGES, default="all",
-                   help="all: teacher (unless already fine-tuned) → teacher cache (with --teacher-cache) → students → table; "
-                        "cache: only write --teacher-cache")
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(TASKS)}")
-    g.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR") or None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
+                   help="all: teacher (glue: fine-tuned unless it already is; mlm: an MLM head fitted unless it has one) → "
+                        "teacher cache (glue, with --teacher-cache) → students → table; cache: only write --teacher-cache")
+    g = p.add_argument_group("data (glue)")
+    g.add_argument("--task", default=None, help=f"GLUE task: {', '.join(TASKS)} (default sst2)")
+    g.add_argument("--glue-dir", default=None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
     g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"].default)
     g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of the training set")
-    g.add_argument("--data-seed", type=int, default=d["data_seed"].default,
-                   help="seed of that subset (independent of --seed, so runs over seeds train on the same rows)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of that subset (independent of --seed, so runs over seeds train on the same rows; default 42)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
+    g = p.add_argument_group("data (mlm)")
+    g.add_argument("--text-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
+                   help=".txt/.text (a document per line) or .jsonl (--text-column field), optionally .gz")
+    g.add_argument("--dataset", default=None, metavar="NAME", help="a `datasets` corpus instead of --text-files")
+    g.add_argument("--dataset-config", default=None, metavar="C", help="its configuration name")
+    g.add_argument("--text-column", default=None, help="the text field of .jsonl lines or --dataset rows (default text)")
+    g.add_argument("--validation-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
+                   help="held-out text for the masked-LM loss/accuracy (default: the last 1%% of the training blocks)")
+    g.add_argument("--streaming", action="store_true",
+                   help="read the corpus lazily (no cache; needs --max-steps and --validation-files)")
+    g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens masked, 80/10/10 (default 0.15)")
     g = p.add_argument_group("models")
     g.add_argument("--teacher", default=None, help="HF path or hub id; fine-tuned on --task first unless it already is (default: offline all-MiniLM-L6-v2)")
     g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
     g.add_argument("--student-layers", type=int, default=None, help="student depth k (default: half the teacher's)")
-    g.add_argument("--init-from", choices=("teacher", "pretrained"), default="teacher", help="whose first k layers initialise the student")
+    g.add_argument("--init-from", choices=("teacher", "pretrained"), default=None,
+                   help="glue: whose first k layers initialise the student (default teacher)")
+    g.add_argument("--student-layer-choice", choices=STUDENT_LAYER_CHOICES, default=None,
+                   help="mlm: the teacher layers the student is built from: first k, or alternate 1,3,5,... (default alternate)")
+    g.add_argument("--student-layer-list", type=_int_list, default=None, metavar="1,3,5",
+                   help="mlm: those layers explicitly (1-based); student layer j learns from the teacher layer it was copied from")
     g = p.add_argument_group("distillation")
-    g.add_argument("--strategy", type=_strategies, default=d["strategy"].default, help=f"comma-separated subset of {STRATEGIES}")
+    g.add_argument("--strategy", type=_strategies, default=None, help=f"glue: comma-separated subset of {STRATEGIES} (default ft,kd,skip)")
     g.add_argument("--layer-map", type=_int_list, default=None, help="1-based teacher layers for student layers 1..k-1 (overrides skip/last)")
     g.add_argument("--temperature", type=float, default=d["temperature"].default)
     g.add_argument("--alpha", type=float, default=d["alpha"].default, help="weight of the soft-label term")
     g.add_argument("--beta", type=float, default=d["beta"].default, help="weight of the patient (hidden-state) term")
-    g.add_argument("--pt-tokens", choices=("cls", "all"), default="cls")
+    g.add_argument("--pt-tokens", choices=("cls", "all"), default=None, help="rows of the patient loss (default: glue cls, mlm all)")
+    g.add_argument("--kd-positions", choices=KD_POSITIONS, default=None,
+                   help="mlm: rows of the soft-label KL, the masked tokens or every real token (default all)")
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
                    help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA, eager elsewhere")
@@ -249,23 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "With --pt-tokens all it stores every token's states, not just [CLS] (its size is printed first)")
     g.add_argument("--overwrite-cache", action="store_true",
                    help="replace a store at --teacher-cache that was written for another teacher or data set (else refused)")
-    g.add_argument("--verify-cache", choices=CACHE_CHECKS, default="sampled",
-                   help="sampled: digest of evenly spaced blocks (milliseconds); full: a checksum of every byte")
+    g.add_argument("--verify-cache", choices=CACHE_CHECKS, default=None,
+                   help="sampled (default): digest of evenly spaced blocks (milliseconds); full: a checksum of every byte")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d["lr"].default)
-    g.add_argument("--teacher-lr", type=float, default=None, help="(default: --lr)")
-    g.add_argument("--epochs", type=int, default=d["epochs"].default)
+    g.add_argument("--teacher-lr", type=float, default=None,
+                   help="glue: the teacher's fine-tuning lr (default: --lr); mlm: train the teacher's body too, at this lr "
+                        "(default: only the fresh head trains, at --lr)")
+    g.add_argument("--epochs", type=int, default=None, help="(default 3)")
+    g.add_argument("--max-steps", type=int, default=None, help="train this many optimizer steps instead of --epochs")
     g.add_argument("--teacher-epochs", type=int, default=None, help="(default: --epochs)")
     g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default)
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="(default: outputs/<task>)")
+    g.add_argument("--output-dir", default=None, help="(default: outputs/<task>, or outputs/mlm)")
     g.add_argument("--resume", action="store_true", help="continue from the latest DeepSpeed checkpoint under --output-dir")
     g.add_argument("--log-steps", type=int, default=d["log_steps"].default)
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch end)")
     g.add_argument("--dist-timeout", type=float, default=d["dist_timeout"].default, metavar="SECONDS",
                    help="how long a rank waits for a peer that stops answering (a frozen host, a dead link) before "
                         "the run fails; a peer whose processes die is noticed within seconds")
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"].default, metavar="N", help="keep the newest N checkpoints")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
     return p
 
 
@@ -276,5 +403,5 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if v is not None}
-    values.setdefault("output_dir", os.path.join("outputs", args.task))
+    values.setdefault("output_dir", os.path.join("outputs", "mlm" if args.objective == "mlm" else args.task or GLUE_DEFAULTS["task"]))
     return Config(**values)

@@ -561,6 +561,9 @@ def stream_loader(stream: StreamingBlocks, tokenizer: PreTrainedTokenizerBase, b
                   mlm_probability: float = 0.15) -> MlmLoader:
     """Masked batches of a block stream, in stream order (the last batch may be short)."""
     masker = MlmMasker(tokenizer, mlm_probability, seed)
-    loader = DataLoader(stream, batch_size=batch_size, collate_fn=mlm_collator(tokenizer, masker), num_workers=0)
+    # Its own generator, as in `make_loader`: each pass makes a new iterator, which draws a seed; from the
+    # global RNG that draw would shift the dropout stream of a run resumed mid-pass.
+    loader = DataLoader(stream, batch_size=batch_size, collate_fn=mlm_collator(tokenizer, masker), num_workers=0,
+                        generator=torch.Generator().manual_seed(seed))
     return MlmLoader(loader, masker, stream)
 

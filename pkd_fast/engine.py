@@ -270,17 +270,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict) -> None:
-    """Model, optimizer, scheduler (DeepSpeed's own format) plus each rank's RNG, so a resumed run draws
-    the same dropout masks as an uninterrupted one. Crash-safe: the step's files are all written first and
-    the checkpoint is published last, by rank 0 replacing `latest` atomically, so a kill at any instant
-    leaves the previous checkpoint resumable. Only then are older ones removed. `run_key` is what the run's
-    results depend on; `load_checkpoint` refuses to resume a run that differs in it."""
+def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict, *, rank_state: dict | None = None,
+                    keep: int = 1) -> None:
+    """Model, optimizer, scheduler (DeepSpeed's own format) plus each rank's RNG and `rank_state` (what
+    else that rank needs to continue exactly, such as a streaming loader's position), so a resumed run
+    draws the same dropout masks and data as an uninterrupted one. Per-rank state goes in a file of each
+    rank's own: DeepSpeed's `client_state` is written by rank 0 only. Crash-safe: the step's files are all
+    written first and the checkpoint is published last, by rank 0 replacing `latest` atomically, so a kill
+    at any instant leaves the previous checkpoint resumable. Only then are checkpoints beyond the newest
+    `keep` removed. `run_key` is what the run's results depend on; `load_checkpoint` refuses to resume a
+    run that differs in it."""
     tag = f"step{step}"
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, "run_key": run_key}, save_latest=False)
     fault_point("ckpt-engine-saved", step)
     buffer = io.BytesIO()
-    torch.save(_rng_state(), buffer)
+    torch.save({**_rng_state(), "rank_state": rank_state or {}}, buffer)
     _write_atomic(directory / tag / f"rng_rank{rank}.pt", buffer.getvalue())
     dist.barrier()  # every rank's files exist before the checkpoint is published
     fault_point("ckpt-files-written", step)
@@ -289,9 +293,14 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict
     dist.barrier()
     fault_point("ckpt-published", step)
     if rank == 0:
-        for old in directory.glob("step*"):
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(directory, keep)
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Remove all but the newest `keep` step checkpoints (by step number)."""
+    steps = sorted((d for d in directory.glob("step*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_checkpoints(directory: Path) -> None:
@@ -300,12 +309,13 @@ def remove_checkpoints(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> int:
-    """Restore the checkpoint `latest` names; the optimizer step it was taken at, or 0 when there is none.
-    Refuses a checkpoint of a run that differs from this one in anything its results depend on."""
+def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> tuple[int, dict]:
+    """Restore the checkpoint `latest` names: the optimizer step it was taken at and this rank's
+    `rank_state`, or (0, {}) when there is none. Refuses a checkpoint of a run that differs from this one
+    in anything its results depend on."""
     latest = directory / "latest"
     if not latest.is_file():
-        return 0
+        return 0, {}
     tag = latest.read_text().strip()
     rng_file = directory / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
@@ -320,8 +330,9 @@ def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> int:
         diffs = "; ".join(f"{k}: checkpoint {stored.get(k)!r} ≠ now {run_key.get(k)!r}" for k in changed)
         raise PkdError(f"--resume {directory}: the checkpoint is of another run ({diffs}); "
                        "resume with the same settings, or start a new --output-dir")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
-    return int(client_state["step"])
+    state = torch.load(rng_file, weights_only=False)
+    _set_rng_state(state)
+    return int(client_state["step"]), state.get("rank_state", {})
 
 
 def save_pretrained(engine_or_module, path: Path, tokenizer, rank: int) -> None:

@@ -308,6 +308,10 @@ class MaskedLMRows(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    def save_pretrained(self, *args, **kwargs):
+        """The wrapped model in Hugging Face format (what `pkd_fast.engine.save_pretrained` writes)."""
+        return self.model.save_pretrained(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                     output_hidden_states=output_hidden_states)

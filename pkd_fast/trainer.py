@@ -4,6 +4,19 @@ recipe computes, logging, the non-finite guard, crash-safe checkpoints and exact
 A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms)` that returns
 the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student and
 teacher outputs, cache rows, loss). The loop never asks where the teacher's outputs came from.
+
+Loaders. A map-style loader (a DataLoader, or anything with a length, `set_epoch` or a sampler's) runs
+epochs and resumes by skipping the micro-batches a checkpoint already consumed. A loader without a length
+is a stream (`pkd_fast.corpus.MlmLoader`): it trains for `max_steps`, starting a new pass (`set_epoch`)
+whenever its stream ends, and resumes from the position (`state_dict`) each rank saved in the checkpoint.
+
+Gradient accumulation under DeepSpeed 0.19.8: micro-steps that end no optimizer step still communicate
+under ZeRO-2/3. `engine.allreduce_gradients` calls the partitioned optimizer's reduce epilogue on every
+micro-step (its own comment: "ZeRO stage >= 2 communicates during non gradient accumulation boundaries as
+well"), because ZeRO-2 keeps only its partition of the gradients and so must reduce-scatter each
+micro-batch's gradients into it; `engine.no_sync()` asserts under ZeRO-2/3. Only ZeRO-0/1 reduce at the
+boundary alone. So with ZeRO-2 accumulation saves memory per micro-batch, not communication
+(tests/test_mlm_train.py::test_zero2_reduces_on_every_micro_step checks this).
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
@@ -27,6 +41,8 @@ from pkd_fast.losses import LossTerms
 
 log = logging.getLogger("pkd_fast")
 STUDENT = "student output"  # the watched name every step_fn provides: the student's logits
+# What the non-finite guard watches each step (a live teacher's outputs and cache rows alike).
+WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "loss")
 
 
 @dataclass
@@ -112,12 +128,13 @@ class Trainer:
     """What every run of one invocation shares: process group, DeepSpeed JSON and the loop's settings."""
 
     def __init__(self, world: ds.Dist, ds_config: dict, *, log_steps: int, save_steps: int, warmup_ratio: float,
-                 resume: bool, on_nonfinite: str):
+                 resume: bool, on_nonfinite: str, keep_checkpoints: int = 1, gradient_checkpointing: bool = False):
         self.world, self.ds_config = world, ds_config
         self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
         self.accum = ds_config["gradient_accumulation_steps"]
         self.log_steps, self.save_steps, self.warmup_ratio = log_steps, save_steps, warmup_ratio
         self.resume, self.on_nonfinite = resume, on_nonfinite
+        self.keep_checkpoints, self.gradient_checkpointing = keep_checkpoints, gradient_checkpointing
 
     def fit(
         self,
@@ -128,47 +145,56 @@ class Trainer:
         name: str,
         out: Path,
         lr: float,
-        epochs: int,
+        epochs: int | None,
         run_key: dict,
         evaluate: Callable[[object], dict],
         watch: Iterable[str],
         describe: str = "",
+        max_steps: int | None = None,
     ) -> FitResult:
-        """Train `model` for `epochs` over `loader`, evaluating after each epoch; resumes from `out`/checkpoints
-        when asked, refusing a checkpoint whose `run_key` differs."""
+        """Train `model` over `loader` for `epochs`, or `max_steps` optimizer steps, evaluating after each
+        epoch (a stream: at the end); resumes from `out`/checkpoints when asked, refusing a checkpoint whose
+        `run_key` differs."""
         world = self.world
-        steps_per_epoch = len(loader) // self.accum
+        streaming = not _has_length(loader)
+        steps_per_epoch = None if streaming else len(loader) // self.accum
+        if streaming and max_steps is None:
+            raise PkdError("a streamed corpus has no length: give the number of steps with --max-steps")
         if steps_per_epoch == 0:
             raise PkdError(f"{len(loader.dataset)} training rows make no full step of "
                            f"{self.micro_batch}×{self.accum}×{world.world_size} rows")
-        total_steps = steps_per_epoch * epochs
+        total_steps = max_steps or steps_per_epoch * epochs
         config = ds.resolve_ds_config(
             self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),
             tensorboard_dir=out / "tensorboard",
         )
+        if self.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
         engine = ds.student_engine(model, config)
         run_key = {**run_key, "world_size": world.world_size, "micro_batch": self.micro_batch, "accumulation": self.accum}
         ckpt_dir = out / "checkpoints"
-        start = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key) if self.resume else 0
+        start, rank_state = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key) if self.resume else (0, {})
+        if streaming and "loader" in rank_state:
+            loader.load_state_dict(rank_state["loader"])
         metrics_file, log_file = out / "metrics.jsonl", out / "train_log.jsonl"
         if world.is_main:
             for path in (metrics_file, log_file):
                 _keep_lines_until(path, start)
-            log.info("%s: %d steps (%d epochs × %d), %d rows × %d ranks per step%s%s", name, total_steps, epochs,
-                     steps_per_epoch, self.micro_batch * self.accum, world.world_size, describe,
-                     f", resumed at step {start}" if start else "")
+            length = "a stream" if streaming else f"{steps_per_epoch} steps per epoch"
+            log.info("%s: %d steps (%s), %d rows × %d ranks per step%s%s", name, total_steps, length,
+                     self.micro_batch * self.accum, world.world_size, describe, f", resumed at step {start}" if start else "")
         guard = NonFiniteGuard(watch, world.device, world)
         skip_mode = self.on_nonfinite == "skip"
         t0 = time.time()
+        throughput = Throughput(world)
         bar = tqdm(total=total_steps, initial=start, desc=name, disable=not world.is_main, dynamic_ncols=True)
         dev = None
         try:  # the bar ends its line before an error is printed under it
-            for epoch in range(start // steps_per_epoch, epochs):
+            for epoch, batches in self._passes(loader, start, steps_per_epoch, total_steps):
                 engine.train()
-                loader.sampler.set_epoch(epoch)
-                skip = max(0, start - epoch * steps_per_epoch) * self.accum
-                for batch in itertools.islice(loader, skip, steps_per_epoch * self.accum):
+                for batch in batches:
                     batch = glue_data.batch_to_device(batch, world.device)
+                    throughput.add(batch["attention_mask"])
                     boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
                     step = engine.global_steps + 1
                     log_now = boundary and step % self.log_steps == 0
@@ -184,16 +210,19 @@ class Trainer:
                     bar.update(1)
                     if log_now:
                         guard.check(f"at the log of step {step}")
-                        self._log_terms(engine, output.terms, log_file, step, bar, guard)
-                    if step % steps_per_epoch == 0 or (self.save_steps and step % self.save_steps == 0):
+                        self._log_terms(engine, output.terms, log_file, step, bar, guard, throughput)
+                    epoch_end = steps_per_epoch is not None and step % steps_per_epoch == 0
+                    if epoch_end or step == total_steps or (self.save_steps and step % self.save_steps == 0):
                         guard.check(f"before the checkpoint of step {step}")
-                        ds.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key)
-                guard.check(f"before the evaluation of epoch {epoch + 1}")
+                        ds.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key, keep=self.keep_checkpoints,
+                                           rank_state={"loader": loader.state_dict()} if streaming else None)
+                where = "the end" if epoch is None else f"epoch {epoch + 1}"
+                guard.check(f"before the evaluation of {where}")
                 dev = evaluate(engine)
                 if world.is_main:
                     with metrics_file.open("a") as f:
-                        f.write(json.dumps({"step": engine.global_steps, "epoch": epoch + 1, **dev}) + "\n")
-                    log.info("%s epoch %d: %s", name, epoch + 1, _fmt(dev))
+                        f.write(json.dumps({"step": engine.global_steps, **({} if epoch is None else {"epoch": epoch + 1}), **dev}) + "\n")
+                    log.info("%s %s: %s", name, where, _fmt(dev))
         finally:
             bar.close()
         if dev is None:  # resumed after the last step: the final evaluation is still owed
@@ -213,13 +242,30 @@ class Trainer:
         dist.barrier()
         return summary
 
-    def _log_terms(self, engine, terms: LossTerms, log_file: Path, step: int, bar, guard: NonFiniteGuard) -> None:
-        """The step's loss terms averaged over ranks (so they describe the global batch), to the progress
-        bar, train_log.jsonl and TensorBoard. With the guard's check, the loop's only host sync."""
+    def _passes(self, loader, start: int, steps_per_epoch: int | None, total_steps: int):
+        """(epoch, micro-batches) of what is left to train after `start` steps: map-style, each epoch's
+        batches (skipping those already consumed, stopping at `total_steps`); a stream, one run of its
+        remaining micro-batches over as many passes as it takes (epoch None: evaluated once, at the end)."""
+        if start >= total_steps:
+            return
+        if steps_per_epoch is None:
+            yield None, itertools.islice(_endless(loader), (total_steps - start) * self.accum)
+            return
+        for epoch in range(start // steps_per_epoch, -(-total_steps // steps_per_epoch)):
+            (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(epoch)
+            skip = max(0, start - epoch * steps_per_epoch) * self.accum
+            yield epoch, itertools.islice(loader, skip, min(steps_per_epoch, total_steps - epoch * steps_per_epoch) * self.accum)
+
+    def _log_terms(self, engine, terms: LossTerms, log_file: Path, step: int, bar, guard: NonFiniteGuard,
+                   throughput: "Throughput") -> None:
+        """The step's loss terms averaged over ranks (so they describe the global batch) and the global
+        tokens/s and sequences/s since the last log, to the progress bar, train_log.jsonl and TensorBoard.
+        With the guard's check, the loop's only host sync."""
         names = [n for n in ("total", "ce", "kd", "pt") if getattr(terms, n) is not None]
-        vec = torch.stack([getattr(terms, n).detach().float() for n in names])
+        vec = torch.cat([torch.stack([getattr(terms, n).detach().float() for n in names]), throughput.counts()])
         dist.all_reduce(vec)
-        values = dict(zip(names, (vec / self.world.world_size).tolist()))
+        values = dict(zip(names, (vec[: len(names)] / self.world.world_size).tolist()))
+        values.update(throughput.rates(*vec[len(names):].tolist()))
         values["lr"] = engine.get_lr()[0]
         skipped = guard.skipped_total()
         if skipped:
@@ -232,6 +278,54 @@ class Trainer:
                 f.write(json.dumps({"step": step, **values}) + "\n")
             if engine.monitor.enabled:
                 engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
+
+
+class Throughput:
+    """Real tokens and sequences this rank trained on since the last log, counted on device (no sync)."""
+
+    def __init__(self, world: ds.Dist):
+        self.tokens = torch.zeros((), dtype=torch.float32, device=world.device)
+        self.sequences = 0
+        self.since = time.perf_counter()
+
+    def add(self, attention_mask: torch.Tensor) -> None:
+        self.tokens += attention_mask.sum()
+        self.sequences += attention_mask.shape[0]
+
+    def counts(self) -> torch.Tensor:
+        return torch.stack([self.tokens, torch.tensor(float(self.sequences), device=self.tokens.device)])
+
+    def rates(self, tokens: float, sequences: float) -> dict:
+        """Global rates from the counts summed over ranks; starts the next interval."""
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        self.tokens.zero_()
+        self.sequences, self.since = 0, now
+        return {"tokens_per_s": round(tokens / elapsed, 1), "sequences_per_s": round(sequences / elapsed, 2)}
+
+
+def _has_length(loader) -> bool:
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True
+
+
+def _endless(loader):
+    """A stream's micro-batches, pass after pass: each ends when this rank's share of the corpus does."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.state_dict()["epoch"] + 1)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Activation recomputation in the backward of the Hugging Face model inside `model` (a recipe's
+    wrapper included); non-reentrant, so frozen inputs and RNG replay (dropout) behave as without it."""
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or not hf.supports_gradient_checkpointing:
+        raise PkdError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _no_gradient(output: StepOutput) -> torch.Tensor:

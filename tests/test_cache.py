@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data
-from pkd_fast import train as train_module
+from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
 from pkd_fast.engine import FAULT_ENV, Dist, _free_port
@@ -196,7 +196,7 @@ def test_a_student_from_the_cache_matches_one_taught_live(setup, monkeypatch):
     def no_teacher(*_):
         raise AssertionError("a run from the cache put a teacher on the device")
 
-    monkeypatch.setattr(train_module.ds, "frozen_teacher", no_teacher)
+    monkeypatch.setattr(glue_recipe.ds, "frozen_teacher", no_teacher)
     cached = main([*args, "--teacher-cache", str(root / "cache"), "--output-dir", str(root / "cached")])
     assert "teacher" not in cached["runs"]  # no teacher loaded, so no teacher row either
     live_log, cached_log = losses(root / "live" / "students" / "skip"), losses(root / "cached" / "students" / "skip")

@@ -114,3 +114,30 @@ def test_a_nan_cache_row_stops_the_run_or_is_skipped_and_counted(teachers, tmp_p
     assert run["steps"] == 16 and np.isfinite(run["dev"]["accuracy"])
     logged = [json.loads(l) for l in (tmp_path / "skip" / "students" / "skip" / "train_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["total"]) for r in logged) and logged[-1]["nonfinite_skipped"] == 2
+
+
+def test_gradient_checkpointing_reaches_the_model_inside_a_wrapper_and_keeps_the_gradients():
+    """--gradient-checkpointing finds the Hugging Face model inside a recipe's wrapper (MaskedLMRows) and
+    recomputes activations without changing the gradients."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from pkd_fast.models import MaskedLMRows
+    from pkd_fast.trainer import _enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = MaskedLMRows(BertForMaskedLM(config)).train()
+    ids = torch.randint(5, 40, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "row_index": torch.tensor([1, 5, 9])}
+
+    def grads():
+        model.zero_grad()
+        model(**inputs)[0].logsumexp(-1).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    _enable_gradient_checkpointing(model)
+    assert model.model.is_activation_checkpointing
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(b, a)

@@ -1,0 +1,70 @@
+"""What every recipe does the same way: join the process group, read the DeepSpeed JSON, write the
+resolved config, build the one `Trainer` from the flags, and key a run for --resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig
+from transformers.utils import logging as hf_logging
+
+from pkd_fast import engine as ds
+from pkd_fast.config import RESULT_NEUTRAL, Config
+from pkd_fast.errors import PkdError
+from pkd_fast.trainer import Trainer
+
+log = logging.getLogger("pkd_fast")
+
+
+def start(cfg: Config) -> tuple[ds.Dist, Path, dict]:
+    """The process group, the output directory (with resolved_config.json) and the checked DeepSpeed JSON."""
+    world = ds.init_distributed(cfg.dist_timeout)
+    configure_logging(world.is_main)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
+    ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
+    if world.is_main:
+        cfg.to_json(out / "resolved_config.json")
+    return world, out, ds_config
+
+
+# Why several nodes need one --output-dir: rank 0 alone publishes a checkpoint ('latest') and writes the
+# results and model, while every rank writes its own part of each checkpoint.
+_SHARED_OUTPUT = ("every rank writes its part of each checkpoint there and rank 0 publishes it, so --resume needs "
+                  "all of them in one place: put --output-dir on a filesystem every node mounts (NFS, Lustre, ...)")
+
+
+def make_trainer(cfg: Config, world: ds.Dist, ds_config: dict) -> Trainer:
+    return Trainer(world, ds_config, log_steps=cfg.log_steps, save_steps=cfg.save_steps, warmup_ratio=cfg.warmup_ratio,
+                   resume=cfg.resume, on_nonfinite=cfg.on_nonfinite, keep_checkpoints=cfg.keep_checkpoints,
+                   gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def run_key(cfg: Config, ds_config: dict, **run) -> dict:
+    """What a run's results depend on: the flags (less those that only say where or how often to write),
+    the run's own hyperparameters and the DeepSpeed JSON's contents. --resume refuses a checkpoint whose
+    key differs."""
+    flags = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if k not in RESULT_NEUTRAL}
+    ds_json = {k: v for k, v in ds_config.items() if k not in ("tensorboard", "steps_per_print", "wall_clock_breakdown")}
+    return {**flags, **json.loads(json.dumps(run)), "deepspeed_json": ds_json}
+
+
+def model_config(flag: str, path: str):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PkdError(f"{flag} {path}: cannot load a model config ({first})") from None
+
+
+def configure_logging(is_main: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)

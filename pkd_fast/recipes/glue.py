@@ -1,0 +1,362 @@
+"""The GLUE recipe (--objective glue): fine-tune a BERT teacher on a GLUE task, distil it into shallower
+students (FT, KD, PKD-Skip, PKD-Last), evaluate on dev and print the comparison.
+
+Read `run` top to bottom: data → teacher → teacher cache → students → table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, set_seed
+
+from pkd_fast import cache as teacher_cache
+from pkd_fast import data as glue_data
+from pkd_fast import engine as ds
+from pkd_fast.cache import TeacherCache
+from pkd_fast.config import PRESETS, Config
+from pkd_fast.errors import PkdError
+from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.metrics import glue_metrics
+from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, num_layers, pt_rows
+from pkd_fast.recipes import common
+from pkd_fast.tasks import Task, get_task
+from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
+
+log = logging.getLogger("pkd_fast")
+
+
+@dataclass
+class Run:
+    """One training run: the teacher's fine-tuning or one student's distillation."""
+
+    name: str  # "teacher" or the strategy
+    strategy: str  # ft | kd | skip | last
+    layer_map: tuple[int, ...]  # 1-based teacher layers for student layers 1..k-1
+    alpha: float
+    beta: float
+    lr: float
+    epochs: int | None  # None: --max-steps
+    out: Path
+
+
+def run(cfg: Config) -> dict:
+    # -- setup ---------------------------------------------------------------------------------------
+    world, out, ds_config = common.start(cfg)
+    task = get_task(cfg.task)
+    log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
+
+    # -- data ----------------------------------------------------------------------------------------
+    _check_positions(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    raw = glue_data.load_glue(task, cfg.glue_dir)
+    full_train_rows = len(raw["train"])
+    train_set = glue_data.tokenize(
+        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.data_seed), tokenizer, cfg.max_seq_length
+    )
+    dev_sets = {
+        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
+        for split in task.dev_splits
+    }
+    ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets)
+
+    # -- teacher -------------------------------------------------------------------------------------
+    teacher_path, results = cfg.teacher, {}
+    finetuned = is_finetuned(cfg.teacher, task)
+    if not finetuned and cfg.stage in ("all", "teacher"):
+        teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
+        set_seed(cfg.seed)
+        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), None, teacher_run)
+        teacher_path = str(teacher_run.out / "model")
+    elif not finetuned and (cfg.distilled or cfg.stage == "cache"):
+        raise PkdError(f"--stage {cfg.stage} needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
+    elif finetuned and cfg.stage in ("all", "teacher"):  # the stages whose table has a teacher row
+        results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
+
+    # -- teacher cache: run the teacher once over the training set (or reuse a matching store) ---------
+    cache = None
+    if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.distilled)):
+        cache = ctx.ensure_cache(teacher_path)
+
+    # -- students ------------------------------------------------------------------------------------
+    if cfg.stage in ("all", "student"):
+        n = cache.layout.teacher_layers if cache is not None else AutoConfig.from_pretrained(teacher_path).num_hidden_layers
+        k = cfg.student_layers or max(1, n // 2)
+        maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
+        if cache is not None:
+            cache.require({layer for lmap in maps.values() for layer in lmap}, tokens=cfg.pt_tokens == "all")
+        # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
+        # their teacher, and with a cache nothing else of it is loaded.
+        init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
+        init_source = build_student(load_classifier(init_path, task), k, task)
+        for strategy, lmap in maps.items():
+            alpha = 0.0 if strategy == "ft" else cfg.alpha
+            beta = cfg.beta if lmap else 0.0
+            student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
+            set_seed(cfg.seed)  # the same fresh head for every strategy
+            student = build_student(init_source, k, task)
+            # What the student learns from: the cache, or a fresh live teacher (frozen_teacher casts, moves or
+            # partitions the module it is given, so one run's teacher is never handed to the next).
+            teacher = None if strategy == "ft" else cache if cache is not None else load_classifier(teacher_path, task)
+            results[strategy] = ctx.fit(student, teacher, student_run)
+
+    # -- table ---------------------------------------------------------------------------------------
+    summary = {
+        "task": task.name,
+        "teacher": cfg.teacher,
+        "train_rows": len(train_set),
+        "train_rows_available": full_train_rows,
+        "preset": cfg.preset,
+        "runs": results,
+    }
+    if world.is_main:
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main and results:  # --stage cache trains and scores nothing: no table
+        table = render_table(summary, task)
+        (out / "results.md").write_text(table + "\n")
+        print("\n" + table, flush=True)
+    return summary
+
+
+_PT_SCALES = {
+    "elementwise_mean": "the authors' code: mean over batch × layers × hidden; β grid 10–1000",
+    "mean": "sum over layers of the batch-mean squared distance",
+    "sum": "the paper's form: sum over batch and layers of squared distances",
+}
+
+
+def _base_model(cfg: Config, teacher_path: str) -> str:
+    if cfg.base_model:
+        return cfg.base_model
+    if teacher_path != cfg.teacher:  # we fine-tuned it, so --teacher is the pretrained base
+        return cfg.teacher
+    raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
+
+
+def _check_positions(cfg: Config) -> None:
+    """--max-seq-length must fit the position embeddings of every model the run loads."""
+    for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
+        if path is None:
+            continue
+        positions = getattr(common.model_config(flag, path), "max_position_embeddings", None)
+        if positions is not None and cfg.max_seq_length > positions:
+            raise PkdError(f"--max-seq-length {cfg.max_seq_length}: {flag} {path} has {positions} position embeddings")
+
+
+def _with_token_index(lookup):
+    """The collate-time lookup, plus the flattened positions of the batch's real tokens (models.pt_rows)."""
+    def read(batch: dict) -> dict:
+        extra = lookup(batch) if lookup is not None else {}
+        return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
+
+    return read
+
+
+class Context:
+    """What every run of one invocation shares: config, data, process group, tokenizer, training loop."""
+
+    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
+        self.cfg, self.task, self.world, self.ds_config = cfg, task, world, ds_config
+        self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
+        self.trainer = common.make_trainer(cfg, world, ds_config)
+        self.micro_batch = self.trainer.micro_batch
+
+    # -- one training run ----------------------------------------------------------------------------
+    def fit(self, model, teacher: PreTrainedModel | TeacherCache | None, spec: Run) -> dict:
+        """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
+        cfg, world = self.cfg, self.world
+        spec.out.mkdir(parents=True, exist_ok=True)
+        done = spec.out / "results.json"
+        if cfg.resume and done.is_file():
+            log.info("%s: finished earlier, reusing %s", spec.name, done)
+            return json.loads(done.read_text())
+
+        lookup = None
+        source = "no teacher" if teacher is None else "live teacher"
+        if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
+            lookup = teacher.reader(spec.layer_map, tokens=cfg.pt_tokens == "all", pin=world.device.type == "cuda")
+            teacher, source = None, f"teacher outputs read from {cfg.teacher_cache}"
+        if cfg.pt_tokens == "all" and spec.layer_map:  # real-token positions, found in the collate: no sync later
+            lookup = _with_token_index(lookup)
+        loader = glue_data.make_loader(
+            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank,
+            world_size=world.world_size, lookup=lookup,
+        )
+        live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
+        impl = resolve_impl(cfg.loss_impl, world.device)
+        result = self.trainer.fit(
+            model, loader, lambda engine, batch, terms: self.loss(engine, live_teacher, batch, spec, impl, terms),
+            name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
+            evaluate=self.evaluate, watch=WATCHED,
+            describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
+                     f"loss impl {impl}, {source}",
+        )
+        return self.trainer.finish(result, spec.out, self.tokenizer, {
+            "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
+            "student_layers": result.engine.module.config.num_hidden_layers,
+            "alpha": spec.alpha, "beta": spec.beta, "temperature": cfg.temperature, "lr": spec.lr,
+            "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
+            "train_rows": len(self.train_set),
+        })
+
+    def _run_key(self, spec: Run) -> dict:
+        return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
+                              beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
+
+    def loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
+        """One forward of the student (and the live teacher) → the PKD loss terms, and what the non-finite
+        guard watches. Without a live teacher the batch may carry the cache's rows: `teacher_logits` and
+        `teacher_hidden` (the mapped layers)."""
+        inputs = glue_data.model_inputs(batch)
+        need_hidden = bool(spec.layer_map)
+        student = engine(**inputs, output_hidden_states=need_hidden)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=need_hidden)
+            t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
+        else:
+            t_logits = batch.get("teacher_logits")
+            t_states = batch["teacher_hidden"].unbind(1) if need_hidden else ()
+            t_layers = range(len(t_states))
+        s_rows, t_rows = [], []
+        if need_hidden:
+            token_index = batch.get("token_index")
+            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
+            t_rows = pt_rows(t_states, t_layers, token_index)
+        terms = pkd_loss(
+            student.logits, t_logits, batch["labels"], s_rows, t_rows,
+            temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
+            pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
+        )
+        watched = {STUDENT: student.logits, "loss": terms.total}
+        if spec.alpha:
+            watched["teacher logits"] = t_logits
+        if t_rows:
+            watched["teacher hidden states"] = torch.stack(t_rows) if len(t_rows) > 1 else t_rows[0]
+        return StepOutput(terms, watched)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Dev metrics of every dev split, each rank scoring its slice; all ranks get the same dict."""
+        was_training = model.training
+        model.eval()
+        results = {}
+        for split, dev in self.dev_sets.items():
+            batches, _ = self._inference_batches(dev)
+            rows = []
+            for batch in batches:
+                logits = model(**glue_data.model_inputs(batch)).logits.float()
+                rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
+            gathered = [None] * self.world.world_size
+            dist.all_gather_object(gathered, rows)
+            idx, logits, labels = (torch.cat([r[i] for part in gathered for r in part]) for i in range(3))
+            _, first = np.unique(idx.numpy(), return_index=True)
+            results[split] = glue_metrics(logits.numpy()[first], labels.numpy()[first], self.task)
+        model.train(was_training)
+        return results if len(results) > 1 else next(iter(results.values()))
+
+    def _inference_batches(self, dataset):
+        """This rank's in-order slice of `dataset` as device batches, and their count. Under ZeRO-3 every
+        rank must run the same number of forwards, so a short slice is padded with repeats of a batch."""
+        batch_size = 2 * self.micro_batch  # no gradients: twice the training batch fits
+        loader = glue_data.make_loader(
+            dataset, self.tokenizer, batch_size, train=False, seed=0, rank=self.world.rank, world_size=self.world.world_size
+        )
+        n_batches = -(-len(dataset) // (self.world.world_size * batch_size))
+        batches = itertools.islice(itertools.cycle(loader), n_batches) if len(loader) else []
+        return (glue_data.batch_to_device(batch, self.world.device) for batch in batches), n_batches
+
+    # -- teacher cache -------------------------------------------------------------------------------
+    def ensure_cache(self, teacher_path: str) -> TeacherCache:
+        """The store under --teacher-cache for this teacher and training set. --stage student only opens
+        it (any mismatch is an error); --stage cache and all reuse a matching one, or write it where there
+        is none, or where the store there is of this teacher and data but damaged or lacks layers. A store
+        of another teacher or data set is replaced only with --overwrite-cache."""
+        cfg = self.cfg
+        fingerprint = teacher_cache.fingerprint(
+            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
+        )
+        try:
+            cache = TeacherCache.open(cfg.teacher_cache, fingerprint, verify=cfg.verify_cache)
+            if cfg.stage != "student":
+                cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), tokens=cfg.pt_tokens == "all")
+            log.info("teacher cache %s: matches this run, reusing it", cfg.teacher_cache)
+            return cache
+        except PkdError as why:
+            stored = teacher_cache.stored_fingerprint(cfg.teacher_cache)
+            if cfg.stage == "student":
+                raise
+            if stored is not None and stored != fingerprint and not cfg.overwrite_cache:
+                raise  # a store of another teacher or data set: its message names --overwrite-cache
+            log.info("teacher cache: writing it (%s)", why)
+        return self.write_cache(teacher_path, fingerprint)
+
+    @torch.no_grad()
+    def write_cache(self, teacher_path: str, fingerprint: dict) -> TeacherCache:
+        """One pass of the frozen teacher over the training set, each rank over its slice, into the store."""
+        model = load_classifier(teacher_path, self.task)
+        n = num_layers(model)
+        layout = teacher_cache.Layout(
+            rows=len(self.train_set), num_labels=self.task.num_labels, teacher_layers=n, hidden_size=model.config.hidden_size,
+            layers=tuple(sorted(set(self.cfg.cache_layers or range(n + 1)))),
+            positions=self.cfg.max_seq_length if self.cfg.pt_tokens == "all" else 1, dtype=fingerprint["dtype"],
+        )
+        with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
+            teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
+            batches, n_batches = self._inference_batches(self.train_set)
+            for batch in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
+                out = teacher(**glue_data.model_inputs(batch), output_hidden_states=True)
+                writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
+            return writer.commit()
+
+    def evaluate_only(self, model, name: str) -> dict:
+        """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
+        layers = num_layers(model)
+        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
+        return {"strategy": name, "layers": layers, "dev": metrics}
+
+
+def render_table(summary: dict, task: Task) -> str:
+    """Markdown: one row per model, the task's metrics in percent."""
+    rows = summary["runs"]
+    note = f"{summary['train_rows']:,} of {summary['train_rows_available']:,} training rows"
+    if summary["preset"]:
+        note += f" (--preset {summary['preset']}: {PRESETS[summary['preset']]})"
+    names = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
+    metric_cols = _metric_columns(task)
+    lines = [
+        f"**{task.name}** dev, {note}",
+        "",
+        "| model | layers | layer map | " + " | ".join(metric_cols) + " | train s |",
+        "|---|---|---|" + "---|" * len(metric_cols) + "---|",
+    ]
+    for name, r in rows.items():
+        dev = r["dev"]
+        values = [_metric_value(dev, col) for col in metric_cols]
+        layers = r.get("student_layers") or r.get("layers") or "-"
+        lmap = ",".join(map(str, r.get("layer_map") or [])) or "-"
+        lines.append(f"| {names.get(name, name)} | {layers} | {lmap} | " + " | ".join(values) + f" | {r.get('train_seconds', '-')} |")
+    return "\n".join(lines)
+
+
+def _metric_columns(task: Task) -> list[str]:
+    if len(task.dev_splits) == 1:
+        return list(task.metrics)
+    return [f"{split}/{m}" for split in task.dev_splits for m in task.metrics]
+
+
+def _metric_value(dev: dict, col: str) -> str:
+    if "/" in col:
+        split, metric = col.split("/")
+        return f"{dev[split][metric]:.2f}"
+    return f"{dev[col]:.2f}"
+

@@ -1,0 +1,268 @@
+"""The masked-LM recipe (--objective mlm): task-agnostic PKD on raw text.
+
+teacher   A BERT with a masked-LM head is used as is. A headless one (the default all-MiniLM-L6-v2) first
+          gets a head fitted on the corpus (--stage teacher, or all): the decoder is tied to the word
+          embeddings, so only the transform, its LayerNorm and the output bias are new and train; the body
+          stays frozen unless --teacher-lr is given (then all of it trains, at that lr). Saved as a
+          BertForMaskedLM (+ tokenizer) under <output-dir>/teacher/model.
+student   The teacher's embeddings, the chosen layers (--student-layer-choice / --student-layer-list) and
+          its MLM head, trained with
+              (1-α)·CE(masked tokens) + α·T²·KL(--kd-positions rows) + β·PT
+          where PT pairs student layer j (j < k) with the teacher layer it was copied from, over every real
+          token or [CLS] (--pt-tokens); the top layer learns through the head's terms. Only the gathered
+          rows go through either LM head (`models.mlm_rows`); the teacher runs under no_grad. Saved as a
+          BertForMaskedLM (+ tokenizer) under <output-dir>/students/<choice>/model, which
+          `--objective glue --init-from pretrained --base-model DIR` starts a task distillation from.
+held out  Masked-LM loss and accuracy on --validation-files, or else on the corpus's last 1% of blocks
+          (at least 8; never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoTokenizer, set_seed
+
+from pkd_fast import corpus
+from pkd_fast import data as glue_data
+from pkd_fast import engine as ds
+from pkd_fast.config import Config
+from pkd_fast.errors import PkdError
+from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.models import (MaskedLMRows, build_mlm_student, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
+                             mlm_rows, mlm_student_layers, pt_rows)
+from pkd_fast.recipes import common
+from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
+
+log = logging.getLogger("pkd_fast")
+# Without --validation-files: the corpus's last 1% of blocks, at least HELD_OUT_MIN (one block, often the
+# short last one, may hold no masked token at all).
+HELD_OUT_SHARE, HELD_OUT_MIN = 0.01, 8
+
+
+@dataclass
+class MlmRun:
+    """One training run: the teacher's head fit or the student's distillation."""
+
+    name: str  # "teacher" or the student's layer choice
+    lr: float
+    epochs: int | None  # None: --max-steps
+    out: Path
+    layers: tuple[int, ...] = ()  # the student's teacher layers (1-based)
+    pt_map: tuple[int, ...] = ()  # teacher layers the student's layers 1..k-1 learn from
+    alpha: float = 0.0
+    beta: float = 0.0
+
+
+def run(cfg: Config) -> dict:
+    world, out, ds_config = common.start(cfg)
+    teacher_config = common.model_config("--teacher", cfg.teacher)
+    corpus.check_max_seq_length(cfg.max_seq_length, teacher_config.max_position_embeddings)
+    headless = not has_mlm_head(cfg.teacher)
+    if headless and cfg.stage == "student":
+        raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to distil from; fit one first with --stage teacher "
+                       f"(or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
+    if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
+        mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
+    ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
+
+    results, teacher_path = {}, cfg.teacher
+    if cfg.stage in ("all", "teacher"):
+        if headless:
+            results["teacher"] = ctx.fit_head()
+            teacher_path = str(out / "teacher" / "model")
+        else:
+            log.info("--teacher %s has a masked-LM head: used as is", cfg.teacher)
+            results["teacher"] = ctx.evaluate_only(teacher_path)
+    if cfg.stage in ("all", "student"):
+        name, result = ctx.distil(teacher_path)
+        results[name] = result
+
+    summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "runs": results}
+    if world.is_main:
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = render_table(summary)
+        (out / "results.md").write_text(table + "\n")
+        print("\n" + table, flush=True)
+    return summary
+
+
+class MlmContext:
+    """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
+
+    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path):
+        self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
+        self.trainer = common.make_trainer(cfg, world, ds_config)
+        self.micro_batch = self.trainer.micro_batch
+        self.impl = resolve_impl(cfg.loss_impl, world.device)
+        source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
+                  "text_column": cfg.text_column}
+        self.cache_dir = out / "corpus_cache"
+        if cfg.streaming:
+            self.source, self.train_set, self.train_blocks = source, None, None
+            self.held_out = self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column)
+        else:
+            blocks = self._blocks(**source)
+            if cfg.validation_files is not None:
+                self.train_set, self.held_out = blocks, self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column)
+            else:
+                n_held = max(HELD_OUT_MIN, int(len(blocks) * HELD_OUT_SHARE))
+                if len(blocks) < 2 * n_held:
+                    raise PkdError(f"the corpus packs into {len(blocks)} block(s) of {cfg.max_seq_length} tokens: too few to "
+                                   f"hold out {n_held} for evaluation; give more text or --validation-files")
+                self.train_set = blocks.select(range(len(blocks) - n_held))
+                self.held_out = blocks.select(range(len(blocks) - n_held, len(blocks)))
+            self.train_blocks = len(self.train_set)
+        log.info("corpus: %s training blocks of %d tokens, %d held-out blocks",
+                 "streamed" if cfg.streaming else f"{self.train_blocks:,}", cfg.max_seq_length, len(self.held_out))
+
+    def _blocks(self, **source) -> datasets.Dataset:
+        """Packed blocks of a map-style corpus: built (and cached) by the main rank, then loaded by the others."""
+        if not self.world.is_main:
+            dist.barrier()
+        blocks = corpus.prepare_blocks(self.tokenizer, self.cfg.max_seq_length, self.cache_dir, **source)
+        if self.world.is_main:
+            dist.barrier()
+        return blocks
+
+    def train_loader(self) -> corpus.MlmLoader:
+        """A fresh loader for one run (a stream starts from its beginning)."""
+        cfg, world = self.cfg, self.world
+        if cfg.streaming:
+            docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
+            stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
+            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability)
+        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed,
+                                 mlm_probability=cfg.mlm_probability, rank=world.rank, world_size=world.world_size)
+
+    # -- the two runs --------------------------------------------------------------------------------
+    def fit_head(self) -> dict:
+        """Fit a fresh MLM head (and, with --teacher-lr, the body) on the corpus: plain masked-LM CE."""
+        cfg = self.cfg
+        spec = MlmRun("teacher", cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, self._out("teacher"))
+        set_seed(cfg.seed)
+        model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
+        step = lambda engine, batch, terms: self.loss(engine, None, batch, spec, terms)  # noqa: E731
+        trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
+        return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
+
+    def distil(self, teacher_path: str) -> tuple[str, dict]:
+        cfg = self.cfg
+        teacher = load_mlm_teacher(teacher_path)
+        n = teacher.config.num_hidden_layers
+        layers = mlm_student_layers(cfg.student_layer_choice, n, cfg.student_layers, cfg.student_layer_list)
+        name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
+        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, layers[:-1] if cfg.beta else (),
+                      cfg.alpha, cfg.beta)
+        set_seed(cfg.seed)
+        student = MaskedLMRows(build_mlm_student(teacher, layers))
+        live = None
+        if spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
+            live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
+        step = lambda engine, batch, terms: self.loss(engine, live, batch, spec, terms)  # noqa: E731
+        describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
+                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}")
+        return name, self._fit(student, spec, step, describe, {
+            "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
+            "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
+            "pt_reduction": cfg.pt_reduction,
+        })
+
+    def _out(self, *parts: str) -> Path:
+        return Path(self.cfg.output_dir, *parts)
+
+    def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict) -> dict:
+        cfg = self.cfg
+        spec.out.mkdir(parents=True, exist_ok=True)
+        done = spec.out / "results.json"
+        if cfg.resume and done.is_file():
+            log.info("%s: finished earlier, reusing %s", spec.name, done)
+            return json.loads(done.read_text())
+        run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
+                                 alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
+        result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
+                                  epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
+                                  watch=WATCHED, describe=describe)
+        return self.trainer.finish(result, spec.out, self.tokenizer, {
+            "objective": "mlm", "run": spec.name, **summary,
+            "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr, "epochs": spec.epochs,
+            "max_steps": cfg.max_steps, "mlm_probability": cfg.mlm_probability, "seed": cfg.seed,
+            "train_blocks": self.train_blocks,
+        })
+
+    def loss(self, engine, teacher, batch: dict, spec: MlmRun, return_terms: bool) -> StepOutput:
+        """One step's PKD terms on the masked-LM rows, and what the non-finite guard watches."""
+        cfg = self.cfg
+        rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None else "masked",
+                        output_hidden_states=bool(spec.pt_map))
+        s_rows, t_rows = [], []
+        if spec.pt_map:
+            real_rows = rows.row_index if cfg.kd_positions == "all" else glue_data.real_token_index(batch["attention_mask"])
+            token_index = real_rows if cfg.pt_tokens == "all" else None
+            s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index)
+            t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index)
+        terms = pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows,
+                         temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
+                         impl=self.impl, return_terms=return_terms)
+        watched = {STUDENT: rows.student_logits, "loss": terms.total}
+        if spec.alpha:
+            watched["teacher logits"] = rows.teacher_logits
+        if t_rows:
+            watched["teacher hidden states"] = torch.stack(t_rows)
+        return StepOutput(terms, watched)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Masked-LM loss and accuracy (%) over the held-out blocks' masked tokens, each rank scoring its
+        slice; all ranks get the same dict. Every rank runs the same number of forwards (ZeRO-3 needs it):
+        a short slice repeats a batch without counting it."""
+        was_training = model.training
+        model.eval()
+        masker = corpus.MlmMasker(self.tokenizer, self.cfg.mlm_probability, seed=self.cfg.seed)  # epoch 0: fixed masks
+        batch_size = 2 * self.micro_batch
+        loader = glue_data.make_loader(self.held_out, self.tokenizer, batch_size, train=False, seed=0, rank=self.world.rank,
+                                       world_size=self.world.world_size, lookup=masker)
+        n_batches = -(-len(self.held_out) // (self.world.world_size * batch_size))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
+        for i, batch in enumerate(itertools.islice(itertools.cycle(loader), n_batches)):
+            rows = mlm_rows(model, None, glue_data.batch_to_device(batch, self.world.device), rows="masked")
+            if i < len(loader):
+                logits = rows.student_logits.float()
+                correct = (logits.argmax(-1) == rows.labels).sum()
+                sums += torch.stack([F.cross_entropy(logits, rows.labels, reduction="sum").double(), correct.double(),
+                                     correct.new_tensor(rows.labels.numel(), dtype=torch.float64)])
+        dist.all_reduce(sums)
+        model.train(was_training)
+        loss, correct, count = sums.tolist()
+        if count == 0:
+            raise PkdError("the held-out blocks have no masked token to score; give more held-out text (--validation-files)")
+        return {"mlm_loss": loss / count, "mlm_accuracy": 100.0 * correct / count, "masked_tokens": int(count)}
+
+    def evaluate_only(self, path: str) -> dict:
+        """Held-out metrics of a teacher that already has its head (the teacher row of the table)."""
+        teacher = load_mlm_teacher(path)
+        layers = teacher.config.num_hidden_layers
+        model = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
+        return {"run": "teacher", "student_layers": layers, "dev": self.evaluate(model)}
+
+
+def render_table(summary: dict) -> str:
+    """Markdown: one row per model, held-out masked-LM loss and accuracy."""
+    blocks = summary["train_blocks"]
+    lines = [f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens",
+             "", "| model | layers | MLM loss | MLM accuracy | train s |", "|---|---|---|---|---|"]
+    for name, r in summary["runs"].items():
+        dev = r["dev"]
+        layers = ",".join(map(str, r["layers"])) if r.get("layers") else r["student_layers"]
+        lines.append(f"| {name} | {layers} | {dev['mlm_loss']:.4f} | {dev['mlm_accuracy']:.2f} | {r.get('train_seconds', '-')} |")
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""The masked-LM objective end to end through the real CLI, on GLUE sentences used as raw text: the
+headless teacher's head fit, the distilled masked-LM student and its chain into a GLUE PKD run, two
+ranks of ZeRO-2 on a stream with kill → --resume ≡ uninterrupted, every bad input as one line, and what
+DeepSpeed's ZeRO-2 does on micro-steps that end no optimizer step."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
+
+from pkd_fast import engine as ds
+from pkd_fast.config import default_teacher
+from pkd_fast.engine import FAULT_ENV
+from pkd_fast.models import has_mlm_head, load_classifier
+from pkd_fast.tasks import get_task
+from pkd_fast.train import main
+from test_config import assert_one_line_error
+from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log
+
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
+TINY = ["--objective", "mlm", "--max-seq-length", "32", "--log-steps", "1", "--kd-positions", "masked"]
+
+
+def write_sentences(path: Path, start: int, count: int) -> str:
+    """SST-2 training sentences [start, start+count) as a raw text file, one document per line."""
+    with open(GLUE_DIR / "SST-2" / "train.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 + start : 1 + start + count]
+    path.write_text("".join(row[0] + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    return {"train": write_sentences(root / "train.txt", 0, 300), "small": write_sentences(root / "small.txt", 300, 50),
+            "valid": write_sentences(root / "valid.txt", 1000, 60), "ds": ds_json(root, train_micro_batch_size_per_gpu=4)}
+
+
+BAD = [
+    ([], "--objective mlm reads one corpus: give --text-files or --dataset"),
+    (["--text-files", "/no/such/*.txt"], "--text-files /no/such/*.txt: matches no file"),
+    (["--text-files", "{train}", "--validation-files", "/no/v*.txt"], "--validation-files /no/v*.txt: matches no file"),
+    (["--text-files", "{train}", "--task", "mrpc"], "--task: not a flag of --objective mlm"),
+    (["--text-files", "{train}", "--strategy", "kd"], "--strategy: not a flag of --objective mlm"),
+    (["--text-files", "{train}", "--stage", "cache"], "--stage must be one of ('all', 'teacher', 'student') under --objective mlm"),
+    (["--text-files", "{train}", "--streaming"], "--streaming needs --max-steps"),
+    (["--text-files", "{train}", "--streaming", "--max-steps", "3"], "--streaming needs --validation-files"),
+    (["--text-files", "{train}", "--max-steps", "3", "--epochs", "1"], "--max-steps replaces --epochs"),
+    (["--text-files", "{train}", "--mlm-probability", "1.5"], "--mlm-probability must be between 0 and 1, got 1.5"),
+    (["--text-files", "{train}", "--student-layer-choice", "first", "--student-layer-list", "1,2"], "give one"),
+    (["--text-files", "{train}", "--dataset-config", "x"], "--dataset-config only applies with --dataset"),
+    (["--text-files", "{train}", "--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1, got 0"),
+    (["--text-files", "{train}", "--stage", "student", "--teacher-lr", "1e-4"], "--teacher-lr only applies when the teacher's head is fitted"),
+    (["--text-files", "{train}", "--stage", "student"], "has no masked-LM head to distil from; fit one first with --stage teacher"),
+    (["--text-files", "{train}", "--student-layer-list", "1,9", "--stage", "all", "--max-steps", "1", "--teacher", "{headed}"],
+     "--student-layer-list: layer(s) [9] out of range"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_mlm_input_is_one_line(capsys, tmp_path, texts, argv, message):
+    if "{headed}" in argv:  # a teacher that has a head: the layer list is checked against its depth
+        BertForMaskedLM.from_pretrained(default_teacher()).save_pretrained(tmp_path / "headed")
+        AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(tmp_path / "headed")
+    argv = [a.format(train=texts["train"], headed=tmp_path / "headed") for a in argv]
+    assert_one_line_error(capsys, [*TINY, "--deepspeed", texts["ds"], *argv, "--output-dir", str(tmp_path / "out")], message)
+
+
+def test_glue_refuses_mlm_flags_and_unknown_text_formats(capsys, tmp_path):
+    assert_one_line_error(capsys, ["--mlm-probability", "0.2", "--output-dir", str(tmp_path)],
+                          "--mlm-probability: not a flag of --objective glue")
+    (tmp_path / "corpus.csv").write_text("a,b\n")
+    assert_one_line_error(capsys, ["--objective", "mlm", "--text-files", str(tmp_path / "corpus.csv"), "--output-dir", str(tmp_path)],
+                          "unknown format; expected .txt, .text, .jsonl")
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, texts):
+    """--stage all on 1 rank: a head fitted on the headless default teacher, then a 3-layer student."""
+    out = tmp_path_factory.mktemp("mlm") / "run"
+    summary = main([*TINY, "--deepspeed", texts["ds"], "--text-files", texts["train"], "--max-steps", "10", "--lr", "2e-3",
+                    "--output-dir", str(out)])
+    return out, summary
+
+
+def test_headless_teacher_gets_a_fitted_head_and_a_frozen_body(staged):
+    out, summary = staged
+    fitted = out / "teacher" / "model"
+    assert has_mlm_head(str(fitted)) and summary["runs"]["teacher"]["trains"] == "head only (body frozen)"
+    body = AutoModel.from_pretrained(default_teacher()).state_dict()
+    saved = BertForMaskedLM.from_pretrained(fitted)
+    assert all(torch.equal(saved.bert.state_dict()[k], v) for k, v in body.items() if k in saved.bert.state_dict())
+    assert saved.cls.predictions.bias.abs().sum() > 0  # the head's bias starts at zero: it trained
+    ce = [row["ce"] for row in train_log(out / "teacher")]
+    assert sum(ce[-3:]) < sum(ce[:3]), ce
+
+
+def test_student_is_a_masked_lm_that_a_glue_run_starts_from(staged, tmp_path):
+    out, summary = staged
+    result = summary["runs"]["alternate"]
+    assert result["layers"] == [1, 3, 5] and result["layer_map"] == [1, 3] and result["student_layers"] == 3
+    assert {"mlm_loss", "mlm_accuracy", "masked_tokens"} <= set(result["dev"]) and result["dev"]["masked_tokens"] > 0
+    log = train_log(out / "students" / "alternate")
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert all(r["tokens_per_s"] > 0 and r["sequences_per_s"] > 0 and {"ce", "kd", "pt"} <= set(r) for r in log)
+    student_dir = out / "students" / "alternate" / "model"
+    student = BertForMaskedLM.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 3 and (student_dir / "tokenizer.json").is_file()
+
+    # the student's body is what a GLUE run built from it starts with
+    task_init = load_classifier(str(student_dir), get_task("sst2"))
+    assert torch.equal(task_init.bert.embeddings.word_embeddings.weight, student.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(task_init.bert.encoder.layer[2].output.dense.weight, student.bert.encoder.layer[2].output.dense.weight)
+    teacher = save_teacher(tmp_path / "sst2_teacher", "sst2")
+    glue = main(["--objective", "glue", "--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--stage", "student",
+                 "--teacher", teacher, "--init-from", "pretrained", "--base-model", str(student_dir), "--strategy", "skip",
+                 "--glue-dir", str(GLUE_DIR), "--max-train-samples", "32", "--max-eval-samples", "16", "--max-seq-length", "32",
+                 "--epochs", "1", "--output-dir", str(tmp_path / "glue")])
+    assert glue["runs"]["skip"]["student_layers"] == 3 and glue["runs"]["skip"]["layer_map"] == [2, 4]
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(tmp_path, staged, texts):
+    """A stream shorter than the run (each rank starts a second pass), two ranks of ZeRO-2, a checkpoint
+    every 2 steps; SIGKILL at step 4's checkpoint (the second pass has begun), then --resume: the loss log and the saved student equal
+    the uninterrupted run's, because each rank's stream position, masks and dropout RNG come back."""
+    out, _ = staged
+    common = [*TINY, "--deepspeed", texts["ds"], "--stage", "student", "--teacher", str(out / "teacher" / "model"),
+              "--student-layers", "2", "--text-files", texts["small"], "--validation-files", texts["valid"], "--streaming",
+              "--max-steps", "6", "--save-steps", "2", "--lr", "1e-3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train([*common, "--output-dir", str(whole)], ranks=2)
+    log = train_log(whole / "students" / "alternate")
+    totals = [r["total"] for r in log]
+    assert [r["step"] for r in log] == list(range(1, 7)) and sum(totals[-2:]) < sum(totals[:2]), totals
+
+    proc = train([*common, "--output-dir", str(killed)], ranks=2, env={FAULT_ENV: "ckpt-published@4"}, check=False)
+    ckpt = killed / "students" / "alternate" / "checkpoints"
+    assert proc.returncode != 0 and (ckpt / "latest").read_text() == "step4"
+    resumed = train([*common, "--output-dir", str(killed), "--resume"], ranks=2)
+    assert "resumed at step 4" in resumed.stderr
+    assert json.loads((ckpt.parent / "results.json").read_text())["dev"] == json.loads(
+        (whole / "students" / "alternate" / "results.json").read_text())["dev"]
+    for a, b in zip(log, train_log(killed / "students" / "alternate"), strict=True):
+        for term in ("total", "ce", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-6), (a["step"], term)
+    weights = [load_file(d / "students" / "alternate" / "model" / "model.safetensors") for d in (whole, killed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+def test_zero2_reduces_on_every_micro_step():
+    """What DeepSpeed 0.19.8 does with gradient accumulation under ZeRO-2 (see pkd_fast/trainer.py):
+    gradients are reduced into the partition on every micro-step, boundary or not, and `no_sync` is
+    refused, so accumulation saves no communication there."""
+    world = ds.init_distributed()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine = ds.student_engine(model, config)
+    reduced = []
+    original = engine.optimizer.reduce_ready_partitions_and_remove_grads
+
+    def counting(param, i):
+        reduced.append(engine.is_gradient_accumulation_boundary())
+        return original(param, i)
+
+    engine.optimizer.reduce_ready_partitions_and_remove_grads = counting
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 8, device=world.device)).sum())
+        engine.step()
+    n_params = len(list(model.parameters()))
+    assert reduced == [False] * n_params + [True] * n_params  # the non-boundary micro-step reduced every parameter
+    with pytest.raises(AssertionError, match="incompatible with gradient partitioning"):
+        with engine.no_sync():
+            pass
+
+
+def test_keep_checkpoints_keeps_the_newest_by_step_number(tmp_path):
+    for step in (2, 4, 10, 12):
+        (tmp_path / f"step{step}").mkdir()
+    ds.prune_checkpoints(tmp_path, keep=3)
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["step10", "step12", "step4"]
+    ds.prune_checkpoints(tmp_path, keep=1)
+    assert [d.name for d in tmp_path.iterdir()] == ["step12"]
