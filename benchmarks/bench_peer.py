@@ -65,11 +65,11 @@ def window_seconds(times: list[float], steps: list[int]) -> list[float]:
 # -- pkd_fast, through its CLI ------------------------------------------------------------------------------
 
 
-def pkd_args(args, out: Path, *extra: str) -> list[str]:
+def pkd_args(args, out: Path, rows: int, *extra: str) -> list[str]:
     s = SETUP
     return [
         sys.executable, str(REPO / "pkd_fast" / "train.py"), "--deepspeed", str(args.ds_config), "--task", s["task"],
-        "--glue-dir", args.glue_dir, "--max-train-samples", str(args.max_train_samples), "--max-seq-length", str(s["max_seq_length"]),
+        "--glue-dir", args.glue_dir, "--max-train-samples", str(rows), "--max-seq-length", str(s["max_seq_length"]),
         "--student-layers", str(s["student_layers"]), "--temperature", str(s["temperature"]), "--alpha", str(s["alpha"]),
         "--beta", str(s["beta"]), "--lr", str(s["lr"]), "--teacher-lr", str(s["teacher_lr"]), "--epochs", str(s["epochs"]),
         "--warmup-ratio", str(s["warmup_ratio"]), "--seed", str(s["seed"]), "--log-steps", str(WINDOW),
@@ -112,7 +112,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     raw = glue_data.load_glue(task, args.glue_dir)
     train_set = glue_data.tokenize(glue_data.subsample(raw["train"], args.max_train_samples, 42), tokenizer, s["max_seq_length"])
-    dev_set = glue_data.tokenize(raw["dev"], tokenizer, s["max_seq_length"])
+    dev_set = glue_data.tokenize(glue_data.subsample_head(raw["dev"], args.max_eval_samples), tokenizer, s["max_seq_length"])
     batch_size = config["train_micro_batch_size_per_gpu"]
     loader = glue_data.make_loader(train_set, tokenizer, batch_size, train=True, seed=s["seed"])
     total = len(loader) * s["epochs"]
@@ -196,20 +196,23 @@ def worker(kind: str, teacher_path: str, args) -> dict:
 # -- the comparison -----------------------------------------------------------------------------------------
 
 
-def summarize(raw: dict) -> dict:
+def summarize(rounds: list[dict]) -> dict:
+    """Per trainer: the full run's accuracy and times, each round's median s/step, and their median; the
+    targets' ratios from those medians and, to show their spread, round by round."""
     rows = {}
-    for name, r in raw.items():
-        s_step = statistics.median(r["windows"])
-        rows[name] = {**{k: v for k, v in r.items() if k != "windows"}, "s_per_step": round(s_step, 4),
-                      "steps_per_s": round(1 / s_step, 3), "windows": [round(w, 4) for w in r["windows"]]}
-    peer, plain = rows.get("textbrewer"), rows.get("plain-ft")
-    ratios = {}
-    if peer:
-        for name in ("pkd-live", "pkd-cache"):
-            if name in rows:
-                ratios[f"{name} / textbrewer steps/s"] = round(rows[name]["steps_per_s"] / peer["steps_per_s"], 2)
-    if plain and "pkd-ft" in rows:
-        ratios["pkd-ft / plain-ft s/step"] = round(rows["pkd-ft"]["s_per_step"] / plain["s_per_step"], 3)
+    for name, full in rounds[0].items():
+        per_round = [statistics.median(r[name]["windows"]) for r in rounds]
+        s_step = statistics.median(per_round)
+        rows[name] = {**{k: v for k, v in full.items() if k != "windows"}, "s_per_step": round(s_step, 4),
+                      "steps_per_s": round(1 / s_step, 3), "s_per_step_by_round": [round(x, 4) for x in per_round],
+                      "full_run_windows": [round(w, 4) for w in full["windows"]]}
+    pairs = [(f"{name} / textbrewer steps/s", "textbrewer", name) for name in ("pkd-live", "pkd-cache")]
+    pairs.append(("pkd-ft / plain-ft s/step", "pkd-ft", "plain-ft"))
+    ratios = {
+        label: {"ratio": round(rows[num]["s_per_step"] / rows[den]["s_per_step"], 3),
+                "by_round": [round(a / b, 3) for a, b in zip(rows[num]["s_per_step_by_round"], rows[den]["s_per_step_by_round"])]}
+        for label, num, den in pairs if num in rows and den in rows
+    }
     return {"rows": rows, "ratios": ratios}
 
 
@@ -221,15 +224,17 @@ def render(results: dict) -> str:
         f"SST-2, {results['train_rows']:,} training rows, batch {results['micro_batch']}, length {s['max_seq_length']}, "
         f"{s['student_layers']}-layer student of the fine-tuned MiniLM teacher (dev accuracy {results['teacher_dev_accuracy']:.2f}), "
         f"T={s['temperature']:g}, α={s['alpha']}, β={s['beta']:g}, lr {s['lr']:g}, {s['epochs']} epoch; pkd_fast on "
-        f"`{results['ds_config']}`; torch threads per process: {results['threads']}. s/step: median of "
-        f"{WINDOW}-step windows after the first {WINDOW} steps.",
+        f"`{results['ds_config']}`; torch threads per process: {results['threads']}. s/step: median over "
+        f"{results['rounds']} rounds (the full run, then {results['timing_rows']:,}-row runs in alternating order) of each "
+        f"run's median {WINDOW}-step window after its first {WINDOW} steps; dev accuracy and train s from the full run.",
         "",
-        "| trainer | s/step | steps/s | dev acc (%) | train s |",
-        "|---|---|---|---|---|",
+        "| trainer | s/step | steps/s | s/step by round | dev acc (%) | train s |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results["rows"].items():
-        lines.append(f"| {LABELS[name]} | {r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | {r['dev_accuracy']:.2f} | {r['train_seconds']} |")
-    lines += ["", *(f"- {k}: **{v}**" for k, v in results["ratios"].items())]
+        by_round = ", ".join(f"{x:.3f}" for x in r["s_per_step_by_round"])
+        lines.append(f"| {LABELS[name]} | {r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | {by_round} | {r['dev_accuracy']:.2f} | {r['train_seconds']} |")
+    lines += ["", *(f"- {k}: **{v['ratio']}** (by round: {', '.join(map(str, v['by_round']))})" for k, v in results["ratios"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +268,31 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_trainer(name: str, args, work: Path, teacher: Path, rows: int, eval_rows: int | None, env: dict) -> dict:
+    """One trainer's run on `rows` training rows (dev: the first `eval_rows`, or all): its windows and dev metric."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / f"{name}.log"
+    evals = ("--max-eval-samples", str(eval_rows)) if eval_rows else ()
+    if name.startswith("pkd-"):
+        strategy = "ft" if name == "pkd-ft" else "skip"
+        extra = ("--teacher-cache", str(work / f"cache-{rows}")) if name == "pkd-cache" else ()
+        if extra and not Path(extra[1]).is_dir():  # written once per row count, outside the timed runs
+            run_child(pkd_args(args, work / "cache-write", rows, "--stage", "cache", "--teacher", str(teacher), *extra), env, work / "cache.log")
+        wall = run_child(pkd_args(args, work / name, rows, "--stage", "student", "--teacher", str(teacher),
+                                  "--strategy", strategy, *extra, *evals), env, log)
+        return pkd_result(work / name / "students" / strategy, wall)
+    if name == "textbrewer":
+        target = Path(args.workdir) / "textbrewer"
+        if not (target / "textbrewer").is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), TEXTBREWER], check=True)
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(target), str(REPO), env.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "benchmarks.bench_peer", "--worker", name, "--teacher", str(teacher), "--glue-dir", args.glue_dir,
+           "--max-train-samples", str(rows), "--workdir", str(work), "--ds-config", args.ds_config, *evals]
+    wall = run_child(cmd, env, log)
+    result_line = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")][-1]
+    return {**json.loads(result_line[len("RESULT "):]), "process_seconds": wall}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-train-samples", type=int, default=8000)
@@ -271,6 +301,9 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=str(REPO / "outputs" / "bench_peer"), help="teacher, cache, runs, the TextBrewer install")
     p.add_argument("--ds-config", default=None, help="pkd_fast's DeepSpeed JSON (default: cpu.json on a CPU, zero2.json on CUDA)")
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {TRAINERS}")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds: the full run, then short runs in alternating order")
+    p.add_argument("--timing-rows", type=int, default=1600, help="training rows of each round after the first")
+    p.add_argument("--max-eval-samples", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("textbrewer", "plain-ft"), help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -278,6 +311,10 @@ def main(argv=None) -> None:
     args.ds_config = args.ds_config or str(default_ds_config(device))
     if not args.glue_dir:
         raise SystemExit("error: --glue-dir (or GLUE_DIR) is required")
+    micro_batch = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]
+    if min(args.max_train_samples, args.timing_rows) < 3 * WINDOW * micro_batch:
+        raise SystemExit(f"error: --max-train-samples and --timing-rows must give {3 * WINDOW} steps of {micro_batch} rows or more "
+                         f"(the first {WINDOW} are warm-up, the rest {WINDOW}-step windows)")
     work = Path(args.workdir)
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.teacher, args)), flush=True)
@@ -290,43 +327,27 @@ def main(argv=None) -> None:
     teacher = work / "pkd-teacher" / "teacher" / "model"
     if not (teacher / "config.json").is_file():
         print("fine-tuning the teacher ...", flush=True)
-        run_child(pkd_args(args, work / "pkd-teacher", "--stage", "teacher"), env, work / "teacher.log")
+        run_child(pkd_args(args, work / "pkd-teacher", args.max_train_samples, "--stage", "teacher"), env, work / "teacher.log")
     teacher_dev = json.loads((work / "pkd-teacher" / "results.json").read_text())["runs"]["teacher"]["dev"]["accuracy"]
-    common = ("--stage", "student", "--teacher", str(teacher))
-    raw = {}
-    for name in args.trainers.split(","):
-        print(f"{name} ...", flush=True)
-        log = work / f"{name}.log"
-        if name.startswith("pkd-"):
-            strategy = "ft" if name == "pkd-ft" else "skip"
-            extra = ("--teacher-cache", str(work / "cache")) if name == "pkd-cache" else ()
-            if extra and not (work / "cache").is_dir():  # written once, outside the timed runs
-                run_child(pkd_args(args, work / "pkd-cache-write", "--stage", "cache", "--teacher", str(teacher), *extra), env, work / "cache.log")
-            wall = run_child(pkd_args(args, work / name, *common, "--strategy", strategy, *extra), env, log)
-            raw[name] = pkd_result(work / name / "students" / strategy, wall)
-        else:
-            child_env = env
-            if name == "textbrewer":
-                target = work / "textbrewer"
-                if not (target / "textbrewer").is_dir():
-                    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), TEXTBREWER], check=True)
-                child_env = {**env, "PYTHONPATH": os.pathsep.join([str(target), str(REPO), env.get("PYTHONPATH", "")])}
-            cmd = [sys.executable, "-m", "benchmarks.bench_peer", "--worker", name, "--teacher", str(teacher),
-                   "--glue-dir", args.glue_dir, "--max-train-samples", str(args.max_train_samples), "--workdir", str(work),
-                   "--ds-config", args.ds_config]
-            wall = run_child(cmd, child_env, log)
-            result_line = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")][-1]
-            raw[name] = {**json.loads(result_line[len("RESULT "):]), "process_seconds": wall}
-        print(f"  {name}: {statistics.median(raw[name]['windows']):.3f} s/step, dev {raw[name]['dev_accuracy']}", flush=True)
+    # Round 1 trains on every row and gives the accuracies; the later rounds are short runs in alternating
+    # order, so load from other processes falls on every trainer alike; s/step is the median over rounds.
+    rounds = []
+    for r in range(args.rounds):
+        rows, eval_rows = (args.max_train_samples, None) if r == 0 else (args.timing_rows, 64)
+        order = args.trainers.split(",")
+        print(f"round {r + 1}/{args.rounds}: {rows} rows", flush=True)
+        rounds.append({name: run_trainer(name, args, work / f"round{r + 1}", teacher, rows, eval_rows, env)
+                       for name in (order if r % 2 == 0 else order[::-1])})
+        for name, result in rounds[-1].items():
+            print(f"  {name}: {statistics.median(result['windows']):.3f} s/step, dev {result['dev_accuracy']:.2f}", flush=True)
 
-    micro_batch = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]
     info = harness.describe(device)
     info["threads"] = int(args.threads) if args.threads else info.get("threads")
     results = {
         "device": info, "setup": SETUP, "train_rows": args.max_train_samples, "micro_batch": micro_batch,
         "ds_config": str(Path(args.ds_config).relative_to(REPO)) if Path(args.ds_config).is_relative_to(REPO) else args.ds_config,
         "threads": args.threads or torch.get_num_threads(), "teacher_dev_accuracy": teacher_dev, "peer": TEXTBREWER,
-        **summarize(raw),
+        "rounds": len(rounds), "timing_rows": args.timing_rows, **summarize(rounds),
     }
     stem = harness.RESULTS_DIR / f"peer_{harness.device_slug(device)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
