@@ -23,9 +23,12 @@ pkd_fast's default elementwise_mean scale (with weight β it is L·H times stron
 initialisation (the teacher's lower layers, the same seeded head), data order, AdamW (weight decay 0.01 on
 every parameter) and warmup.
 
-s/step is the median over 10-step windows after the first 10 steps (pkd_fast: the `time` of its
-train_log.jsonl lines, written every 10 steps; the others: a clock read at every 10th training step), so
-start-up, evaluation, saving and passing load from other processes stay out of it. Dev accuracy is on the
+s/step is the process's CPU time per step, the median over 10-step windows after the first 10 steps
+(pkd_fast: the `cpu_time` of its train_log.jsonl lines, written every 10 steps; the others: clocks read at
+every 10th training step), so start-up, evaluation and saving stay out of it; with --threads 1 it is the
+step's cost even while other processes share the cores (wall s/step is recorded beside it). Round 1 trains on
+every row (the accuracies); later rounds are short runs in alternating order, and s/step is the median over
+rounds. Dev accuracy is on the
 full SST-2 dev set. Results: benchmarks/results/peer_<device>.{json,md,png}.
 """
 
@@ -90,8 +93,9 @@ def run_child(cmd: list[str], env: dict, log: Path) -> float:
 def pkd_result(run_dir: Path, wall: float) -> dict:
     result = json.loads((run_dir / "results.json").read_text())
     lines = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    windows = window_seconds([r["time"] for r in lines], [r["step"] for r in lines])
-    return {"dev_accuracy": result["dev"]["accuracy"], "steps": result["steps"], "windows": windows,
+    steps = [r["step"] for r in lines]
+    return {"dev_accuracy": result["dev"]["accuracy"], "steps": result["steps"],
+            "windows": window_seconds([r["cpu_time"] for r in lines], steps), "wall_windows": window_seconds([r["time"] for r in lines], steps),
             "train_seconds": result["train_seconds"], "process_seconds": wall}
 
 
@@ -127,13 +131,15 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast))
 
     clock: list[float] = []
+    cpu_clock: list[float] = []
     steps: list[int] = []
 
-    def tick(module, _inputs):  # a forward pre-hook: the clock at each WINDOW-th training step
+    def tick(module, _inputs):  # a forward pre-hook: the clocks at each WINDOW-th training step
         if module.training:
             tick.n += 1
             if (tick.n - 1) % WINDOW == 0:
                 clock.append(time.perf_counter())
+                cpu_clock.append(time.process_time())
                 steps.append(tick.n - 1)
     tick.n = 0
     student.register_forward_pre_hook(tick)
@@ -189,7 +195,8 @@ def worker(kind: str, teacher_path: str, args) -> dict:
             evaluate(student)
     # Windows end at a clock read before a step's forward: the trailing partial window, which also holds
     # the evaluation, is not one of them.
-    return {"dev_accuracy": evaluate.metrics["accuracy"], "steps": total, "windows": window_seconds(clock, steps)[1:],
+    return {"dev_accuracy": evaluate.metrics["accuracy"], "steps": total, "windows": window_seconds(cpu_clock, steps)[1:],
+            "wall_windows": window_seconds(clock, steps)[1:],
             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
 
 
@@ -203,9 +210,10 @@ def summarize(rounds: list[dict]) -> dict:
     for name, full in rounds[0].items():
         per_round = [statistics.median(r[name]["windows"]) for r in rounds]
         s_step = statistics.median(per_round)
-        rows[name] = {**{k: v for k, v in full.items() if k != "windows"}, "s_per_step": round(s_step, 4),
+        wall = statistics.median(statistics.median(r[name]["wall_windows"]) for r in rounds)
+        rows[name] = {**{k: v for k, v in full.items() if not k.endswith("windows")}, "s_per_step": round(s_step, 4),
                       "steps_per_s": round(1 / s_step, 3), "s_per_step_by_round": [round(x, 4) for x in per_round],
-                      "full_run_windows": [round(w, 4) for w in full["windows"]]}
+                      "wall_s_per_step": round(wall, 4), "full_run_windows": [round(w, 4) for w in full["windows"]]}
     pairs = [(f"{name} / textbrewer steps/s", "textbrewer", name) for name in ("pkd-live", "pkd-cache")]
     pairs.append(("pkd-ft / plain-ft s/step", "pkd-ft", "plain-ft"))
     ratios = {
@@ -224,16 +232,18 @@ def render(results: dict) -> str:
         f"SST-2, {results['train_rows']:,} training rows, batch {results['micro_batch']}, length {s['max_seq_length']}, "
         f"{s['student_layers']}-layer student of the fine-tuned MiniLM teacher (dev accuracy {results['teacher_dev_accuracy']:.2f}), "
         f"T={s['temperature']:g}, α={s['alpha']}, β={s['beta']:g}, lr {s['lr']:g}, {s['epochs']} epoch; pkd_fast on "
-        f"`{results['ds_config']}`; torch threads per process: {results['threads']}. s/step: median over "
+        f"`{results['ds_config']}`; torch threads per process: {results['threads']}. s/step: the process's CPU seconds "
+        f"per step (on 1 thread, the step's cost even while other processes share the cores; wall s/step beside it), median over "
         f"{results['rounds']} rounds (the full run, then {results['timing_rows']:,}-row runs in alternating order) of each "
         f"run's median {WINDOW}-step window after its first {WINDOW} steps; dev accuracy and train s from the full run.",
         "",
-        "| trainer | s/step | steps/s | s/step by round | dev acc (%) | train s |",
-        "|---|---|---|---|---|---|",
+        "| trainer | s/step | steps/s | s/step by round | wall s/step | dev acc (%) | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["rows"].items():
         by_round = ", ".join(f"{x:.3f}" for x in r["s_per_step_by_round"])
-        lines.append(f"| {LABELS[name]} | {r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | {by_round} | {r['dev_accuracy']:.2f} | {r['train_seconds']} |")
+        lines.append(f"| {LABELS[name]} | {r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | {by_round} | {r['wall_s_per_step']:.3f} | "
+                     f"{r['dev_accuracy']:.2f} | {r['train_seconds']} |")
     lines += ["", *(f"- {k}: **{v['ratio']}** (by round: {', '.join(map(str, v['by_round']))})" for k, v in results["ratios"].items())]
     return "\n".join(lines) + "\n"
 

@@ -139,10 +139,11 @@ def _fused():
 def resolve_impl(impl: str, device: torch.device) -> str:
     """'auto' means the fused Triton kernels on CUDA and the eager reference elsewhere.
 
-    On a CPU torch.compile is faster per call (benchmarks/bench_loss_impl.py: 1.5x on the GLUE step's
-    2-class logits and [CLS] pairs, ~6x over every token, ~3x on vocabulary-sized KD), but its first call
-    compiles for 15-35 s on 2 cores. The trainer only meets GLUE's class logits, where the 0.1 ms a step it
-    saves never repays that within a run; `--loss-impl compile` pays off for long --pt-tokens all runs.
+    On a CPU torch.compile is faster per call but costs seconds to compile first (benchmarks/results/
+    loss_impl_cpu.md): on the GLUE step's class logits and [CLS] pairs it saves 0.14 ms a step, repaying
+    its 5 s only after ~37,000 steps, so auto stays eager. With --pt-tokens all it saves ~11 ms a step and
+    pays after a few hundred steps, and on vocabulary-sized KD at once: there pass `--loss-impl compile`. Auto does
+    not, because inductor on a CPU also needs a C++ compiler that the eager path does not.
     """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")

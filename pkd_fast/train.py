@@ -314,7 +314,7 @@ class Context:
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
         if self.world.is_main:
             with (spec.out / "train_log.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **values, "time": round(time.time(), 3)}) + "\n")  # s/step between lines
+                f.write(json.dumps({"step": step, **values, "time": round(time.time(), 3), "cpu_time": round(time.process_time(), 3)}) + "\n")  # s/step between lines
             if engine.monitor.enabled:
                 engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
 
