@@ -136,8 +136,8 @@ def student_engine(model: torch.nn.Module, config: dict):
 
     On one rank without ZeRO there is nothing to reduce, yet DeepSpeed's backward still flattens every
     gradient into one buffer, all-reduces it with itself, scales it by 1/1 and copies it back: three passes
-    over all gradients, 10% of a 2-core CPU step of a 22.7M-parameter student. That pass is turned off
-    there; ZeRO stages keep it, since their partitioned gradients are gathered through it.
+    over all gradients, 10% of a CPU step of the 3-layer MiniLM student (benchmarks/results/cpu_step.md).
+    That pass is turned off there; ZeRO stages keep it, since their partitioned gradients go through it.
     """
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
