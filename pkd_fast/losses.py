@@ -137,7 +137,14 @@ def _fused():
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' means the fused Triton kernels on CUDA and the eager reference elsewhere."""
+    """'auto' means the fused Triton kernels on CUDA and the eager reference elsewhere.
+
+    On a CPU torch.compile is faster per call but costs seconds to compile first (benchmarks/results/
+    loss_impl_cpu.md): on the GLUE step's class logits and [CLS] pairs it saves 0.14 ms a step, repaying
+    its 5 s only after ~37,000 steps, so auto stays eager. With --pt-tokens all it saves ~11 ms a step and
+    pays after a few hundred steps, and on vocabulary-sized KD at once: there pass `--loss-impl compile`.
+    Auto does not, because inductor on a CPU also needs a C++ compiler that the eager path does not.
+    """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     if impl == "auto":

@@ -275,7 +275,9 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
         if self.world.is_main:
             with log_file.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+                # wall and CPU time: s/step between two lines (benchmarks/bench_peer reads them)
+                f.write(json.dumps({"step": step, **values, "time": round(time.time(), 3),
+                                    "cpu_time": round(time.process_time(), 3)}) + "\n")
             if engine.monitor.enabled:
                 engine.monitor.write_events([(f"train/{k}", v, step) for k, v in values.items()])
 
