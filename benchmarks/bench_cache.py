@@ -44,7 +44,7 @@ from benchmarks import harness
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
-from pkd_fast.config import DEFAULT_DS_CONFIG, Config, default_teacher
+from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
 from pkd_fast.models import build_student, layer_map, load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.train import Context, Run
@@ -61,7 +61,7 @@ SETUPS = {  # per device: teacher size, batch, sequence length, precision
 
 
 def ds_config(setup: dict) -> dict:
-    config = ds.read_ds_config(str(DEFAULT_DS_CONFIG))
+    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=setup["micro_batch"], bf16={"enabled": setup["bf16"]}, tensorboard={"enabled": False})
     return config
 

@@ -25,7 +25,7 @@ from benchmarks import harness
 from benchmarks.bench_losses import VOCAB
 from benchmarks.bench_step import RECIPE, STEP_BUDGET
 from pkd_fast import engine as ds
-from pkd_fast.config import DEFAULT_DS_CONFIG
+from pkd_fast.config import ZERO2_DS_CONFIG
 from pkd_fast.data import real_token_index
 from pkd_fast.losses import pkd_loss
 from pkd_fast.models import MaskedLMRows, MlmRows, build_mlm_student, mlm_row_index, mlm_rows, mlm_student_layers, pt_rows
@@ -54,7 +54,7 @@ def models(setup: dict) -> tuple[BertForMaskedLM, BertForMaskedLM, tuple[int, ..
 
 
 def engines(setup: dict, device: torch.device):
-    config = ds.read_ds_config(str(DEFAULT_DS_CONFIG))
+    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=setup["micro_batch"], tensorboard={"enabled": False},
                   bf16={"enabled": setup["dtype"] == "bf16"})
     config = ds.resolve_ds_config(config, lr=5e-5, total_steps=10**6, warmup_steps=100, tensorboard_dir=Path(tempfile.gettempdir()))
@@ -151,7 +151,7 @@ def run(device: torch.device, quick: bool = False) -> dict:
                              "peak_mb": harness.peak_memory_mb(steps[head], device)[0]})
                 print(_line(rows[-1]), flush=True)
     settings = {**setup, "student_layers": list(layers), "pt_map": list(layers[:-1]), "recipe": RECIPE, "mask_rate": MASK_RATE,
-                "deepspeed": f"{DEFAULT_DS_CONFIG.name}: ZeRO-2, AdamW, one process, {setup['dtype']}",
+                "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, AdamW, one process, {setup['dtype']}",
                 "timing": "host clock on the CPU (variants taking turns step by step), device events on CUDA; median after warm-up",
                 "peak_mb": "CUDA only: max_memory_allocated during one step"}
     results = harness.update_results(harness.RESULTS_DIR / f"mlm_step_{harness.device_slug(device)}.json", device,

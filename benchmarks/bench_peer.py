@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
+from pkd_fast.config import CPU_DS_CONFIG, ZERO2_DS_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTBREWER = "textbrewer==0.2.1"
@@ -53,11 +54,6 @@ WINDOW = 10  # steps per timed window (pkd_fast logs every WINDOW steps)
 SETUP = {"task": "sst2", "max_seq_length": 64, "student_layers": 3, "temperature": 10.0, "alpha": 0.7, "beta": 100.0,
          "lr": 1e-4, "teacher_lr": 5e-5, "epochs": 1, "warmup_ratio": 0.1, "seed": 42}
 TRAINERS = ("textbrewer", "pkd-live", "pkd-cache", "pkd-ft", "plain-ft")
-
-
-def default_ds_config(device: torch.device) -> Path:
-    """What the README tells each device's user to pick."""
-    return REPO / "ds_configs" / ("zero2.json" if device.type == "cuda" else "cpu.json")
 
 
 def window_seconds(times: list[float], steps: list[int]) -> list[float]:
@@ -318,7 +314,7 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = harness.pick_device(None)
-    args.ds_config = args.ds_config or str(default_ds_config(device))
+    args.ds_config = args.ds_config or str(ZERO2_DS_CONFIG if device.type == "cuda" else CPU_DS_CONFIG)  # train.py's default
     if not args.glue_dir:
         raise SystemExit("error: --glue-dir (or GLUE_DIR) is required")
     micro_batch = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]

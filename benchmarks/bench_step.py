@@ -28,7 +28,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 from benchmarks import harness
 from benchmarks.bench_losses import INTERPRET_MAX_ROWS, VOCAB
 from pkd_fast import engine as ds
-from pkd_fast.config import DEFAULT_DS_CONFIG, Config
+from pkd_fast.config import ZERO2_DS_CONFIG, Config
 from pkd_fast.losses import pkd_loss
 from pkd_fast.models import build_student, layer_map, pt_rows
 from pkd_fast.tasks import get_task
@@ -146,7 +146,7 @@ def loss_alone(engine, teacher, case: StepCase, impl: str, batch: dict):
 def engines(case: StepCase, micro_batch: int, device: torch.device):
     """The student's ZeRO-2 bf16 engine and the frozen teacher. The JSON's micro-batch is the case's
     largest: DeepSpeed's step does not depend on it, so one engine serves every micro-batch."""
-    config = ds.read_ds_config(str(DEFAULT_DS_CONFIG))
+    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=micro_batch, tensorboard={"enabled": False})
     config = ds.resolve_ds_config(
         config, lr=5e-5, total_steps=10**6, warmup_steps=100, tensorboard_dir=Path(tempfile.gettempdir())
@@ -212,7 +212,7 @@ def settings() -> dict:
         "teacher": f"BERT-base-sized, {TEACHER_LAYERS} layers, hidden 768, random weights",
         "student": f"{STUDENT_LAYERS} layers (pkd-cls: built from the teacher's lower layers by models.build_student)",
         "seq": SEQ,
-        "deepspeed": f"{DEFAULT_DS_CONFIG.name}: ZeRO-2, bf16, AdamW; one process",
+        "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, bf16, AdamW; one process",
         "recipe": RECIPE,
         "cases": {
             "pkd-cls": f"PKD-Skip, layer map {list(CASES['pkd-cls'].layer_map)}, 2 classes, patient loss on [CLS]",

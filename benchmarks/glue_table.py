@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pkd_fast import train
-from pkd_fast.config import DEFAULT_DS_CONFIG, default_teacher
+from pkd_fast.config import default_ds_config, default_teacher
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import TASKS, get_task
 
@@ -302,7 +302,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--max-train-samples", type=int, default=None, help="a fixed subset (state it: the table does)")
     p.add_argument("--log-steps", type=int, default=20, help="log the loss terms every N steps (the loss mix averages them)")
-    p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG))
+    p.add_argument("--deepspeed", default=default_ds_config(), help="(default: train.py's, zero2.json on a GPU, cpu.json on a CPU)")
     p.add_argument("--output-dir", default=None, help="(default outputs/sweep_<task>)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default <output-dir>/teacher_cache)")
     p.add_argument("--live-teacher", action="store_true", help="run the teacher in every KD/PKD point instead of caching it once")

@@ -51,7 +51,16 @@ GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip
                  "verify_cache": "sampled", "pt_tokens": "cls"}
 MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
+ZERO2_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"  # the default on a GPU
+CPU_DS_CONFIG = REPO_ROOT / "ds_configs" / "cpu.json"  # the default on a CPU: a step at a plain loop's cost
+
+
+def default_ds_config() -> str:
+    """zero2.json where there is a GPU, cpu.json where there is none: on a CPU, ZeRO-2's bf16 machinery and
+    single-tensor AdamW made a step 1.59× a plain PyTorch loop's (benchmarks/results/cpu_step.md)."""
+    import torch
+
+    return str(ZERO2_DS_CONFIG if torch.cuda.is_available() else CPU_DS_CONFIG)
 
 # A preset only changes defaults: flags given on the command line still win.
 PRESETS = {
@@ -88,7 +97,7 @@ def _strategies(text: str) -> tuple[str, ...]:
 
 @dataclass
 class Config:
-    deepspeed: str = str(DEFAULT_DS_CONFIG)
+    deepspeed: str = field(default_factory=default_ds_config)
     objective: str = "glue"
     stage: str = "all"
     task: str | None = None  # default sst2 (GLUE only)
@@ -310,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     # Our own --deepspeed PATH: DeepSpeed's add_config_arguments defines --deepspeed as a switch.
-    p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config (batch size, precision, ZeRO)")
+    p.add_argument("--deepspeed", default=None,
+                   help="DeepSpeed JSON config (batch size, precision, ZeRO); default ds_configs/zero2.json on a GPU, "
+                        "ds_configs/cpu.json on a CPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
     p.add_argument("--objective", choices=OBJECTIVES, default="glue",
@@ -358,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlm: rows of the soft-label KL, the masked tokens or every real token (default all)")
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
                    help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
-    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA, eager elsewhere")
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA; on a CPU compile for vocabulary KD and --pt-tokens all, else eager")
     g.add_argument("--on-nonfinite", choices=NONFINITE_ACTIONS, default="stop",
                    help="a NaN/inf loss term, teacher output or cache row: stop (checked every --log-steps and before "
                         "each save, no per-step sync) or skip that micro-batch and count it (one host sync per micro-batch)")

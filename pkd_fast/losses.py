@@ -11,6 +11,7 @@ teacher cache and the kernels meet; `LOSS_IMPLS` picks who computes each term.
 from __future__ import annotations
 
 import functools
+import shutil
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,20 +137,27 @@ def _fused():
     return kernels
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' means the fused Triton kernels on CUDA and the eager reference elsewhere.
+def resolve_impl(impl: str, device: torch.device, *, wide: bool = False) -> str:
+    """What computes the loss terms. 'auto' means the fused Triton kernels on CUDA; elsewhere torch.compile
+    where it pays for itself, else the eager reference.
 
-    On a CPU torch.compile is faster per call but costs seconds to compile first (benchmarks/results/
-    loss_impl_cpu.md): on the GLUE step's class logits and [CLS] pairs it saves 0.14 ms a step, repaying
-    its 5 s only after ~37,000 steps, so auto stays eager. With --pt-tokens all it saves ~11 ms a step and
-    pays after a few hundred steps, and on vocabulary-sized KD at once: there pass `--loss-impl compile`.
-    Auto does not, because inductor on a CPU also needs a C++ compiler that the eager path does not.
+    `wide`: the loss reads vocabulary-sized logits (the masked-LM objective) or every token's hidden states
+    (--pt-tokens all). Measured on a CPU (benchmarks/results/loss_impl_cpu.md): compile's first call costs
+    seconds, which it repays after ~2 steps on vocabulary KD (3.6× the eager speed) and ~250 steps on
+    every-token PT (10.6×), but only after ~37,000 steps on GLUE's class logits and [CLS] pairs, so those
+    stay eager. Inductor on a CPU also needs a C++ compiler; without one, auto stays eager.
     """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "eager"
-    return impl
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        return "triton"
+    return "compile" if wide and _cpp_compiler() else "eager"
+
+
+def _cpp_compiler() -> str | None:
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
 
 
 def kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:

@@ -107,3 +107,20 @@ def test_regression_mixes_mse_to_label_and_to_teacher():
     terms = pkd_loss(s, t, y, temperature=5.0, alpha=0.6, regression=True, return_terms=True)
     assert terms.total.item() == pytest.approx(expected)
     assert terms.ce.item() == pytest.approx(0.5) and terms.kd.item() == pytest.approx(0.25)
+
+
+def test_auto_picks_the_loss_implementation_per_device_and_shape(monkeypatch):
+    """Triton on CUDA; on a CPU, compile only where it repays its first call (vocabulary KD, every-token PT,
+    benchmarks/results/loss_impl_cpu.md) and a C++ compiler is there for inductor; eager otherwise."""
+    from pkd_fast import losses
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert losses.resolve_impl("auto", cuda) == losses.resolve_impl("auto", cuda, wide=True) == "triton"
+    monkeypatch.setattr(losses.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert losses.resolve_impl("auto", cpu, wide=True) == "compile"
+    assert losses.resolve_impl("auto", cpu) == "eager"
+    monkeypatch.setattr(losses.shutil, "which", lambda name: None)
+    assert losses.resolve_impl("auto", cpu, wide=True) == "eager"
+    assert losses.resolve_impl("eager", cuda) == "eager" and losses.resolve_impl("compile", cpu) == "compile"
+    with pytest.raises(ValueError):
+        losses.resolve_impl("fast", cpu)

@@ -23,7 +23,8 @@ from test_config import assert_one_line_error
 from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log
 
 pytestmark = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
-TINY = ["--objective", "mlm", "--max-seq-length", "32", "--log-steps", "1", "--kd-positions", "masked"]
+# eager loss: auto would compile it on a CPU (it pays on vocabulary KD), seconds per process these short runs don't repay
+TINY = ["--objective", "mlm", "--max-seq-length", "32", "--log-steps", "1", "--kd-positions", "masked", "--loss-impl", "eager"]
 
 
 def write_sentences(path: Path, start: int, count: int) -> str:

@@ -191,7 +191,7 @@ class Context:
             world_size=world.world_size, lookup=lookup,
         )
         live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
-        impl = resolve_impl(cfg.loss_impl, world.device)
+        impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
         result = self.trainer.fit(
             model, loader, lambda engine, batch, terms: self.loss(engine, live_teacher, batch, spec, impl, terms),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),

@@ -103,7 +103,7 @@ class MlmContext:
         self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
         self.trainer = common.make_trainer(cfg, world, ds_config)
         self.micro_batch = self.trainer.micro_batch
-        self.impl = resolve_impl(cfg.loss_impl, world.device)
+        self.impl = resolve_impl(cfg.loss_impl, world.device, wide=True)  # vocabulary-sized logits
         source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                   "text_column": cfg.text_column}
         self.cache_dir = out / "corpus_cache"
