@@ -8,6 +8,7 @@ The hosts share this machine's filesystem except for `local/`, which each host s
 (a bind mount in that host's mount namespace), like a node-local disk.
 """
 
+import csv
 import json
 import signal
 import subprocess
@@ -17,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from transformers import AutoTokenizer
 
 import multihost
+from pkd_fast.config import default_teacher
+from pkd_fast.models import fresh_mlm_head
 from pkd_fast.train import main
 from test_config import assert_one_line_error
-from test_train import GLUE_DIR, SMALL, ds_json, save_teacher, train, train_log
+from test_train import GLUE_DIR, REPO, SMALL, ds_json, save_teacher, train, train_log
 
 pytestmark = [
     pytest.mark.slow,
@@ -106,6 +110,51 @@ def test_two_hosts_train_the_student_one_host_with_two_ranks_trains(tmp_path, wh
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one_host, two_hosts))
     assert r2["dev"] == r1["dev"]
     assert not (two_hosts / "checkpoints").exists()
+
+
+def zero3_json(tmp: Path) -> str:
+    """The shipped ZeRO-3 JSON in fp32 with the small micro-batch of these runs."""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 8})
+    (tmp / "z3.json").write_text(json.dumps(config))
+    return str(tmp / "z3.json")
+
+
+def mlm_teacher_and_text(tmp: Path) -> tuple[str, str]:
+    """A masked-LM teacher (the offline MiniLM with a fresh tied head: what --stage teacher starts from) and
+    200 SST-2 sentences as raw text."""
+    fresh_mlm_head(default_teacher()).save_pretrained(tmp / "mlm_teacher")
+    AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(tmp / "mlm_teacher")
+    with open(GLUE_DIR / "SST-2" / "train.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:201]
+    (tmp / "text.txt").write_text("".join(row[0] + "\n" for row in rows))
+    return str(tmp / "mlm_teacher"), str(tmp / "text.txt")
+
+
+@pytest.mark.parametrize("case", ["zero3", "mlm"])
+def test_two_hosts_train_what_one_host_with_two_ranks_trains_on_zero3_and_mlm(hosts, tmp_path, whole, case):
+    """The same equality for ZeRO-3 (the student partitioned across the hosts, the teacher in its own ZeRO-3
+    engine) and for the masked-LM objective (a PKD student of a masked-LM teacher on raw text)."""
+    common, _ = whole
+    if case == "zero3":
+        args = [*common[common.index("--stage"):], "--deepspeed", zero3_json(tmp_path)]
+        run_dir = Path("students") / "skip"
+    else:
+        teacher, text = mlm_teacher_and_text(tmp_path)
+        args = ["--objective", "mlm", "--stage", "student", "--teacher", teacher, "--text-files", text,
+                "--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=4), "--max-seq-length", "32",
+                "--max-steps", "4", "--log-steps", "1", "--temperature", "1", "--loss-impl", "eager"]
+        run_dir = Path("students") / "alternate"
+    two = hosts.run_both([*args, "--output-dir", str(tmp_path / "two")], log_name=case)
+    assert all(l.proc.returncode == 0 for l in two), multihost.describe(two)
+    train([*args, "--output-dir", str(tmp_path / "one")], ranks=2)
+    log1, log2 = train_log(tmp_path / "one" / run_dir), train_log(tmp_path / "two" / run_dir)
+    assert [r["step"] for r in log1] == [r["step"] for r in log2] and len(log1) >= 4
+    for a, b in zip(log1, log2):
+        for term in ("total", "ce", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=5e-8), (case, a["step"], term)
+    r1, r2 = (json.loads((tmp_path / d / run_dir / "results.json").read_text()) for d in ("one", "two"))
+    assert r2["dev"] == pytest.approx(r1["dev"], rel=1e-4)
 
 
 def test_a_killed_host_stops_the_other_naming_it_and_resume_on_both_ends_where_the_whole_run_ended(hosts, tmp_path, whole):
