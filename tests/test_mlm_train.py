@@ -183,6 +183,30 @@ def test_zero2_reduces_on_every_micro_step():
             pass
 
 
+def test_zero1_reduces_only_at_accumulation_boundaries():
+    """ds_configs/zero1.json, for large accumulation: ZeRO-1 partitions only the optimizer state, so DeepSpeed
+    reduces gradients once per optimizer step, at the boundary, and micro-steps in between communicate nothing."""
+    world = ds.init_distributed()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero1.json").read_text())
+    config.update({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "bf16": {"enabled": False},
+                   "tensorboard": {"enabled": False}})
+    config.pop("scheduler")
+    engine = ds.student_engine(model, ds.resolve_ds_config(config, lr=1e-3, total_steps=10, warmup_steps=1, tensorboard_dir=Path(".")))
+    reduced = []
+    original = engine.optimizer.reduce_gradients
+
+    def counting(*args, **kwargs):
+        reduced.append(engine.is_gradient_accumulation_boundary())
+        return original(*args, **kwargs)
+
+    engine.optimizer.reduce_gradients = counting
+    for _ in range(8):
+        engine.backward(engine(torch.randn(2, 8, device=world.device)).sum())
+        engine.step()
+    assert reduced == [True, True]  # two optimizer steps of four micro-steps: one reduction each
+
+
 def test_keep_checkpoints_keeps_the_newest_by_step_number(tmp_path):
     for step in (2, 4, 10, 12):
         (tmp_path / f"step{step}").mkdir()
