@@ -24,10 +24,7 @@ def is_finetuned(path: str, task: Task) -> bool:
     """True when `path` holds a sequence-classification head for `task`; an error when that head was
     trained for something else: another number of classes, another task, or the classes in another order
     (read from the config's `finetuning_task` and `id2label` where it names them)."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise PkdError(f"--teacher {path}: cannot load a model config ({_first_line(err)})") from None
+    config = model_config("--teacher", path)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         return False
     if config.num_labels != task.num_labels:
@@ -47,6 +44,14 @@ def is_finetuned(path: str, task: Task) -> bool:
             raise PkdError(f"--teacher {path}: its id2label {names} are {why}; {task.name} expects "
                            f"{known[0]} (ids 0..{task.num_labels - 1})")
     return True
+
+
+def model_config(flag: str, path: str):
+    """The config of the model `flag` names, or one line saying why it cannot be loaded."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise PkdError(f"{flag} {path}: cannot load a model config ({_first_line(err)})") from None
 
 
 def _label_key(name) -> str:

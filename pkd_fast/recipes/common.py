@@ -7,12 +7,10 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
-from pkd_fast.errors import PkdError
 from pkd_fast.trainer import Trainer
 
 log = logging.getLogger("pkd_fast")
@@ -50,14 +48,6 @@ def run_key(cfg: Config, ds_config: dict, **run) -> dict:
     flags = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if k not in RESULT_NEUTRAL}
     ds_json = {k: v for k, v in ds_config.items() if k not in ("tensorboard", "steps_per_print", "wall_clock_breakdown")}
     return {**flags, **json.loads(json.dumps(run)), "deepspeed_json": ds_json}
-
-
-def model_config(flag: str, path: str):
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PkdError(f"{flag} {path}: cannot load a model config ({first})") from None
 
 
 def configure_logging(is_main: bool) -> None:

@@ -26,7 +26,7 @@ from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics
-from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, num_layers, pt_rows
+from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -146,7 +146,7 @@ def _check_positions(cfg: Config) -> None:
     for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
         if path is None:
             continue
-        positions = getattr(common.model_config(flag, path), "max_position_embeddings", None)
+        positions = getattr(model_config(flag, path), "max_position_embeddings", None)
         if positions is not None and cfg.max_seq_length > positions:
             raise PkdError(f"--max-seq-length {cfg.max_seq_length}: {flag} {path} has {positions} position embeddings")
 
