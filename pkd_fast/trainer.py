@@ -48,7 +48,7 @@ WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "loss")
 @dataclass
 class StepOutput:
     terms: LossTerms
-    watched: dict[str, torch.Tensor] = field(default_factory=dict)  # name → tensor that must stay finite
+    watched: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)  # name → what must stay finite
 
 
 class NonFiniteError(PkdError):
@@ -67,13 +67,9 @@ class NonFiniteGuard:
         self.first_bad = torch.zeros(len(self.names), dtype=torch.long, device=device)  # 0: finite so far
         self.skipped = 0
 
-    def observe(self, step: int, watched: dict[str, torch.Tensor]) -> torch.Tensor:
+    def observe(self, step: int, watched: dict[str, torch.Tensor | list[torch.Tensor]]) -> torch.Tensor:
         """Fold this micro-step in, on device; returns which watched names are non-finite now."""
-        bad = torch.stack([
-            ~torch.isfinite(watched[name]).all() if watched.get(name) is not None
-            else torch.zeros((), dtype=torch.bool, device=self.first_bad.device)
-            for name in self.names
-        ])
+        bad = torch.stack([_non_finite(watched.get(name), self.first_bad.device) for name in self.names])
         self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
         return bad
 
@@ -328,6 +324,15 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     if hf is None or not hf.supports_gradient_checkpointing:
         raise PkdError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
     hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _non_finite(value: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+    """A device bool: whether a watched tensor (or any of a list, e.g. one per layer, read where they lie
+    rather than stacked into a copy) holds a NaN or inf."""
+    if value is None:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    tensors = [value] if isinstance(value, torch.Tensor) else value
+    return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 
 def _no_gradient(output: StepOutput) -> torch.Tensor:

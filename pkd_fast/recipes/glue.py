@@ -240,7 +240,7 @@ class Context:
         if spec.alpha:
             watched["teacher logits"] = t_logits
         if t_rows:
-            watched["teacher hidden states"] = torch.stack(t_rows) if len(t_rows) > 1 else t_rows[0]
+            watched["teacher hidden states"] = t_rows
         return StepOutput(terms, watched)
 
     # -- evaluation ----------------------------------------------------------------------------------

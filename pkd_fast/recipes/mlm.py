@@ -217,7 +217,7 @@ class MlmContext:
         if spec.alpha:
             watched["teacher logits"] = rows.teacher_logits
         if t_rows:
-            watched["teacher hidden states"] = torch.stack(t_rows)
+            watched["teacher hidden states"] = t_rows
         return StepOutput(terms, watched)
 
     # -- evaluation ----------------------------------------------------------------------------------
