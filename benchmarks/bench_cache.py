@@ -153,7 +153,7 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
     if mode == "live":
         teacher = ds.frozen_teacher(load_classifier(ctx.cfg.teacher, TASK), config, device)
     elif mode == "cache":
-        lookup = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)).reader(lmap, tokens=False, pin=device.type == "cuda")
+        lookup = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)).reader(lmap, "cls", pin=device.type == "cuda")
     loader = glue_data.make_loader(ctx.train_set, ctx.tokenizer, setup["micro_batch"], train=True, seed=0, lookup=lookup)
     batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch: the timer decides how many
     impl = "triton" if device.type == "cuda" else "eager"

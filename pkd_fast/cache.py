@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pkd_fast.data import mean_pool
 from pkd_fast.engine import fault_point, require_shared_directory
 from pkd_fast.errors import PkdError
 
@@ -150,8 +151,9 @@ class Layout:
     teacher_layers: int
     hidden_size: int
     layers: tuple[int, ...]  # the stored hidden_states indices, ascending (0 = embeddings)
-    positions: int  # 1: [CLS] only; max_seq_length: every token
+    positions: int  # 1: one row per example (`pooled`); max_seq_length: every token
     dtype: str
+    pooled: str = "cls"  # with positions 1, what the row is: the [CLS] state, or the mean over real tokens (--pt-tokens mean)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -163,7 +165,7 @@ class Layout:
     def describe(self) -> str:
         itemsize = np.dtype(_NUMPY[self.dtype]).itemsize
         sizes = ", ".join(f"{name} {list(shape)} {_gib(np.prod(shape) * itemsize)}" for name, shape in self.shapes.items())
-        what = "[CLS]" if self.positions == 1 else "every token"
+        what = "every token" if self.positions > 1 else "[CLS]" if self.pooled == "cls" else "the real tokens' mean"
         return f"{self.dtype}, {what} of layers {list(self.layers)}: {sizes}"
 
 
@@ -250,33 +252,40 @@ class TeacherCache:
                 raise PkdError(f"{path}: contents do not match the manifest's {check} (corrupt); rewrite the cache with --stage cache")
         return cls(directory, layout)
 
-    def require(self, layers: Iterable[int], tokens: bool) -> None:
-        """Refuse a run that needs a layer (or every token's states) the store lacks."""
+    def require(self, layers: Iterable[int], pt_tokens: str) -> None:
+        """Refuse a run that needs a layer, or rows (--pt-tokens), the store lacks. A store of every token
+        serves all three kinds of rows; a one-row store only the kind it pooled."""
         missing = sorted(set(layers) - set(self.layout.layers))
         if missing:
             raise PkdError(f"--teacher-cache {self.directory}: teacher layer(s) {missing} not stored (it holds {list(self.layout.layers)}); "
                            "rewrite it with --stage cache and --cache-layers including them")
-        if tokens and self.layout.positions == 1:
-            raise PkdError(f"--teacher-cache {self.directory}: holds [CLS] states only but --pt-tokens all needs every token's; "
-                           "rewrite it with --stage cache --pt-tokens all")
+        if self.layout.positions == 1 and pt_tokens != self.layout.pooled:
+            held = "[CLS] states only" if self.layout.pooled == "cls" else "mean-pooled states only"
+            raise PkdError(f"--teacher-cache {self.directory}: holds {held} but --pt-tokens {pt_tokens} needs "
+                           f"{'every token' if pt_tokens != 'cls' else 'the [CLS] state'}; rewrite it with --stage cache "
+                           f"--pt-tokens {pt_tokens} (or all, which serves every kind)")
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array))
         return t.view(torch.bfloat16) if self.layout.dtype == "bfloat16" else t
 
-    def reader(self, layers: Sequence[int], tokens: bool, pin: bool = False) -> Callable[[dict], dict]:
+    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False) -> Callable[[dict], dict]:
         """The collate-time lookup of one run: `teacher_logits` [B, C] and, for a layer map, `teacher_hidden`
-        [B, len(layers), S, H] (S = 1 for [CLS], the batch's padded length for every token), in map order."""
-        self.require(layers, tokens)
+        [B, len(layers), S, H] in map order: S = the batch's padded length for --pt-tokens all, else 1 (the
+        [CLS] state, or the mean over the batch's real tokens, pooled here from a store of every token)."""
+        self.require(layers, pt_tokens)
         index = np.array([self.layout.layers.index(l) for l in layers], dtype=np.int64)
+        pool = pt_tokens == "mean" and self.layout.positions > 1
 
         def read(batch: dict) -> dict:
             rows = batch["example_idx"].numpy()
             out = {"teacher_logits": self._tensor(self.arrays["logits"][rows])}
             if len(index):
-                width = batch["input_ids"].shape[1] if tokens else 1
+                width = batch["input_ids"].shape[1] if pt_tokens == "all" or pool else 1
                 states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
-                if states.shape[2] < width:  # the batch is padded (to a multiple of 8) past max_seq_length
+                if pool:  # [B, L, S, H] → [B, L, 1, H]
+                    states = torch.stack([mean_pool(states[:, i], batch["attention_mask"]) for i in range(len(index))], 1)[:, :, None]
+                elif states.shape[2] < width:  # the batch is padded (to a multiple of 8) past max_seq_length
                     states = F.pad(states, (0, 0, 0, width - states.shape[2]))
                 out["teacher_hidden"] = states
             return {k: v.pin_memory() for k, v in out.items()} if pin else out
@@ -379,7 +388,10 @@ class Writer:
                            "(NaN or inf); a cache must not store them. Check the teacher's weights and --deepspeed precision")
         self.arrays["logits"][rows] = self._numpy(logits)
         width = self.layout.positions
-        states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
+        if width == 1 and self.layout.pooled == "mean":
+            states = torch.stack([mean_pool(hidden_states[l], attention_mask) for l in self.layout.layers], 1)[:, :, None]
+        else:
+            states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
         if width > 1:  # zero the padding: its values depend on the batch, and no loss reads them
             states = states * attention_mask[:, None, :width, None].to(states.dtype)
         self.arrays["hidden"][rows, :, : states.shape[2]] = self._numpy(states)

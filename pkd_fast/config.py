@@ -41,8 +41,9 @@ RESULT_NEUTRAL = frozenset({
 # --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
 # the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
 DEFAULT_DIST_TIMEOUT_S = 600.0
+PT_TOKENS = ("cls", "all", "mean")  # the patient loss's rows: models.pt_rows
 # Flags only one objective reads (None or False when not given); the other objective refuses them.
-GLUE_ONLY = ("task", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
+GLUE_ONLY = ("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
              "init_from", "base_model", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset")
 MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
             "kd_positions", "student_layer_choice", "student_layer_list")
@@ -111,6 +112,7 @@ class Config:
     temperature: float = 10.0
     alpha: float = 0.7
     beta: float = 100.0
+    beta_share: float | None = None  # GLUE: β set at step 0 so that β·PT is this share of the loss (replaces --beta)
     pt_tokens: str | None = None  # default cls under glue, all under mlm
     pt_reduction: str = "elementwise_mean"
     teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
@@ -192,7 +194,9 @@ class Config:
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
-        need(self.pt_tokens in ("cls", "all"), f"--pt-tokens must be cls or all, got {self.pt_tokens!r}")
+        need(self.pt_tokens in PT_TOKENS, f"--pt-tokens must be one of {PT_TOKENS}, got {self.pt_tokens!r}")
+        need(self.beta_share is None or (math.isfinite(self.beta_share) and 0.0 < self.beta_share < 1.0),
+             f"--beta-share must be a share of the loss in (0, 1), got {self.beta_share}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
         need(self.init_from in (None, "teacher", "pretrained"), "--init-from must be teacher or pretrained")
         need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
@@ -364,7 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=d["temperature"].default)
     g.add_argument("--alpha", type=float, default=d["alpha"].default, help="weight of the soft-label term")
     g.add_argument("--beta", type=float, default=d["beta"].default, help="weight of the patient (hidden-state) term")
-    g.add_argument("--pt-tokens", choices=("cls", "all"), default=None, help="rows of the patient loss (default: glue cls, mlm all)")
+    g.add_argument("--beta-share", type=float, default=None, metavar="S",
+                   help="glue: set β at step 0 so that β·PT is this share (0-1) of the loss on the first batch, the "
+                        "same on every rank and on --resume (replaces --beta; the chosen β is in results.json)")
+    g.add_argument("--pt-tokens", choices=PT_TOKENS, default=None,
+                   help="rows of the patient loss: [CLS], every real token, or each layer's mean over the real tokens "
+                        "(the sentence embedding a mean-pooling teacher was trained to produce) (default: glue cls, mlm all)")
     g.add_argument("--kd-positions", choices=KD_POSITIONS, default=None,
                    help="mlm: rows of the soft-label KL, the masked tokens or every real token (default all)")
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,

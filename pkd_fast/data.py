@@ -204,5 +204,13 @@ def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.flatten().nonzero().squeeze(1)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each example's mean over its real tokens, [B, S, H] → [B, H] in fp32 (--pt-tokens mean): the
+    sentence embedding a mean-pooling teacher such as all-MiniLM-L6-v2 was trained to produce. Summed in
+    fp32: a bf16 sum over a long sentence loses the last bits that the normalised distance compares."""
+    mask = attention_mask[:, : hidden.shape[1], None].float()
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

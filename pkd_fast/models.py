@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from pkd_fast.data import model_inputs, real_token_index
+from pkd_fast.data import mean_pool, model_inputs, real_token_index
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import Task
 
@@ -143,10 +143,13 @@ def layer_map(strategy: str, teacher_layers: int, student_layers: int, explicit:
     return tuple(n - k + j for j in range(1, k))
 
 
-def pt_rows(hidden_states, layers, token_index: torch.Tensor | None) -> list[torch.Tensor]:
-    """The rows the patient loss reads from `hidden_states[l]` for each l in `layers`: the [CLS] vector
-    ([B, H], a strided view, no copy) or, given `token_index` into the flattened [B·S] positions, every
-    real token ([tokens, H])."""
+def pt_rows(hidden_states, layers, token_index: torch.Tensor | None = None, pool_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The rows the patient loss reads from `hidden_states[l]` for each l in `layers` (--pt-tokens): the
+    [CLS] vector ([B, H], a strided view, no copy); given `token_index` into the flattened [B·S] positions,
+    every real token ([tokens, H]); given `pool_mask` (the [B, S] attention mask), each example's mean over
+    its real tokens ([B, H], fp32)."""
+    if pool_mask is not None:
+        return [mean_pool(hidden_states[i], pool_mask) for i in layers]
     if token_index is None:
         return [hidden_states[i][:, 0] for i in layers]
     return [hidden_states[i].flatten(0, 1).index_select(0, token_index) for i in layers]

@@ -193,7 +193,8 @@ class Trainer:
                     throughput.add(batch["attention_mask"])
                     boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
                     step = engine.global_steps + 1
-                    log_now = boundary and step % self.log_steps == 0
+                    # step 1 too: the terms at the initial weights (the share β·PT starts from, glue_table reads it)
+                    log_now = boundary and (step == 1 or step % self.log_steps == 0)
                     output = step_fn(engine, batch, log_now)
                     bad = guard.observe(step, output.watched)
                     if skip_mode and guard.skip(bad, step):

@@ -21,7 +21,7 @@ from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
 from pkd_fast.engine import FAULT_ENV, Dist, _free_port
 from pkd_fast.errors import PkdError
-from pkd_fast.models import load_classifier
+from pkd_fast.models import load_classifier, pt_rows
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 
@@ -68,12 +68,12 @@ def test_rows_read_back_bit_exact_in_any_row_and_layer_order(tmp_path, dtype):
     layout, logits, states = synthetic(dtype=dtype)
     store = write_store(tmp_path / "c", layout, logits, states)
     rows = [7, 0, 3, 3]
-    out = store.reader([4, 2], tokens=False)(batch_of(rows, 8))
+    out = store.reader([4, 2], "cls")(batch_of(rows, 8))
     assert out["teacher_logits"].dtype == getattr(torch, dtype)
     assert torch.equal(out["teacher_logits"], logits[rows])
     expected = torch.stack([states[4][rows, :1], states[2][rows, :1]], 1)  # [B, 2 layers, 1 position, H]
     assert torch.equal(out["teacher_hidden"], expected)
-    assert "teacher_hidden" not in store.reader([], tokens=False)(batch_of(rows, 8))  # KD: logits only
+    assert "teacher_hidden" not in store.reader([], "cls")(batch_of(rows, 8))  # KD: logits only
 
 
 def test_token_store_zeroes_padding_and_pads_to_the_batch_width(tmp_path):
@@ -82,13 +82,39 @@ def test_token_store_zeroes_padding_and_pads_to_the_batch_width(tmp_path):
     mask = (torch.arange(12)[None] < lengths[:, None]).long()
     store = write_store(tmp_path / "c", layout, logits, states, mask=mask)
     rows = [1, 8, 4]
-    hidden = store.reader([3], tokens=True)(batch_of(rows, 16))["teacher_hidden"]  # width 16 > max_seq_length 12
+    hidden = store.reader([3], "all")(batch_of(rows, 16))["teacher_hidden"]  # width 16 > max_seq_length 12
     assert hidden.shape == (3, 1, 16, 8)
     for i, row in enumerate(rows):
         n = int(lengths[row])
         assert torch.equal(hidden[i, 0, :n], states[3][row, :n])
         assert not hidden[i, 0, n:].any()
-    assert store.reader([1], tokens=False)(batch_of(rows, 16))["teacher_hidden"].shape == (3, 1, 1, 8)  # [CLS] of a token store
+    assert store.reader([1], "cls")(batch_of(rows, 16))["teacher_hidden"].shape == (3, 1, 1, 8)  # [CLS] of a token store
+
+
+def test_mean_rows_are_the_real_tokens_mean_whether_pooled_at_write_or_from_a_token_store(tmp_path):
+    """--pt-tokens mean: a one-row store pooled when written, and a store of every token pooled when read,
+    give each example's mean over its real tokens (padding excluded), the same as models.pt_rows pools the
+    live teacher's states."""
+    layout, logits, states = synthetic(positions=12, layers=(1, 3))
+    lengths = torch.tensor([12, 5, 9, 1, 12, 3, 7, 2, 11, 4])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    tokens = write_store(tmp_path / "tokens", layout, logits, states, mask=mask)
+    pooled_layout = Layout(**{**vars(layout), "positions": 1, "pooled": "mean"})
+    pooled = write_store(tmp_path / "pooled", pooled_layout, logits, states, mask=mask)
+    rows = [1, 8, 4, 3]
+    batch = {**batch_of(rows, 16), "attention_mask": torch.nn.functional.pad(mask[rows], (0, 4))}  # padded past 12
+    expected = torch.stack([torch.stack([states[l][r, : int(lengths[r])].mean(0) for r in rows]) for l in (3, 1)], 1)[:, :, None]
+    for store in (tokens, pooled):
+        hidden = store.reader([3, 1], "mean")(batch)["teacher_hidden"]
+        assert hidden.shape == (4, 2, 1, 8)
+        torch.testing.assert_close(hidden, expected, rtol=1e-6, atol=1e-6)
+    live = pt_rows([None, *(states[l][rows] for l in (1, 2, 3))], (3, 1), pool_mask=mask[rows])
+    torch.testing.assert_close(torch.stack(live, 1)[:, :, None], expected, rtol=1e-6, atol=1e-6)
+    # A one-row store serves only the rows it holds.
+    with pytest.raises(PkdError, match=r"mean-pooled states only but --pt-tokens cls"):
+        pooled.require([1], "cls")
+    with pytest.raises(PkdError, match=r"mean-pooled states only but --pt-tokens all"):
+        pooled.reader([1], "all")
 
 
 @pytest.fixture
@@ -136,9 +162,11 @@ def test_a_fingerprint_mismatch_names_every_field_that_differs(store_dir):
 def test_a_layer_or_token_states_the_store_lacks_are_refused(store_dir):
     store = TeacherCache.open(store_dir, FINGERPRINT)  # layers 0, 2, 4; [CLS] only
     with pytest.raises(PkdError, match=r"teacher layer\(s\) \[1, 3\] not stored \(it holds \[0, 2, 4\]\)"):
-        store.reader([1, 2, 3], tokens=False)
+        store.reader([1, 2, 3], "cls")
     with pytest.raises(PkdError, match=r"\[CLS\] states only but --pt-tokens all"):
-        store.require([2], tokens=True)
+        store.require([2], "all")
+    with pytest.raises(PkdError, match=r"\[CLS\] states only but --pt-tokens mean"):
+        store.reader([2], "mean")
 
 
 def test_a_crash_mid_write_leaves_the_old_store_and_no_temporary(store_dir):
@@ -222,7 +250,7 @@ def test_cached_rows_match_a_live_forward_for_any_layer_map(setup):
     batch = data.make_loader(train_set.select(rows), tokenizer, len(rows), train=False, seed=0).collate_fn(
         [train_set[i] for i in rows]
     )
-    cached = store.reader([1, 6, 3], tokens=False)(batch)
+    cached = store.reader([1, 6, 3], "cls")(batch)
     teacher = load_classifier(str(root / "teacher"), task).eval()
     with torch.no_grad():
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

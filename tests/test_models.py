@@ -99,6 +99,11 @@ def test_pt_rows_cls_and_tokens():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     rows = pt_rows(hidden, (2,), real_token_index(mask))
     assert torch.equal(rows[0], hidden[2][mask.bool()])
+    # --pt-tokens mean: each example's mean over its real tokens, in fp32 whatever the states' dtype
+    pooled = pt_rows([h.bfloat16() for h in hidden], (1, 2), pool_mask=mask)
+    assert [p.dtype for p in pooled] == [torch.float32] * 2
+    expected = torch.stack([hidden[2][0, :2].bfloat16().float().mean(0), hidden[2][1, :3].bfloat16().float().mean(0)])
+    torch.testing.assert_close(pooled[1], expected, rtol=1e-6, atol=1e-6)
 
 
 def _save_classifier(path, num_labels, id2label=None, finetuning_task=None):

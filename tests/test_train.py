@@ -205,3 +205,39 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, uninterrupted):
     layout = ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16)
     proc = train([*common, "--output-dir", str(out), "--resume", "--deepspeed", layout], check=False)
     assert proc.returncode == 2 and "micro_batch: checkpoint 8 ≠ now 16" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_beta_share_sets_the_patient_terms_share_at_step_1_and_leaves_the_run_otherwise_unchanged(tmp_path, teacher_with_dropout):
+    """--beta-share 0.25 picks β on the first batch at the initial weights; the logged step 1 (dropout on)
+    carries about that share. That β, given as --beta, reproduces the run exactly: choosing it draws no random
+    number, so the dropout stream (and the pairing with the other strategies of a seed) is untouched. A kill
+    after the step-3 checkpoint resumes with the same β (the checkpoint's run key would refuse another)."""
+    common = ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=8), "--stage", "student", "--teacher",
+              teacher_with_dropout, "--strategy", "skip", "--max-train-samples", "48", "--epochs", "1", "--save-steps", "3", *SMALL]
+    train([*common, "--beta-share", "0.25", "--output-dir", str(tmp_path / "share")])
+    run = tmp_path / "share" / "students" / "skip"
+    beta = json.loads((run / "results.json").read_text())["beta"]
+    log = train_log(run)
+    assert log[0]["step"] == 1 and beta * log[0]["pt"] / log[0]["total"] == pytest.approx(0.25, abs=0.03)
+    train([*common, "--beta", repr(beta), "--output-dir", str(tmp_path / "given")])
+    assert [r["total"] for r in train_log(tmp_path / "given" / "students" / "skip")] == [r["total"] for r in log]
+    killed = tmp_path / "killed"
+    proc = train([*common, "--beta-share", "0.25", "--output-dir", str(killed)], env={FAULT_ENV: "ckpt-published@3"}, check=False)
+    assert proc.returncode == -9
+    train([*common, "--beta-share", "0.25", "--output-dir", str(killed), "--resume"])
+    assert [r["total"] for r in train_log(killed / "students" / "skip")] == pytest.approx([r["total"] for r in log], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_mean_pooled_pt_from_the_cache_equals_the_live_teachers(tmp_path, teacher_without_dropout):
+    """--pt-tokens mean: the cache's pooled rows (fp32 store) give the live teacher's loss curve."""
+    common = ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=8), "--teacher", teacher_without_dropout,
+              "--strategy", "skip", "--pt-tokens", "mean", "--max-train-samples", "32", "--epochs", "1", *SMALL]
+    train([*common, "--stage", "student", "--output-dir", str(tmp_path / "live")])
+    train([*common, "--stage", "all", "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
+    live, cached = (train_log(tmp_path / d / "students" / "skip") for d in ("live", "cached"))
+    assert len(live) == 4 and all(r["pt"] > 0 for r in live)
+    for a, b in zip(live, cached):
+        for term in ("total", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-7), (a["step"], term)

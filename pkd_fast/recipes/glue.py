@@ -6,6 +6,7 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +26,7 @@ from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
-from pkd_fast.metrics import glue_metrics
+from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
@@ -92,7 +93,7 @@ def run(cfg: Config) -> dict:
         k = cfg.student_layers or max(1, n // 2)
         maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
         if cache is not None:
-            cache.require({layer for lmap in maps.values() for layer in lmap}, tokens=cfg.pt_tokens == "all")
+            cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
         # their teacher, and with a cache nothing else of it is loaded.
         init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
@@ -114,6 +115,7 @@ def run(cfg: Config) -> dict:
         "teacher": cfg.teacher,
         "train_rows": len(train_set),
         "train_rows_available": full_train_rows,
+        "dev_rows": {split: len(dev) for split, dev in dev_sets.items()},
         "preset": cfg.preset,
         "runs": results,
     }
@@ -182,7 +184,7 @@ class Context:
         lookup = None
         source = "no teacher" if teacher is None else "live teacher"
         if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
-            lookup = teacher.reader(spec.layer_map, tokens=cfg.pt_tokens == "all", pin=world.device.type == "cuda")
+            lookup = teacher.reader(spec.layer_map, cfg.pt_tokens, pin=world.device.type == "cuda")
             teacher, source = None, f"teacher outputs read from {cfg.teacher_cache}"
         if cfg.pt_tokens == "all" and spec.layer_map:  # real-token positions, found in the collate: no sync later
             lookup = _with_token_index(lookup)
@@ -192,6 +194,8 @@ class Context:
         )
         live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
         impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
+        if cfg.beta_share is not None and spec.layer_map:
+            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, live_teacher, loader, spec, impl))
         result = self.trainer.fit(
             model, loader, lambda engine, batch, terms: self.loss(engine, live_teacher, batch, spec, impl, terms),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
@@ -202,10 +206,39 @@ class Context:
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
             "student_layers": result.engine.module.config.num_hidden_layers,
-            "alpha": spec.alpha, "beta": spec.beta, "temperature": cfg.temperature, "lr": spec.lr,
+            "alpha": spec.alpha, "beta": spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None,
+            "temperature": cfg.temperature, "lr": spec.lr,
             "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
             "train_rows": len(self.train_set),
         })
+
+    @torch.no_grad()
+    def calibrate_beta(self, model, teacher, loader, spec: Run, impl: str) -> float:
+        """--beta-share s: the β that makes β·PT the share s of the loss on the run's first batch at its
+        initial weights, β = s/(1-s)·((1-α)·CE + α·KD)/PT, so a β grid means the same across --pt-tokens
+        kinds and teachers whose PT differs by orders of magnitude. The terms are averaged over ranks (one β
+        everywhere) and depend only on the run's flags and data, so --resume finds the same β. Dropout is off
+        and the RNG state is restored: the run's dropout stream is the one it has without the flag."""
+        world, dtype = self.world, ds.train_dtype(self.ds_config)
+        (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(0)
+        with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+            batch = glue_data.batch_to_device(next(iter(loader)), world.device)
+            was_training = model.training
+            model.to(world.device).eval()
+            with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                terms = self.loss(model, teacher, batch, dataclasses.replace(spec, beta=1.0), impl, True).terms
+            model.train(was_training)
+        rest = (1 - spec.alpha) * terms.ce + (spec.alpha * terms.kd if terms.kd is not None else 0.0)
+        values = torch.stack([rest, terms.pt]).float()
+        dist.all_reduce(values)
+        rest, pt = (values / world.world_size).tolist()
+        if not pt > 0:
+            raise PkdError(f"--beta-share {self.cfg.beta_share}: the patient loss is {pt:g} on the first batch (the student's "
+                           f"layers equal the teacher layers {list(spec.layer_map)} they learn from), so no β scales it; give --beta")
+        beta = self.cfg.beta_share / (1 - self.cfg.beta_share) * rest / pt
+        log.info("%s: --beta-share %g → β = %.6g ((1-α)·CE + α·KD %.4g, PT %.4g on the first batch)",
+                 spec.name, self.cfg.beta_share, beta, rest, pt)
+        return beta
 
     def _run_key(self, spec: Run) -> dict:
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
@@ -229,8 +262,10 @@ class Context:
         s_rows, t_rows = [], []
         if need_hidden:
             token_index = batch.get("token_index")
-            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index)
-            t_rows = pt_rows(t_states, t_layers, token_index)
+            pool_mask = batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None
+            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index, pool_mask)
+            # the cache's mean rows come pooled already ([B, 1, H] per layer, read as row 0)
+            t_rows = pt_rows(t_states, t_layers, token_index, pool_mask if teacher is not None else None)
         terms = pkd_loss(
             student.logits, t_logits, batch["labels"], s_rows, t_rows,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
@@ -246,7 +281,8 @@ class Context:
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        """Dev metrics of every dev split, each rank scoring its slice; all ranks get the same dict."""
+        """Dev metrics of every dev split, and of its two fixed halves (metrics.dev_halves), each rank scoring
+        its slice; all ranks get the same dict."""
         was_training = model.training
         model.eval()
         results = {}
@@ -260,7 +296,7 @@ class Context:
             dist.all_gather_object(gathered, rows)
             idx, logits, labels = (torch.cat([r[i] for part in gathered for r in part]) for i in range(3))
             _, first = np.unique(idx.numpy(), return_index=True)
-            results[split] = glue_metrics(logits.numpy()[first], labels.numpy()[first], self.task)
+            results[split] = glue_metrics_with_halves(logits.numpy()[first], labels.numpy()[first], self.task)
         model.train(was_training)
         return results if len(results) > 1 else next(iter(results.values()))
 
@@ -288,7 +324,7 @@ class Context:
         try:
             cache = TeacherCache.open(cfg.teacher_cache, fingerprint, verify=cfg.verify_cache)
             if cfg.stage != "student":
-                cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), tokens=cfg.pt_tokens == "all")
+                cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), cfg.pt_tokens)
             log.info("teacher cache %s: matches this run, reusing it", cfg.teacher_cache)
             return cache
         except PkdError as why:
@@ -309,6 +345,7 @@ class Context:
             rows=len(self.train_set), num_labels=self.task.num_labels, teacher_layers=n, hidden_size=model.config.hidden_size,
             layers=tuple(sorted(set(self.cfg.cache_layers or range(n + 1)))),
             positions=self.cfg.max_seq_length if self.cfg.pt_tokens == "all" else 1, dtype=fingerprint["dtype"],
+            pooled="mean" if self.cfg.pt_tokens == "mean" else "cls",
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)

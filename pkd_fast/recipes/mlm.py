@@ -208,8 +208,9 @@ class MlmContext:
         if spec.pt_map:
             real_rows = rows.row_index if cfg.kd_positions == "all" else glue_data.real_token_index(batch["attention_mask"])
             token_index = real_rows if cfg.pt_tokens == "all" else None
-            s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index)
-            t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index)
+            pool_mask = batch["attention_mask"] if cfg.pt_tokens == "mean" else None
+            s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index, pool_mask)
+            t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index, pool_mask)
         terms = pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms)
