@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_table import GRIDS, grid_points, paired_difference, paired_table, write_summary  # noqa: E402
+from benchmarks.glue_table import (GRIDS, README, README_MARKERS, grid_points, paired_difference, paired_table, pairs,  # noqa: E402
+                                   splice_readme, write_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -43,6 +44,26 @@ def test_paired_table_covers_the_pairs_that_were_run():
     assert set(paired_table(rows)) == {"kd-ft", "skip-kd"}
 
 
+def test_pairs_compare_each_pt_kind_with_kd_and_skip_with_last_of_the_same_kind():
+    rows = {n: {"seeds": [1.0, 2.0]} for n in ("ft", "kd", "skip", "last", "skip-all", "skip-mean", "last-mean")}
+    assert pairs(rows) == [("kd", "ft"), ("skip", "kd"), ("last", "kd"), ("skip-all", "kd"), ("skip-mean", "kd"),
+                           ("last-mean", "kd"), ("skip", "last"), ("skip-mean", "last-mean")]
+    assert paired_table(rows)["skip-mean-kd"]["a"] == "skip-mean"
+    assert [grid_points(GRIDS["paired"], r)[0] for r in ("kd", "skip-mean")] == [
+        {"temperature": 10, "alpha": 0.5, "lr": 1e-4}, {"temperature": 10, "alpha": 0.5, "beta_share": 0.1, "lr": 1e-4}]
+
+
+def test_the_readme_table_is_the_results_summary_spliced_in(tmp_path):
+    """The README's GLUE table is written by glue_table.py from the results files, never by hand."""
+    begin, end = README_MARKERS
+    readme = README.read_text()
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == (REPO / "benchmarks" / "results" / "glue_summary.md").read_text().strip()
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{begin}\nold\n{end}\nrest\n")
+    splice_readme("| new |", copy)
+    assert copy.read_text() == f"intro\n{begin}\n| new |\n{end}\nrest\n"
+
+
 def _result(task, metric, means, rows=3668, available=3668):
     return {
         "task": task, "metric": metric, "teacher": "t", "teacher_layers": 6, "student_layers": 3, "seeds": [1, 2],
@@ -72,30 +93,39 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 16})
     (tmp_path / "fp32.json").write_text(json.dumps(config))
     cmd = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--task", "mrpc", "--glue-dir", str(GLUE_DIR),
-           "--grid", "tiny", "--strategies", "ft,skip", "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "32",
+           "--grid", "tiny", "--strategies", "ft,skip", "--pt-tokens", "cls,mean", "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "32",
            "--max-train-samples", "64", "--deepspeed", str(tmp_path / "fp32.json"), "--log-steps", "2",
            "--output-dir", str(tmp_path / "sweep"), "--results-dir", str(tmp_path / "results")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-4000:]
     stem = tmp_path / "results" / "glue_mrpc_all-minilm-l6-v2_3layers"
     result = json.loads(stem.with_suffix(".json").read_text())
-    assert set(result["rows"]) == {"teacher", "ft", "skip"} and result["train_rows"] == 64
+    assert set(result["rows"]) == {"teacher", "ft", "skip", "skip-mean"} and result["train_rows"] == 64
     skip = result["rows"]["skip"]
     assert len(skip["seeds"]) == 2 and skip["layer_map"] == [2, 4]
     assert skip["mean"] == pytest.approx(sum(skip["seeds"]) / 2)
+    # Reported on the dev split's report half (408 rows: 204 each); the whole split's score kept beside it.
+    assert result["dev_half_rows"] == {"select": 204, "report": 204}
+    runs = [json.loads(p.read_text())["dev"] for p in sorted((tmp_path / "sweep" / "skip-mean").glob("*/seed*/students/skip/results.json"))]
+    mean_row = result["rows"]["skip-mean"]
+    assert mean_row["seeds"] == [r["report/f1"] for r in runs] and mean_row["full_dev"]["seeds"] == [r["f1"] for r in runs]
+    assert mean_row["pt_tokens"] == "mean" and 0 < mean_row["pt_share_step1_percent"] < 100
+    assert result["rows"]["ft"]["pt_share_step1_percent"] is None
     assert result["rows"]["ft"]["loss_mix_percent"] == {"ce": 100.0, "kd": 0.0, "pt": 0.0}
     assert skip["loss_mix_percent"]["pt"] > 0 and sum(skip["loss_mix_percent"].values()) == pytest.approx(100, abs=0.2)
-    assert "| PKD-Skip |" in stem.with_suffix(".md").read_text()
+    assert "| PKD-Skip |" in stem.with_suffix(".md").read_text() and "| PKD-Skip (mean-pooled) |" in stem.with_suffix(".md").read_text()
     assert result["paired"] == {}  # ft and skip only: none of the paper's pairs (KD−FT, Skip−KD, Last−KD, Skip−Last)
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| mrpc (f1) | 64 of 3,668 rows" in (tmp_path / "results" / "glue_summary.md").read_text()
     # The teacher ran over the training set once, into the cache the PKD points then read.
-    assert (tmp_path / "sweep" / "teacher_cache" / "manifest.json").is_file()
+    # [CLS] and mean rows both ran: one store of every token, of the mapped layers only, serves both.
+    layout = json.loads((tmp_path / "sweep" / "teacher_cache" / "manifest.json").read_text())["layout"]
+    assert layout["positions"] == 32 and layout["layers"] == [2, 4]
     assert first.stderr.count("teacher cache: writing it") == 1, first.stderr[-4000:]
-    assert first.stderr.count("teacher outputs read from") == 2, first.stderr[-4000:]
+    assert first.stderr.count("teacher outputs read from") == 4, first.stderr[-4000:]
 
     finished = sorted((tmp_path / "sweep").glob("*/*/seed*/students/*/results.json"))
-    assert len(finished) == 4
+    assert len(finished) == 6
     stamps = [p.stat().st_mtime_ns for p in finished]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
