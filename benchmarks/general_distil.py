@@ -36,6 +36,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = (("SST-2", ("sentence",)), ("MRPC", ("#1 String", "#2 String")), ("STS-B", ("sentence1", "sentence2")))
 # The task stage's point: the `cpu` grid of glue_table (its lr: short CPU runs at ≤ 5e-5 stayed at the majority class).
 POINT = {"temperature": 10, "alpha": 0.7, "beta": 100, "lr": 1e-4}
+# The paired study's settings per task (README: `glue_table.py --grid paired`), so its fine-tuned teacher and
+# teacher cache are reused as they are.
+TASK_ARGS = {
+    "sst2": ["--max-train-samples", "8000", "--epochs", "2", "--max-seq-length", "64"],
+    "mrpc": ["--epochs", "3", "--max-seq-length", "128", "--teacher-lr", "1e-4"],
+}
 INITS = {"teacher": "teacher's layers 1-3", "general": "general-distilled student"}
 
 
@@ -68,9 +74,8 @@ def general_stage(args, corpus: Path) -> dict:
 def task_stage(args, task: str, general_model: Path) -> dict:
     """PKD-Skip from both initialisations, every seed, on the paired study's teacher and cache."""
     sweep_args = glue_table.parse_args([
-        "--task", task, "--student-layers", str(args.student_layers), "--epochs", str(args.epochs), "--max-seq-length", "128",
-        "--output-dir", str(args.sweep_dir / task), *(["--max-train-samples", str(args.sst2_rows)] if task == "sst2" else []),
-        *(["--glue-dir", str(args.glue_dir)]),
+        "--task", task, "--student-layers", str(args.student_layers), "--output-dir", str(args.sweep_dir / task),
+        "--glue-dir", str(args.glue_dir), *TASK_ARGS[task],
     ])
     sweep = glue_table.Sweep(sweep_args)
     teacher_path, teacher, _ = sweep.teacher()
@@ -88,7 +93,7 @@ def task_stage(args, task: str, general_model: Path) -> dict:
                             *(a for k, v in POINT.items() for a in (f"--{k}", str(v)))])
             scores[init].append(json.loads(done.read_text())["dev"][metric])
     rows = {init: {"mean": statistics.mean(s), "std": statistics.stdev(s) if len(s) > 1 else 0.0, "seeds": s} for init, s in scores.items()}
-    return {"task": task, "metric": metric, "teacher": teacher["dev"][metric], "rows": rows,
+    return {"task": task, "metric": metric, "args": TASK_ARGS[task], "teacher": teacher["dev"][metric], "rows": rows,
             "general-teacher": glue_table.paired_difference(scores["general"], scores["teacher"])}
 
 
@@ -99,8 +104,8 @@ def render(result: dict) -> str:
         f"{result['device']}, {result['date']}. Corpus: {result['corpus_sentences']:,} training sentences of SST-2, MRPC and STS-B "
         f"({g['train_blocks']:,} blocks of {result['mlm_seq_length']} tokens), {result['mlm_epochs']} epoch(s) each for the head (lr "
         f"{result['head_lr']:g}) and the student (lr {result['mlm_lr']:g}), KD over "
-        f"{result['kd_positions']} tokens, PT over every token. Task stage: {result['point']}, seeds {result['seeds']}; "
-        f"SST-2 {result['sst2_rows']:,} rows, MRPC full, {result['epochs']} epochs.",
+        f"{result['kd_positions']} tokens, PT over every token. Task stage: PKD-Skip at {result['point']}, [CLS] PT, seeds "
+        f"{result['seeds']}; " + "; ".join(f"{t['task']} `{' '.join(t['args'])}`" for t in result["tasks"]) + " (whole dev split).",
         "",
         "| masked-LM held out (last 1% of blocks) | loss | accuracy % | train s |",
         "|---|---|---|---|",
@@ -154,8 +159,6 @@ def parse_args(argv=None):
     p.add_argument("--kd-positions", choices=("masked", "all"), default="masked",
                    help="masked keeps the vocabulary KL to the 15%% masked rows: the CPU budget (state it)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, default=2, help="task stage epochs (the paired study's)")
-    p.add_argument("--sst2-rows", type=int, default=8000)
     p.add_argument("--out", type=Path, default=Path("outputs/general_distil"))
     p.add_argument("--sweep-dir", type=Path, default=Path("outputs/paired"), help="the paired study's output dirs (<dir>/<task>)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -174,7 +177,7 @@ def main(argv=None) -> dict:
         "teacher": glue_table.teacher_slug(args.teacher), "student_layers": args.student_layers, "device": device_name(torch.device("cpu")),
         "date": date.today().isoformat(), "corpus_sentences": sum(counts.values()), "corpus_counts": counts,
         "mlm_seq_length": args.mlm_seq_length, "mlm_epochs": args.mlm_epochs, "head_lr": args.head_lr, "mlm_lr": args.mlm_lr, "kd_positions": args.kd_positions,
-        "point": POINT, "seeds": args.seeds, "epochs": args.epochs, "sst2_rows": args.sst2_rows, "general": general,
+        "point": POINT, "seeds": args.seeds, "general": general,
         "tasks": [task_stage(args, task, student) for task in ("sst2", "mrpc")],
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
