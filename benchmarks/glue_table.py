@@ -183,7 +183,11 @@ class Sweep:
         if args.max_train_samples:  # one subset for every run: --data-seed, apart from the seeds
             self.common += ["--max-train-samples", str(args.max_train_samples), "--data-seed", str(args.data_seed)]
         self.dev_rows = None
-        self.rows = [row_name(s, pt) for pt in args.pt_tokens for s in args.strategies if pt == args.pt_tokens[0] or s in ("skip", "last")]
+        # Every strategy with the first kind, then PKD-Skip's other kinds, then PKD-Last's: a sweep stopped
+        # early (each finished row is written at once) has the comparisons that matter most.
+        first, others = args.pt_tokens[0], args.pt_tokens[1:]
+        self.rows = [row_name(s, first) for s in args.strategies] + [
+            row_name(s, pt) for s in args.strategies if s in ("skip", "last") for pt in others]
 
     def teacher(self) -> tuple[str, dict, int]:
         """Fine-tune the teacher once (a finished one is reused; an already fine-tuned --teacher is only scored)."""

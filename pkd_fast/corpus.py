@@ -154,18 +154,6 @@ def _hub_dataset(name: str, config: str | None, text_column: str, split: str, st
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
-def check_max_seq_length(max_seq_length: int, max_position_embeddings: int) -> None:
-    """A block (padded up to a multiple of 8) must fit the model's position embeddings."""
-    padded = -(-max_seq_length // 8) * 8
-    if max_seq_length < 3:
-        raise PkdError(f"--max-seq-length {max_seq_length}: a block needs at least 3 positions ([CLS] token [SEP])")
-    if padded > max_position_embeddings:
-        raise PkdError(
-            f"--max-seq-length {max_seq_length}: batches padded to a multiple of 8 ({padded}) exceed the model's "
-            f"max_position_embeddings {max_position_embeddings}"
-        )
-
-
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     """Masked-LM distillation compares the two models' vocabulary logits column by column, so both must
     use one tokenizer (same vocabulary, normalisation and special tokens)."""

@@ -54,6 +54,16 @@ def model_config(flag: str, path: str):
         raise PkdError(f"{flag} {path}: cannot load a model config ({_first_line(err)})") from None
 
 
+def check_max_seq_length(max_seq_length: int, flag: str, config) -> None:
+    """Batches, padded up to a multiple of 8, must fit the position embeddings of the model `flag` names
+    (its `config`): one check for both objectives, before any data is read."""
+    positions = getattr(config, "max_position_embeddings", None)
+    padded = -(-max_seq_length // 8) * 8
+    if positions is not None and padded > positions:
+        raise PkdError(f"--max-seq-length {max_seq_length}: batches padded to a multiple of 8 ({padded}) exceed the "
+                       f"{positions} position embeddings of {flag} {config.name_or_path}")
+
+
 def _label_key(name) -> str:
     return str(name).strip().lower().replace("-", "_").replace(" ", "_")
 

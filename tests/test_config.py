@@ -86,7 +86,7 @@ def test_output_dir_that_cannot_be_written(capsys, tmp_path):
 
 def test_max_seq_length_above_the_teachers_positions(capsys, tmp_path):
     assert_one_line_error(capsys, ["--max-seq-length", "1024", "--output-dir", str(tmp_path)],
-                          "--max-seq-length 1024: --teacher")
+                          "--max-seq-length 1024: batches padded to a multiple of 8 (1024) exceed the 512 position embeddings of --teacher")
 
 
 DS_CASES = [

@@ -11,9 +11,9 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertConfig
 
-from pkd_fast import corpus
+from pkd_fast import corpus, models
 from pkd_fast.config import default_teacher
 from pkd_fast.errors import PkdError
 
@@ -149,10 +149,11 @@ def test_bad_inputs_fail_with_one_line_naming_file_and_line(tok, tmp_path):
 
 
 def test_max_seq_length_must_fit_the_position_embeddings():
-    corpus.check_max_seq_length(512, 512)
-    assert "max_position_embeddings 512" in one_line_error(corpus.check_max_seq_length, 513, 512)
-    assert "(520)" in one_line_error(corpus.check_max_seq_length, 514, 514)  # padded to a multiple of 8
-    assert "at least 3" in one_line_error(corpus.check_max_seq_length, 2, 512)
+    config = BertConfig(max_position_embeddings=512, name_or_path="/m")
+    models.check_max_seq_length(512, "--teacher", config)
+    assert "(520) exceed the 512 position embeddings of --teacher /m" in one_line_error(models.check_max_seq_length, 513, "--teacher", config)
+    config.max_position_embeddings = 514
+    assert "(520)" in one_line_error(models.check_max_seq_length, 514, "--teacher", config)  # padded to a multiple of 8
 
 
 def test_teacher_and_student_tokenizers_must_match(tok):

@@ -27,7 +27,7 @@ from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import build_student, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
+from pkd_fast.models import build_student, check_max_seq_length, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -56,7 +56,9 @@ def run(cfg: Config) -> dict:
     log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
     # -- data ----------------------------------------------------------------------------------------
-    _check_positions(cfg)
+    for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
+        if path is not None:
+            check_max_seq_length(cfg.max_seq_length, flag, model_config(flag, path))
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     raw = glue_data.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
@@ -141,16 +143,6 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
     if teacher_path != cfg.teacher:  # we fine-tuned it, so --teacher is the pretrained base
         return cfg.teacher
     raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
-
-
-def _check_positions(cfg: Config) -> None:
-    """--max-seq-length must fit the position embeddings of every model the run loads."""
-    for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
-        if path is None:
-            continue
-        positions = getattr(model_config(flag, path), "max_position_embeddings", None)
-        if positions is not None and cfg.max_seq_length > positions:
-            raise PkdError(f"--max-seq-length {cfg.max_seq_length}: {flag} {path} has {positions} position embeddings")
 
 
 def _with_token_index(lookup):

@@ -38,7 +38,7 @@ from pkd_fast import engine as ds
 from pkd_fast.config import Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
-from pkd_fast.models import (MaskedLMRows, build_mlm_student, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
+from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
                              mlm_rows, mlm_student_layers, model_config, pt_rows)
 from pkd_fast.recipes import common
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -66,7 +66,7 @@ class MlmRun:
 def run(cfg: Config) -> dict:
     world, out, ds_config = common.start(cfg)
     teacher_config = model_config("--teacher", cfg.teacher)
-    corpus.check_max_seq_length(cfg.max_seq_length, teacher_config.max_position_embeddings)
+    check_max_seq_length(cfg.max_seq_length, "--teacher", teacher_config)
     headless = not has_mlm_head(cfg.teacher)
     if headless and cfg.stage == "student":
         raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to distil from; fit one first with --stage teacher "
