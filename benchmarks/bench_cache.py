@@ -291,8 +291,7 @@ def run(device: torch.device, steps: int | None) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    p = harness.parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: 30 on CUDA, 6 on the CPU)")
     p.add_argument("--worker", choices=("prepare", "time", *(f"memory-{mode}" for mode in MODES)), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)

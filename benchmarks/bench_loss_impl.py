@@ -13,7 +13,6 @@ Results: benchmarks/results/loss_impl_<device>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -94,8 +93,7 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p = harness.parser(__doc__)
     device = harness.pick_device(p.parse_args(argv).device)
     results = run(device)
     stem = harness.RESULTS_DIR / f"loss_impl_{harness.device_slug(device)}"

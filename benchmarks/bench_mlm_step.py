@@ -14,7 +14,6 @@ selects the same rows, so both variants compute the same loss (checked before ti
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -185,8 +184,7 @@ def write_markdown(results: dict, device: torch.device) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    p = harness.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="KL over every real token only")
     args = p.parse_args(argv)
     run(harness.pick_device(args.device), args.quick)

@@ -17,7 +17,6 @@ The loss's share is its forward+backward, timed alone on one step's own tensors,
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,8 +242,7 @@ def run(device: torch.device, quick: bool = False, path=None) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    p = harness.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="one micro-batch per case")
     args = p.parse_args(argv)
     run(harness.pick_device(args.device), args.quick)

@@ -9,6 +9,8 @@ repetition's data cached.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime as dt
 import importlib.metadata
 import itertools
@@ -60,6 +62,13 @@ class Timing:
 
 
 # -- the device --------------------------------------------------------------------------------------
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A device benchmark's command line: its docstring's first paragraph and --device; each adds the rest."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    return p
 
 
 def pick_device(name: str | None) -> torch.device:

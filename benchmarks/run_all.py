@@ -15,7 +15,6 @@ with the working tree), or `--quick`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,8 +27,7 @@ PARTS = ("losses", "step")
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    p = harness.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="a few shapes and micro-batches, shorter timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier timings on a shared CPU)")
     p.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable); the report always")
