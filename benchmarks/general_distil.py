@@ -113,7 +113,7 @@ def render(result: dict) -> str:
     for name, r in g["runs"].items():
         dev = r["dev"]
         lines.append(f"| {'teacher (head fitted, body frozen)' if name == 'teacher' else 'general student (layers ' + ','.join(map(str, r['layers'])) + ')'}"
-                     f" | {dev['loss']:.3f} | {100 * dev['accuracy']:.2f} | {r.get('train_seconds', '-')} |")
+                     f" | {dev['mlm_loss']:.3f} | {dev['mlm_accuracy']:.2f} | {r.get('train_seconds', '-')} |")
     lines += ["", "| task (dev metric) | teacher | PKD-Skip from teacher layers | PKD-Skip from general student | general − teacher init (95% interval, p) |",
               "|---|---|---|---|---|"]
     for t in result["tasks"]:

@@ -28,8 +28,8 @@ def test_the_table_gives_each_init_and_the_paired_difference():
     result = {
         "teacher": "t", "student_layers": 3, "device": "cpu", "date": "2026-11-30", "corpus_sentences": 10, "mlm_seq_length": 128,
         "mlm_epochs": 1, "head_lr": 1e-3, "mlm_lr": 1e-4, "kd_positions": "masked", "point": {"alpha": 0.7}, "seeds": [1, 2, 3],
-        "general": {"train_blocks": 5, "runs": {"teacher": {"dev": {"loss": 5.0, "accuracy": 0.2}},
-                                                "first": {"layers": [1, 2, 3], "dev": {"loss": 6.0, "accuracy": 0.1}}}},
+        "general": {"train_blocks": 5, "runs": {"teacher": {"dev": {"mlm_loss": 5.0, "mlm_accuracy": 20.0}},
+                                                "first": {"layers": [1, 2, 3], "dev": {"mlm_loss": 6.0, "mlm_accuracy": 10.0}}}},
         "tasks": [{"task": "mrpc", "metric": "f1", "args": ["--epochs", "2"], "teacher": 85.0, "rows": {i: row for i in INITS},
                    "general-teacher": {"mean": 0.5, "ci95": [-1.0, 2.0], "p": 0.4, "n": 3}}],
     }
