@@ -315,7 +315,7 @@ def render_markdown(result: dict) -> str:
          f"{json.dumps(result.get('grid_values', {}))}, best point rerun over seeds {result['seeds']}; {result['device']}, {result['date']}."),
         "",
         f"Reported on: {_reported_on(result)}. Budget: {result.get('runs_total', '?')} training runs, "
-        f"{hours:.2f} CPU-core hours of training (1 thread per run).",
+        f"{hours:.2f} h of training summed over the runs (wall time, 1 thread each; runs shared the machine's cores).",
         "",
         "| model | reported (mean ± std) | whole dev | best point | β·PT % of loss at step 1 | loss mix % (1-α)CE / αKD / βPT | grid points: select-half score | train s |",
         "|---|---|---|---|---|---|---|---|",
