@@ -119,9 +119,10 @@ def test_mrpc_student_stage_from_a_finetuned_teacher(tmp_path):
            "--teacher", teacher, "--strategy", "last", "--max-train-samples", "64", "--epochs", "1",
            "--output-dir", str(out), *SMALL])
     result = json.loads((out / "students" / "last" / "results.json").read_text())
-    assert result["layer_map"] == [4, 5] and set(result["dev"]) == {"f1", "accuracy"}
+    # the whole split's metrics, and each fixed half's (metrics.dev_halves: one picks, one reports)
+    assert result["layer_map"] == [4, 5] and set(result["dev"]) == {f"{h}{m}" for h in ("", "select/", "report/") for m in ("f1", "accuracy")}
     reloaded = dev_metric_of_saved_model(out / "students" / "last" / "model", "mrpc", 16, 48, torch.float32)
-    assert reloaded == pytest.approx(result["dev"], abs=1e-9)
+    assert reloaded == pytest.approx({m: result["dev"][m] for m in ("f1", "accuracy")}, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -231,13 +232,15 @@ def test_beta_share_sets_the_patient_terms_share_at_step_1_and_leaves_the_run_ot
 
 @pytest.mark.slow
 def test_mean_pooled_pt_from_the_cache_equals_the_live_teachers(tmp_path, teacher_without_dropout):
-    """--pt-tokens mean: the cache's pooled rows (fp32 store) give the live teacher's loss curve."""
+    """--pt-tokens mean: the cache's pooled rows (fp32 store) give the live teacher's loss curve. T=1: the
+    cache pass pads its batches differently, and at T=10 the KD term of a fresh student (~1e-4 made of O(1)
+    parts) moves ~1% with that alone (as in the two-rank test above)."""
     common = ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=8), "--teacher", teacher_without_dropout,
-              "--strategy", "skip", "--pt-tokens", "mean", "--max-train-samples", "32", "--epochs", "1", *SMALL]
+              "--strategy", "skip", "--pt-tokens", "mean", "--max-train-samples", "32", "--epochs", "1", "--temperature", "1", *SMALL]
     train([*common, "--stage", "student", "--output-dir", str(tmp_path / "live")])
     train([*common, "--stage", "all", "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
     live, cached = (train_log(tmp_path / d / "students" / "skip") for d in ("live", "cached"))
     assert len(live) == 4 and all(r["pt"] > 0 for r in live)
     for a, b in zip(live, cached):
-        for term in ("total", "kd", "pt"):
-            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-7), (a["step"], term)
+        for term, rel in (("total", 1e-4), ("pt", 1e-4), ("kd", 1e-3)):  # kd: seen 3e-5 here, ~1e-4 of O(1) parts
+            assert b[term] == pytest.approx(a[term], rel=rel, abs=5e-8), (a["step"], term)
