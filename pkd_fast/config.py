@@ -274,6 +274,8 @@ class Config:
         if self.layer_map is not None:
             need(trains_students and bool(pkd), "--layer-map only applies to PKD students (--strategy skip or last)")
             need(len(pkd) == 1, "--layer-map with both skip and last would train the same map twice; pass one of them")
+        if self.beta_share is not None:
+            need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
         if self.cache_layers is not None:
             need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")

@@ -161,8 +161,6 @@ def read_ds_config(path: str) -> dict:
         raise PkdError(f"{path}: train_micro_batch_size_per_gpu is required (the batch size comes from the JSON)")
     if config.get("torch_autocast", {}).get("enabled") and "dtype" not in config["torch_autocast"]:
         raise PkdError(f"{path}: torch_autocast.dtype is required (bfloat16 or float16): the frozen teacher runs in it")
-
-
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         value = config.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
