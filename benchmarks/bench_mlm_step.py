@@ -184,9 +184,7 @@ def write_markdown(results: dict, device: torch.device) -> None:
 
 
 def main(argv=None) -> None:
-    p = harness.parser(__doc__)
-    p.add_argument("--quick", action="store_true", help="KL over every real token only")
-    args = p.parse_args(argv)
+    args = harness.parser(__doc__, quick="KL over every real token only").parse_args(argv)
     run(harness.pick_device(args.device), args.quick)
 
 

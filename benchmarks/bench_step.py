@@ -242,9 +242,7 @@ def run(device: torch.device, quick: bool = False, path=None) -> dict:
 
 
 def main(argv=None) -> None:
-    p = harness.parser(__doc__)
-    p.add_argument("--quick", action="store_true", help="one micro-batch per case")
-    args = p.parse_args(argv)
+    args = harness.parser(__doc__, quick="one micro-batch per case").parse_args(argv)
     run(harness.pick_device(args.device), args.quick)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.harness import device_name
 from pkd_fast import train
-from pkd_fast.config import default_teacher
+from pkd_fast.config import KD_POSITIONS, default_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The corpus: (task folder, the columns holding sentences).
@@ -156,7 +156,7 @@ def parse_args(argv=None):
     p.add_argument("--mlm-epochs", type=int, default=1)
     p.add_argument("--mlm-lr", type=float, default=1e-4, help="the general student's")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the teacher's new MLM head's (its body stays frozen)")
-    p.add_argument("--kd-positions", choices=("masked", "all"), default="masked",
+    p.add_argument("--kd-positions", choices=KD_POSITIONS, default="masked",
                    help="masked keeps the vocabulary KL to the 15%% masked rows: the CPU budget (state it)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     p.add_argument("--out", type=Path, default=Path("outputs/general_distil"))

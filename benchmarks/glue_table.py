@@ -30,7 +30,7 @@ if not __package__:  # run as `python benchmarks/glue_table.py`: make the reposi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import device_name  # noqa: E402
 from pkd_fast import train
-from pkd_fast.config import default_ds_config, default_teacher
+from pkd_fast.config import PT_TOKENS, default_ds_config, default_teacher
 from pkd_fast.errors import PkdError
 from pkd_fast.metrics import DEV_HALVES, dev_halves
 from pkd_fast.models import layer_map
@@ -40,8 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("ft", "kd", "skip", "last")
 NAMES = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
 COLORS = {"ft": "#9aa5b1", "kd": "#6c8ebf", "skip": "#d79b00", "last": "#b85450"}
-# --pt-tokens kinds a PKD strategy runs with: its row is "skip" for [CLS], "skip-all" / "skip-mean" otherwise.
-PT_KINDS = ("cls", "all", "mean")
+# --pt-tokens kinds (config.PT_TOKENS) a PKD strategy runs with: its row is "skip" for [CLS], "skip-all" /
+# "skip-mean" otherwise.
 PT_NAMES = {"cls": "", "all": " (all tokens)", "mean": " (mean-pooled)"}
 PT_HATCHES = {"cls": "", "all": "//", "mean": ".."}
 # Sun et al. 2019, Table 1: BERT-base teacher → 6-layer PKD student, GLUE test server (MRPC: F1).
@@ -348,7 +348,7 @@ def _draw(ax, result: dict) -> None:
     teacher = result["rows"]["teacher"]["mean"]
     x = range(len(names))
     ax.bar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=3, color=[COLORS[strategy_of(n)] for n in names],
-           hatch=None, edgecolor="k", linewidth=0.4)
+           edgecolor="k", linewidth=0.4)
     for i, (n, r) in enumerate(zip(names, rows)):
         ax.patches[i].set_hatch(PT_HATCHES[pt_kind(n)])
         if r.get("seeds"):
@@ -451,7 +451,7 @@ def parse_args(argv=None):
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--strategies", type=lambda s: tuple(s.split(",")), default=STRATEGIES)
     p.add_argument("--pt-tokens", type=lambda s: tuple(s.split(",")), default=("cls",),
-                   help=f"PKD rows to run, each a row of the table: a comma-separated subset of {PT_KINDS}")
+                   help=f"PKD rows to run, each a row of the table: a comma-separated subset of {PT_TOKENS}")
     p.add_argument("--grid", choices=sorted(GRIDS), default="paper")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
     p.add_argument("--epochs", type=int, default=3)
@@ -469,8 +469,8 @@ def parse_args(argv=None):
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for pt in args.pt_tokens:
-        if pt not in PT_KINDS:
-            p.error(f"--pt-tokens: {pt!r} is not one of {PT_KINDS}")
+        if pt not in PT_TOKENS:
+            p.error(f"--pt-tokens: {pt!r} is not one of {PT_TOKENS}")
     for strategy in args.strategies:
         if strategy not in STRATEGIES:
             p.error(f"--strategies: {strategy!r} is not one of {STRATEGIES}")

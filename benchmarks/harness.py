@@ -64,10 +64,13 @@ class Timing:
 # -- the device --------------------------------------------------------------------------------------
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """A device benchmark's command line: its docstring's first paragraph and --device; each adds the rest."""
+def parser(doc: str, quick: str | None = None) -> argparse.ArgumentParser:
+    """A device benchmark's command line: its docstring's first paragraph, --device, and --quick when the
+    benchmark has a shorter form (`quick` says what it is); each adds the rest."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is one")
+    if quick is not None:
+        p.add_argument("--quick", action="store_true", help=quick)
     return p
 
 

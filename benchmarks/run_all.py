@@ -27,8 +27,7 @@ PARTS = ("losses", "step")
 
 
 def main(argv=None) -> None:
-    p = harness.parser(__doc__)
-    p.add_argument("--quick", action="store_true", help="a few shapes and micro-batches, shorter timing")
+    p = harness.parser(__doc__, quick="a few shapes and micro-batches, shorter timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier timings on a shared CPU)")
     p.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable); the report always")
     args = p.parse_args(argv)
