@@ -306,6 +306,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every trainer (default: torch's, all cores)")
     p.add_argument("--workdir", default=str(REPO / "outputs" / "bench_peer"), help="teacher, cache, runs, the TextBrewer install")
     p.add_argument("--ds-config", default=None, help="pkd_fast's DeepSpeed JSON (default: cpu.json on a CPU, zero2.json on CUDA)")
+    p.add_argument("--cpu-kind", choices=sorted(harness.CPU_KINDS), default="native",
+                   help="hold every trainer to this CPU kind (avx2: no native bf16, as on most cloud VMs)")
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {TRAINERS}")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds: the full run, then short runs in alternating order")
     p.add_argument("--timing-rows", type=int, default=1600, help="training rows of each round after the first")
@@ -327,7 +329,7 @@ def main(argv=None) -> None:
         return
 
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **harness.CPU_KINDS[args.cpu_kind], "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     teacher = work / "pkd-teacher" / "teacher" / "model"

@@ -27,6 +27,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The kinds of CPU a run can land on. `avx2` holds oneDNN and ATen to AVX2 on any x86 box, which is what
+# most cloud VMs and laptops are: no native bf16, so bf16 matmuls are emulated there.
+CPU_KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 MAX_SETS = 64  # tiny shapes would need thousands of sets to exceed the cache; they are latency-bound anyway
 
 
