@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pkd_fast.precision import cpu_model, describe_device
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_SETS = 64  # tiny shapes would need thousands of sets to exceed the cache; they are latency-bound anyway
 
@@ -85,10 +87,7 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = re.search(r"^model name\s*:\s*(.+)$", _read("/proc/cpuinfo"), re.M)
-    return model.group(1).strip() if model else platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def device_slug(device: torch.device) -> str:
@@ -126,7 +125,8 @@ def interpreted(device: torch.device) -> bool:
 
 
 def describe(device: torch.device) -> dict:
-    """What the results were measured on: device, versions, date."""
+    """What the results were measured on: device (with the CPU's capability and whether the device computes
+    bf16 natively, pkd_fast.precision), versions, date."""
 
     def version(dist: str) -> str | None:
         try:
@@ -134,6 +134,7 @@ def describe(device: torch.device) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    hardware = describe_device(device)
     info = {
         "name": device_name(device),
         "slug": device_slug(device),
@@ -145,6 +146,8 @@ def describe(device: torch.device) -> dict:
         **{dist: version(dist) for dist in ("triton", "transformers", "deepspeed", "liger-kernel")},
         "last_level_cache_mb": round(cache_bytes(device) / 2**20, 1),
         "triton_interpreter": interpreted(device),
+        "cpu_capability": hardware["cpu_capability"],
+        "bf16_native": hardware["bf16_native"],
     }
     if device.type == "cpu":
         info["threads"] = torch.get_num_threads()
