@@ -190,9 +190,10 @@ def _cpu_detail(hardware: dict) -> str:
 def apply_precision(ds_config: dict, choice: PrecisionChoice) -> dict:
     """A copy of the JSON whose precision sections run `choice`, in the form the JSON uses: fp32 weights under
     `torch_autocast` where it enables that (ds_configs/cpu.json; on a CPU a step at a plain loop's cost), else
-    DeepSpeed's `bf16` / `fp16` sections (16-bit weights with fp32 master copies). fp16 always gets dynamic
-    loss scaling: DeepSpeed 0.19.8 gives torch_autocast a GradScaler only without ZeRO, so under ZeRO fp16
-    uses the `fp16` section. Sections that are not chosen are kept, disabled."""
+    DeepSpeed's `bf16` / `fp16` sections (16-bit weights with fp32 master copies). fp16 gets dynamic loss
+    scaling (unless the JSON's own `fp16` section sets a static loss_scale): DeepSpeed 0.19.8 gives
+    torch_autocast a GradScaler only without ZeRO, so under ZeRO fp16 uses the `fp16` section. Sections that
+    are not chosen are kept, disabled."""
     config = copy.deepcopy(ds_config)
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
     autocast_form = bool(config.get("torch_autocast", {}).get("enabled"))
