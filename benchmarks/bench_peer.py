@@ -105,10 +105,12 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     from pkd_fast import data as glue_data
     from pkd_fast.metrics import glue_metrics
     from pkd_fast.models import build_student, layer_map, load_classifier
+    from pkd_fast.precision import apply_precision, resolve_precision
     from pkd_fast.tasks import get_task
 
     s, task = SETUP, get_task(SETUP["task"])
     config = json.loads(Path(args.ds_config).read_text())
+    config = apply_precision(config, resolve_precision("auto", torch.device("cpu"), config))  # as pkd_fast's run resolves it
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     raw = glue_data.load_glue(task, args.glue_dir)
     train_set = glue_data.tokenize(glue_data.subsample(raw["train"], args.max_train_samples, 42), tokenizer, s["max_seq_length"])

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pkd_fast.precision import cpu_model, describe_device
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The kinds of CPU a run can land on. `avx2` holds oneDNN and ATen to AVX2 on any x86 box, which is what
 # most cloud VMs and laptops are: no native bf16, so bf16 matmuls are emulated there.
@@ -88,10 +90,7 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = re.search(r"^model name\s*:\s*(.+)$", _read("/proc/cpuinfo"), re.M)
-    return model.group(1).strip() if model else platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def device_slug(device: torch.device) -> str:
@@ -129,7 +128,8 @@ def interpreted(device: torch.device) -> bool:
 
 
 def describe(device: torch.device) -> dict:
-    """What the results were measured on: device, versions, date."""
+    """What the results were measured on: device (with the CPU's capability and whether the device computes
+    bf16 natively, pkd_fast.precision), versions, date."""
 
     def version(dist: str) -> str | None:
         try:
@@ -137,6 +137,7 @@ def describe(device: torch.device) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    hardware = describe_device(device)
     info = {
         "name": device_name(device),
         "slug": device_slug(device),
@@ -148,6 +149,8 @@ def describe(device: torch.device) -> dict:
         **{dist: version(dist) for dist in ("triton", "transformers", "deepspeed", "liger-kernel")},
         "last_level_cache_mb": round(cache_bytes(device) / 2**20, 1),
         "triton_interpreter": interpreted(device),
+        "cpu_capability": hardware["cpu_capability"],
+        "bf16_native": hardware["bf16_native"],
     }
     if device.type == "cpu":
         info["threads"] = torch.get_num_threads()

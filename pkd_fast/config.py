@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
+from pkd_fast.precision import PRECISIONS
 from pkd_fast.tasks import TASKS
 
 OBJECTIVES = ("glue", "mlm")
@@ -37,6 +38,7 @@ PKD_STRATEGIES = ("skip", "last")
 RESULT_NEUTRAL = frozenset({
     "output_dir", "resume", "log_steps", "save_steps", "stage", "strategy", "preset", "local_rank", "deepspeed",
     "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "keep_checkpoints", "dist_timeout",
+    "precision",  # what it resolves to is in the run key, through the DeepSpeed JSON's precision sections
 })
 # --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
 # the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
@@ -99,6 +101,7 @@ def _strategies(text: str) -> tuple[str, ...]:
 @dataclass
 class Config:
     deepspeed: str = field(default_factory=default_ds_config)
+    precision: str = "auto"  # auto: the JSON's precision where the hardware computes it natively (pkd_fast.precision)
     objective: str = "glue"
     stage: str = "all"
     task: str | None = None  # default sst2 (GLUE only)
@@ -204,6 +207,7 @@ class Config:
         need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
         need(self.cache_layers is None or (bool(self.cache_layers) and min(self.cache_layers) >= 0),
              f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -289,8 +293,9 @@ class Config:
         """The strategies that read a teacher (all but ft)."""
         return tuple(s for s in self.strategy or () if s != "ft")
 
-    def to_json(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def to_json(self, path: Path, **resolved) -> None:
+        """Every flag's value, plus what the run resolved from them (e.g. the device and its precision)."""
+        path.write_text(json.dumps({**dataclasses.asdict(self), **resolved}, indent=2) + "\n")
 
 
 def _flag(name: str) -> str:
@@ -328,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", default=None,
                    help="DeepSpeed JSON config (batch size, precision, ZeRO); default ds_configs/zero2.json on a GPU, "
                         "ds_configs/cpu.json on a CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+                   help="overrides the JSON's bf16/fp16/torch_autocast sections. auto: the JSON's precision where the hardware "
+                        "computes it natively, else bf16 → fp16 (dynamic loss scaling) on a GPU without bf16, bf16 → fp32 "
+                        "on a CPU that emulates it (a probe and a few ms of matmuls decide); fp16 on a CPU only where "
+                        "DeepSpeed supports it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
     p.add_argument("--objective", choices=OBJECTIVES, default="glue",

@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 
 from pkd_fast import engine as ds
 from pkd_fast.config import default_teacher
+from pkd_fast.precision import cpu_model
 from pkd_fast.engine import FAULT_ENV
 from pkd_fast.models import has_mlm_head, load_classifier
 from pkd_fast.tasks import get_task
@@ -99,6 +100,18 @@ def test_headless_teacher_gets_a_fitted_head_and_a_frozen_body(staged):
     assert saved.cls.predictions.bias.abs().sum() > 0  # the head's bias starts at zero: it trained
     ce = [row["ce"] for row in train_log(out / "teacher")]
     assert sum(ce[-3:]) < sum(ce[:3]), ce
+
+
+def test_the_run_records_the_device_and_the_precision_that_ran(staged):
+    """resolved_config.json and results.json name the device, its bf16 support and the precision that ran (here
+    the fp32 the JSON asks for: --precision auto keeps it)."""
+    out, summary = staged
+    resolved = json.loads((out / "resolved_config.json").read_text())
+    assert resolved["precision"] == "auto"
+    for device in (resolved["device"], json.loads((out / "results.json").read_text())["device"], summary["device"]):
+        assert device["precision"] == device["precision_asked"] == "fp32" and device["kind"] == "cpu"
+        assert device["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and device["gpu"] is None
+        assert device["name"] == cpu_model() and isinstance(device["bf16_native"], bool)
 
 
 def test_student_is_a_masked_lm_that_a_glue_run_starts_from(staged, tmp_path):

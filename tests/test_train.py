@@ -92,13 +92,15 @@ def dev_metric_of_saved_model(model_dir: Path, task_name: str, micro_batch: int,
 
 @pytest.mark.slow
 def test_sst2_all_stages_writes_outputs_and_the_student_reloads(tmp_path):
-    """The product's default path (bf16 ZeRO-2 JSON): teacher fine-tune → KD and PKD-Skip → table."""
+    """The product's default path (bf16 ZeRO-2 JSON): teacher fine-tune → KD and PKD-Skip → table. --precision
+    bf16 keeps it bf16 on a CPU that only emulates bf16 (auto would run fp32 there)."""
     out = tmp_path / "run"
-    proc = train(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--task", "sst2", "--max-train-samples", "96",
-                  "--epochs", "1", "--strategy", "kd,skip", "--output-dir", str(out), *SMALL])
+    proc = train(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--precision", "bf16", "--task", "sst2",
+                  "--max-train-samples", "96", "--epochs", "1", "--strategy", "kd,skip", "--output-dir", str(out), *SMALL])
     assert "| PKD-Skip | 3 | 2,4 |" in proc.stdout and "| Teacher | 6 |" in proc.stdout
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["runs"]) == {"teacher", "kd", "skip"} and summary["train_rows"] == 96
+    assert summary["device"]["precision"] == "bf16" and summary["device"]["precision_reason"] == "--precision bf16"
     assert json.loads((out / "resolved_config.json").read_text())["strategy"] == ["kd", "skip"]
     skip = out / "students" / "skip"
     result = json.loads((skip / "results.json").read_text())

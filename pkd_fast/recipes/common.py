@@ -1,5 +1,5 @@
-"""What every recipe does the same way: join the process group, read the DeepSpeed JSON, write the
-resolved config, build the one `Trainer` from the flags, and key a run for --resume."""
+"""What every recipe does the same way: join the process group, read the DeepSpeed JSON and settle its
+precision, write the resolved config, build the one `Trainer` from the flags, and key a run for --resume."""
 
 from __future__ import annotations
 
@@ -7,26 +7,51 @@ import json
 import logging
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
+from pkd_fast.precision import apply_precision, describe_device, resolve_precision
 from pkd_fast.trainer import Trainer
 
 log = logging.getLogger("pkd_fast")
 
 
-def start(cfg: Config) -> tuple[ds.Dist, Path, dict]:
-    """The process group, the output directory (with resolved_config.json) and the checked DeepSpeed JSON."""
+def start(cfg: Config) -> tuple[ds.Dist, Path, dict, dict]:
+    """The process group, the output directory (with resolved_config.json), the checked DeepSpeed JSON with
+    --precision applied, and the device record (`resolve_device_precision`) that results.json carries."""
     world = ds.init_distributed(cfg.dist_timeout)
     configure_logging(world.is_main)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
+    ds_config, device = resolve_device_precision(cfg, world, ds_config)
     if world.is_main:
-        cfg.to_json(out / "resolved_config.json")
-    return world, out, ds_config
+        cfg.to_json(out / "resolved_config.json", device=device)
+    return world, out, ds_config, device
+
+
+def resolve_device_precision(cfg: Config, world: ds.Dist, ds_config: dict) -> tuple[dict, dict]:
+    """The JSON with the precision sections of what runs (--precision, pkd_fast.precision), and the device
+    record: the precision that runs and why, the GPU or CPU, the CPU's capability and whether the device
+    computes bf16 natively. Every rank must run one precision, and each rank's probe is timed on its own, so
+    bf16 counts as native only where every rank finds it so. What runs, when it is not what was asked, is
+    said in one line."""
+    hardware = describe_device(world.device)
+    if world.world_size > 1:
+        native = [None] * world.world_size
+        dist.all_gather_object(native, hardware["bf16_native"])
+        hardware["bf16_native"] = all(native)
+    choice = resolve_precision(cfg.precision, world.device, ds_config, hardware=hardware)
+    if world.is_main:
+        if choice.notice:
+            log.warning(choice.notice)
+        else:
+            log.info("precision: %s (%s)", choice.precision, choice.reason)
+    device = {**hardware, "precision": choice.precision, "precision_asked": choice.asked, "precision_reason": choice.reason}
+    return apply_precision(ds_config, choice), device
 
 
 # Why several nodes need one --output-dir: rank 0 alone publishes a checkpoint ('latest') and writes the

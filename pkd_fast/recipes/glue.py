@@ -51,7 +51,7 @@ class Run:
 
 def run(cfg: Config) -> dict:
     # -- setup ---------------------------------------------------------------------------------------
-    world, out, ds_config = common.start(cfg)
+    world, out, ds_config, device = common.start(cfg)
     task = get_task(cfg.task)
     log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
@@ -119,6 +119,7 @@ def run(cfg: Config) -> dict:
         "train_rows_available": full_train_rows,
         "dev_rows": {split: len(dev) for split, dev in dev_sets.items()},
         "preset": cfg.preset,
+        "device": device,
         "runs": results,
     }
     if world.is_main:

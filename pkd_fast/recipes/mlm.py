@@ -64,7 +64,7 @@ class MlmRun:
 
 
 def run(cfg: Config) -> dict:
-    world, out, ds_config = common.start(cfg)
+    world, out, ds_config, device = common.start(cfg)
     teacher_config = model_config("--teacher", cfg.teacher)
     check_max_seq_length(cfg.max_seq_length, "--teacher", teacher_config)
     headless = not has_mlm_head(cfg.teacher)
@@ -87,7 +87,7 @@ def run(cfg: Config) -> dict:
         name, result = ctx.distil(teacher_path)
         results[name] = result
 
-    summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "runs": results}
+    summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "device": device, "runs": results}
     if world.is_main:
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         table = render_table(summary)
