@@ -43,7 +43,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,7 +110,7 @@ DRY_PLAN = Plan(
     glue_batch=4,
     step_impls=("triton", "eager"),
     mlm={**bench_mlm_step.SETUPS["cpu"], "teacher_layers": 4, "hidden": 32, "heads": 2, "micro_batch": 2, "seq": 16, "vocab": 1100},
-    mlm_impls=("eager",),  # the interpreter on [rows, 30522] logits would take the whole budget
+    mlm_impls=("eager",),  # the interpreter on the LM rows, in 4 variants, would take most of the budget; the GLUE step runs it
     fused_impl="eager",
     loss_budget=harness.Budget(warmup_ms=0, rep_ms=0, min_reps=2),  # every path once more than warm-up: no numbers
     step_budget=harness.Budget(warmup_ms=0, rep_ms=0, min_reps=2),
@@ -149,7 +149,7 @@ class Run:
     def save(self) -> None:
         self.doc["run"]["seconds"] = round(time.monotonic() - self.started, 1)
         self.doc["targets"] = [{"stage": name, **t} for name, s in self.doc["stages"].items() for t in s.get("targets", [])]
-        self.json_path.write_text(json.dumps(self.doc, indent=1) + "\n")
+        self.json_path.write_text(json.dumps(self.doc, indent=1, default=str) + "\n")  # str: another module's enums
         self.json_path.with_suffix(".md").write_text(render_markdown(self.doc))
 
 
@@ -313,6 +313,7 @@ def precision(run: Run, entry: dict) -> None:
 
     # describe_device's signature is that module's; it may or may not take the device
     info = describe_device(run.device) if inspect.signature(describe_device).parameters else describe_device()
+    info = asdict(info) if is_dataclass(info) else info
     entry["device"] = info
     if isinstance(info, dict):
         run.doc["device"].update(info)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import time
+import types
+from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,3 +117,26 @@ def test_no_stage_starts_once_the_run_budget_is_spent(tmp_path):
 def test_the_gpu_run_refuses_a_machine_without_cuda(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device"):
         ga.main(["--out", str(tmp_path)])
+
+
+def test_precision_stage_records_the_choice_and_judges_bf16_on_a_gpu(tmp_path, monkeypatch):
+    """Stage 4 against a stand-in of pkd_fast.precision (another branch's module, with the agreed names): the
+    choice recorded, the capability merged into the device block, and on CUDA bf16 judged; no GPU is touched."""
+    choice = namedtuple("PrecisionChoice", "precision reason asked")
+    fake = types.ModuleType("pkd_fast.precision")
+    fake.describe_device = lambda: {"cpu_capability": "AVX512", "bf16_native": True}  # no-argument form
+    fake.resolve_precision = lambda requested, device, ds_config=None: choice("fp32", "no bf16 units", requested)
+    monkeypatch.setitem(sys.modules, "pkd_fast.precision", fake)
+    run = _run(tmp_path, ga.DRY_PLAN)
+    run.device = torch.device("cuda")
+    entry = {}
+    ga.precision(run, entry)
+    assert entry["choice"] == {"precision": "fp32", "reason": "no bf16 units", "asked": "auto"}
+    assert run.doc["device"]["bf16_native"] is True
+    assert entry["targets"][0]["met"] is False and entry["targets"][0]["missed_by"] == "no bf16 units"
+
+    fake.describe_device = lambda device: {"device": str(device)}  # the form taking the device
+    fake.resolve_precision = lambda requested, device, ds_config=None: choice("bf16", "native bf16", requested)
+    entry = {}
+    ga.precision(run, entry)
+    assert entry["device"] == {"device": "cuda"} and entry["targets"][0]["met"] is True
