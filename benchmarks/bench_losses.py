@@ -17,7 +17,7 @@ import argparse
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,8 @@ MODES = ("fwd", "fwd_bwd")
 FAMILIES = {
     "kd-cls": f"KD term T²·KL (T={TEMPERATURE:g}, batchmean) on classification logits [N, V]",
     "kd-vocab": f"KD term T²·KL (T={TEMPERATURE:g}, batchmean) on MLM logits [N = B·S, V = {VOCAB}]",
-    "pt-cls": f"patient loss ({PT_REDUCTION}) on [CLS]: {PT_LAYERS} layer pairs of [B, H]",
-    "pt-tokens": f"patient loss ({PT_REDUCTION}) on every token: {PT_LAYERS} layer pairs of [B·S, H]",
+    "pt-cls": f"patient loss ({PT_REDUCTION}) on [CLS]: {{layers}} layer pairs of [B, H]",
+    "pt-tokens": f"patient loss ({PT_REDUCTION}) on every token: {{layers}} layer pairs of [B·S, H]",
 }
 
 # family → (rows, cols) per grid; rows are N (KD) or rows per layer (patient), cols V or H.
@@ -80,6 +80,7 @@ class Case:
     rows: int
     cols: int
     dtype: torch.dtype = torch.bfloat16
+    pt_layers: int = PT_LAYERS  # patient families: layer pairs
 
     @property
     def kd(self) -> bool:
@@ -87,11 +88,17 @@ class Case:
 
     @property
     def layers(self) -> int:
-        return 1 if self.kd else PT_LAYERS
+        return 1 if self.kd else self.pt_layers
 
     @property
     def label(self) -> str:
-        return f"N={self.rows} V={self.cols}" if self.kd else f"rows={self.rows} H={self.cols}"
+        if self.kd:
+            return f"N={self.rows} V={self.cols}"
+        return f"rows={self.rows} H={self.cols}" + (f" layers={self.layers}" if self.layers != PT_LAYERS else "")
+
+    @property
+    def description(self) -> str:
+        return FAMILIES[self.family].format(layers=self.layers)
 
     @property
     def elements(self) -> int:
@@ -199,7 +206,7 @@ def skip_reason(case: Case, c: Contender, device: torch.device) -> str | None:
         module, attr = c.needs
         try:
             getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
+        except Exception as err:  # noqa: BLE001 — a third-party import can fail in any way (a transformers it does not know)
             return f"{module}.{attr} not importable ({type(err).__name__}: {err})"
     if c.triton and harness.interpreted(device) and case.rows > INTERPRET_MAX_ROWS:
         return f"Triton interpreter (no GPU): run only up to {INTERPRET_MAX_ROWS} rows"
@@ -250,13 +257,15 @@ def check(c: Contender, inputs: tuple, ref: tuple) -> dict:
     return {"loss_rel_err": harness.sig(loss_err, 3), "grad_rel_err": harness.sig(grad_err, 3), "ok": ok}
 
 
-def measure(case: Case, sets: list, device: torch.device, b: harness.Budget, copy_gbps: float) -> list[dict]:
-    """Every contender at one shape: value check, then each mode's timing (contenders taking turns on
-    the CPU), bandwidth, and on CUDA peak memory and wall time. Failures are recorded, not raised:
-    out of memory, or a kernel that cannot run here."""
+def measure(case: Case, sets: list, device: torch.device, b: harness.Budget, copy_gbps: float, names=None) -> list[dict]:
+    """Every contender (or those in `names`) at one shape: value check, then each mode's timing (contenders
+    taking turns on the CPU), bandwidth, and on CUDA peak memory and wall time. Failures are recorded, not
+    raised: out of memory, or a kernel that cannot run here."""
     ref = reference(case, sets[0])
     rows, ready = {}, {}
     for c in contenders(case):
+        if names is not None and c.name not in names:
+            continue
         row = rows[c.name] = {
             "family": case.family, "shape": case.label, "rows": case.rows, "cols": case.cols, "layers": case.layers,
             "dtype": str(case.dtype).removeprefix("torch."), "contender": c.name,
@@ -306,7 +315,8 @@ TARGET_SHAPE = ("kd-vocab", 8192, VOCAB)
 SMALL_FAMILIES = ("kd-cls", "pt-cls")
 
 
-def _target(name: str, got: float | None, bound: float, unit: str, higher_is_better: bool) -> dict:
+def judge(name: str, got: float | None, bound: float, unit: str, higher_is_better: bool) -> dict:
+    """One target: `got` against `bound` (None: not measured), met or missed by how much."""
     want = f"{'≥' if higher_is_better else '≤'} {bound:g}{unit}"
     if got is None:
         return {"target": name, "want": want, "got": None, "met": None, "note": "not measured in this run"}
@@ -317,8 +327,9 @@ def _target(name: str, got: float | None, bound: float, unit: str, higher_is_bet
     return entry
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """The H100 targets, each met or missed by how much."""
+def targets(rows: list[dict], target_shape: tuple[str, int, int] = TARGET_SHAPE, small_shapes: bool = True) -> list[dict]:
+    """The H100 targets, each met or missed by how much; the KD ones at `target_shape` (family, N, V), the
+    small-shape one only if `small_shapes` (a run measuring none would report it as not measured)."""
 
     def fb(family, n, v, contender, key="ms"):
         for r in rows:
@@ -326,30 +337,30 @@ def targets(rows: list[dict]) -> list[dict]:
                 return r["fwd_bwd"][key]
         return None
 
-    fused = fb(*TARGET_SHAPE, "fused")
-    frac = fb(*TARGET_SHAPE, "fused", "copy_frac")
+    fused = fb(*target_shape, "fused")
+    frac = fb(*target_shape, "fused", "copy_frac")
 
     def speedup(other):
-        ms = fb(*TARGET_SHAPE, other)
+        ms = fb(*target_shape, other)
         return ms / fused if ms and fused else None
 
-    shape = f"KD N={TARGET_SHAPE[1]} V={TARGET_SHAPE[2]} bf16 fwd+bwd"
+    shape = f"KD N={target_shape[1]} V={target_shape[2]} bf16 fwd+bwd"
     small = [
         (r["fwd_bwd"]["wall_ms"], f"{r['family']} {r['shape']}")
         for r in rows
         if r["family"] in SMALL_FAMILIES and r["contender"] == "fused" and "wall_ms" in r.get("fwd_bwd", {})
     ]
     worst_ms, worst_shape = max(small, default=(None, None))
-    small_target = _target("small shapes (kd-cls, pt-cls) fused fwd+bwd wall, worst", worst_ms and worst_ms * 1e3, 25, " µs", False)
+    small_target = judge("small shapes (kd-cls, pt-cls) fused fwd+bwd wall, worst", worst_ms and worst_ms * 1e3, 25, " µs", False)
     if worst_shape:
         small_target["worst_shape"] = worst_shape
     return [
-        _target(f"{shape}: fused time", fused, 0.65, " ms", False),
-        _target(f"{shape}: fused share of copy bandwidth", frac and frac * 100, 77, " %", True),
-        _target(f"{shape}: fused speed-up vs eager (fp32 spec)", speedup("eager-fp32"), 5, "×", True),
-        _target(f"{shape}: fused speed-up vs torch.compile", speedup("compile"), 1.3, "×", True),
-        _target(f"{shape}: fused speed-up vs the Liger path", speedup("liger"), 3, "×", True),
-        small_target,
+        judge(f"{shape}: fused time", fused, 0.65, " ms", False),
+        judge(f"{shape}: fused share of copy bandwidth", frac and frac * 100, 77, " %", True),
+        judge(f"{shape}: fused speed-up vs eager (fp32 spec)", speedup("eager-fp32"), 5, "×", True),
+        judge(f"{shape}: fused speed-up vs torch.compile", speedup("compile"), 1.3, "×", True),
+        judge(f"{shape}: fused speed-up vs the Liger path", speedup("liger"), 3, "×", True),
+        *([small_target] if small_shapes else []),
     ]
 
 
@@ -358,7 +369,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def settings() -> dict:
     return {
-        "families": FAMILIES,
+        "families": {family: text.format(layers=PT_LAYERS) for family, text in FAMILIES.items()},
         "temperature": TEMPERATURE,
         "pt_reduction": PT_REDUCTION,
         "min_bytes": "fwd: read student + teacher (2·E·elt); fwd_bwd: + write the student's gradient (3·E·elt)",
@@ -372,20 +383,28 @@ def settings() -> dict:
     }
 
 
+def measure_cases(cases: list[Case], device: torch.device, b: harness.Budget, copy_gbps: float, names=None) -> Iterator[list[dict]]:
+    """`measure` shape after shape, each on its own rotating input sets (freed before the next shape),
+    yielding each shape's rows and printing them, so a caller can save a run cut short."""
+    for case in cases:
+        sets = harness.rotating(case.draw(device), case.set_bytes, device)
+        rows = measure(case, sets, device, b, copy_gbps, names)
+        for row in rows:
+            print(_line(row), flush=True)
+        del sets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield rows
+
+
 def run(device: torch.device, quick: bool = False, families=None, path=None) -> dict:
     path = path or harness.results_path(device)
     b = harness.budget(device, quick)
     copy = harness.copy_bandwidth(device, b)
     print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({harness.device_name(device)})", flush=True)
     rows: list[dict] = []
-    for case in grid(device, quick, families):
-        sets = harness.rotating(case.draw(device), case.set_bytes, device)
-        for row in measure(case, sets, device, b, copy["gbps"]):
-            rows.append(row)
-            print(_line(row), flush=True)
-        del sets
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for shape_rows in measure_cases(grid(device, quick, families), device, b, copy["gbps"]):
+        rows += shape_rows
         # written after every shape, so a run cut short still leaves what it measured
         harness.update_results(path, device, copy_bandwidth=copy, loss_settings=settings(), losses=rows)
     return harness.update_results(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
@@ -32,8 +33,8 @@ from pkd_fast.models import MaskedLMRows, MlmRows, build_mlm_student, mlm_row_in
 MASK_RATE = 0.15
 # Model sizes and batch per device: BERT-base → 6 layers on a GPU; MiniLM-sized (6 × 384) → 3 on the CPU.
 SETUPS = {
-    "cuda": {"teacher_layers": 12, "hidden": 768, "heads": 12, "micro_batch": 32, "seq": 128, "dtype": "bf16"},
-    "cpu": {"teacher_layers": 6, "hidden": 384, "heads": 12, "micro_batch": 8, "seq": 64, "dtype": "fp32"},
+    "cuda": {"teacher_layers": 12, "hidden": 768, "heads": 12, "micro_batch": 32, "seq": 128, "dtype": "bf16", "vocab": VOCAB},
+    "cpu": {"teacher_layers": 6, "hidden": 384, "heads": 12, "micro_batch": 8, "seq": 64, "dtype": "fp32", "vocab": VOCAB},
 }
 HEADS = ("rows", "full")
 KD_POSITIONS = ("masked", "all")
@@ -45,7 +46,7 @@ def impls(device: torch.device) -> tuple[str, ...]:
 
 
 def models(setup: dict) -> tuple[BertForMaskedLM, BertForMaskedLM, tuple[int, ...]]:
-    config = BertConfig(vocab_size=VOCAB, num_hidden_layers=setup["teacher_layers"], hidden_size=setup["hidden"],
+    config = BertConfig(vocab_size=setup["vocab"], num_hidden_layers=setup["teacher_layers"], hidden_size=setup["hidden"],
                         num_attention_heads=setup["heads"], intermediate_size=4 * setup["hidden"])
     teacher = BertForMaskedLM(config)
     layers = mlm_student_layers("alternate", setup["teacher_layers"])
@@ -65,7 +66,7 @@ def engines(setup: dict, device: torch.device):
 def draw(setup: dict, device: torch.device):
     def one_batch(gen):
         shape = (setup["micro_batch"], setup["seq"])
-        ids = torch.randint(1000, VOCAB, shape, generator=gen, device=device)
+        ids = torch.randint(1000, setup["vocab"], shape, generator=gen, device=device)
         masked = torch.rand(shape, generator=gen, device=device) < MASK_RATE
         masked[:, 0] = True  # every batch has masked rows
         return ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
@@ -120,9 +121,12 @@ def loss_alone(engine, teacher, layers, head: str, kd: str, impl: str, batch: di
     return lambda: torch.autograd.grad(terms(rows, batch, layers, impl), wrt)
 
 
-def run(device: torch.device, quick: bool = False) -> dict:
+def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=None, quick: bool = False,
+            step_budget: harness.Budget | None = None) -> Iterator[dict]:
+    """Both heads × `kd_grid` × `impl_names` (default: `impls(device)`) at `setup`, steps timed with `step_budget`
+    (default STEP_BUDGET), yielding each row as it is measured (printed). First checks that the two heads give
+    the same loss (AssertionError if not)."""
     ds.init_distributed()
-    setup = SETUPS[device.type]
     engine, teacher, layers = engines(setup, device)
     batches = harness.rotating(draw(setup, device), 4 * setup["micro_batch"] * setup["seq"] * 8, device)
     engine.eval()  # no dropout: the two heads must give the same loss on the same batch
@@ -131,30 +135,41 @@ def run(device: torch.device, quick: bool = False) -> dict:
             ref, full = (terms(forward_rows(engine, teacher, batches[0][0], head, kd), batches[0][0], layers, "eager") for head in HEADS)
             torch.testing.assert_close(full, ref, rtol=1e-3 if setup["dtype"] == "fp32" else 2e-2, atol=1e-4)
     engine.train()
-    rows = []
-    kd_grid = ("all",) if quick else KD_POSITIONS
     for kd in kd_grid:
-        for impl in impls(device):
+        for impl in impl_names or impls(device):
             steps = {head: harness.cycling(train_step(engine, teacher, layers, head, kd, impl), batches) for head in HEADS}
-            timings = harness.time_calls(steps, device, STEP_BUDGET[device.type])
+            timings = harness.time_calls(steps, device, step_budget or STEP_BUDGET[device.type])
             for head, step in timings.items():
                 row = {"head": head, "kd_positions": kd, "impl": impl}
                 if not isinstance(step, harness.Timing):
-                    rows.append({**row, "error": harness.error_text(step)})
+                    yield {**row, "error": harness.error_text(step)}
                     continue
                 loss = harness.time_call(loss_alone(engine, teacher, layers, head, kd, impl, batches[0][0]), device,
                                          harness.budget(device, quick))
                 tokens = setup["micro_batch"] * setup["seq"]
-                rows.append({**row, "step": step.as_dict(), "tokens_per_s": harness.sig(tokens / step.ms * 1e3),
-                             "loss": loss.as_dict(), "loss_share": harness.sig(loss.ms / step.ms),
-                             "peak_mb": harness.peak_memory_mb(steps[head], device)[0]})
-                print(_line(rows[-1]), flush=True)
-    settings = {**setup, "student_layers": list(layers), "pt_map": list(layers[:-1]), "recipe": RECIPE, "mask_rate": MASK_RATE,
-                "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, AdamW, one process, {setup['dtype']}",
-                "timing": "host clock on the CPU (variants taking turns step by step), device events on CUDA; median after warm-up",
-                "peak_mb": "CUDA only: max_memory_allocated during one step"}
+                row = {**row, "step": step.as_dict(), "tokens_per_s": harness.sig(tokens / step.ms * 1e3),
+                       "loss": loss.as_dict(), "loss_share": harness.sig(loss.ms / step.ms),
+                       "peak_mb": harness.peak_memory_mb(steps[head], device)[0]}
+                print(_line(row), flush=True)
+                yield row
+    del engine, teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def settings(setup: dict) -> dict:
+    layers = mlm_student_layers("alternate", setup["teacher_layers"])
+    return {**setup, "student_layers": list(layers), "pt_map": list(layers[:-1]), "recipe": RECIPE, "mask_rate": MASK_RATE,
+            "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, AdamW, one process, {setup['dtype']}",
+            "timing": "host clock on the CPU (variants taking turns step by step), device events on CUDA; median after warm-up",
+            "peak_mb": "CUDA only: max_memory_allocated during one step"}
+
+
+def run(device: torch.device, quick: bool = False) -> dict:
+    setup = SETUPS[device.type]
+    rows = list(measure(device, setup, ("all",) if quick else KD_POSITIONS, quick=quick))
     results = harness.update_results(harness.RESULTS_DIR / f"mlm_step_{harness.device_slug(device)}.json", device,
-                                     mlm_step_settings=settings, mlm_step=rows)
+                                     mlm_step_settings=settings(setup), mlm_step=rows)
     write_markdown(results, device)
     return results
 
@@ -172,15 +187,20 @@ def write_markdown(results: dict, device: torch.device) -> None:
     lines = [f"# Masked-LM PKD step on {dev.get('name', device.type)} ({dev.get('date', '')})", "",
              f"Teacher {s['teacher_layers']} layers × {s['hidden']} (random weights) → student layers {s['student_layers']}, "
              f"micro-batch {s['micro_batch']} × seq {s['seq']}, {s['deepspeed']}. `rows`: the LM heads on the gathered rows "
-             "only (the recipe); `full`: on all B·L positions, then selected.", "",
-             "| head | KL rows | loss impl | step ms | tokens/s | loss ms | loss share | peak MB |", "|---|---|---|---|---|---|---|---|"]
-    for r in results["mlm_step"]:
+             "only (the recipe); `full`: on all B·L positions, then selected.", "", *table_lines(results["mlm_step"])]
+    (harness.RESULTS_DIR / f"mlm_step_{harness.device_slug(device)}.md").write_text("\n".join(lines) + "\n")
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The rows as a markdown table, a failed variant with its error."""
+    lines = ["| head | KL rows | loss impl | step ms | tokens/s | loss ms | loss share | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         if "step" not in r:
             lines.append(f"| {r['head']} | {r['kd_positions']} | {r['impl']} | {r['error']} | | | | |")
             continue
         lines.append(f"| {r['head']} | {r['kd_positions']} | {r['impl']} | {r['step']['ms']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{r['loss']['ms']:.2f} | {r['loss_share']:.1%} | {r['peak_mb'] if r['peak_mb'] is not None else '-'} |")
-    (harness.RESULTS_DIR / f"mlm_step_{harness.device_slug(device)}.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv=None) -> None:

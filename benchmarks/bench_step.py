@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig
@@ -54,33 +55,57 @@ STEP_BUDGET = {
 
 
 @dataclass(frozen=True)
+class ModelSize:
+    """Teacher and student sizes: BERT-base → 6 layers by default; the GPU acceptance run's CPU dry run
+    shrinks them so that a step takes milliseconds."""
+
+    teacher_layers: int = TEACHER_LAYERS
+    student_layers: int = STUDENT_LAYERS
+    hidden: int = 768
+    heads: int = 12
+    seq: int = SEQ
+    vocab: int = VOCAB  # token ids are drawn from [1000, vocab)
+
+    def bert_config(self, **kwargs) -> BertConfig:
+        return BertConfig(vocab_size=self.vocab, num_hidden_layers=self.teacher_layers, hidden_size=self.hidden,
+                          num_attention_heads=self.heads, intermediate_size=4 * self.hidden, **kwargs)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class StepCase:
     name: str
     mlm: bool
-    layer_map: tuple[int, ...]  # teacher layers the patient loss reads; () for no patient term
+    patient: bool  # PKD-Skip's patient term on [CLS]; False: none
+    size: ModelSize = ModelSize()
+
+    @property
+    def layer_map(self) -> tuple[int, ...]:
+        """Teacher layers the patient loss reads; () for no patient term."""
+        return layer_map("skip", self.size.teacher_layers, self.size.student_layers) if self.patient else ()
 
     def loss_rows(self, micro_batch: int) -> int:
         """Rows of logits the KD term reads (what decides whether the interpreter can run it)."""
-        return micro_batch * SEQ if self.mlm else micro_batch
+        return micro_batch * self.size.seq if self.mlm else micro_batch
 
     def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(teacher, student) with random weights, the student built as the trainer builds it."""
-        config = BertConfig(num_hidden_layers=TEACHER_LAYERS, num_labels=2)
+        config = self.size.bert_config(num_labels=2)
         if self.mlm:
             teacher = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
-            config.num_hidden_layers = STUDENT_LAYERS
+            config.num_hidden_layers = self.size.student_layers
             return teacher, AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
         teacher = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-        return teacher, build_student(teacher, STUDENT_LAYERS, get_task("sst2"))
+        return teacher, build_student(teacher, self.size.student_layers, get_task("sst2"))
 
     def draw(self, micro_batch: int, device: torch.device):
         """A function of a generator giving one fresh batch."""
+        seq, vocab = self.size.seq, self.size.vocab
 
         def one_batch(gen):
-            ids = torch.randint(1000, VOCAB, (micro_batch, SEQ), generator=gen, device=device)
+            ids = torch.randint(1000, vocab, (micro_batch, seq), generator=gen, device=device)
             if self.mlm:
                 masked = torch.rand(ids.shape, generator=gen, device=device) < MLM_MASK_RATE
-                labels = torch.where(masked, torch.randint(1000, VOCAB, ids.shape, generator=gen, device=device), -100)
+                labels = torch.where(masked, torch.randint(1000, vocab, ids.shape, generator=gen, device=device), -100)
             else:
                 labels = torch.randint(0, 2, (micro_batch,), generator=gen, device=device)
             return ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": labels},)
@@ -89,8 +114,8 @@ class StepCase:
 
 
 CASES = {
-    "pkd-cls": StepCase("pkd-cls", mlm=False, layer_map=layer_map("skip", TEACHER_LAYERS, STUDENT_LAYERS)),
-    "mlm-kd": StepCase("mlm-kd", mlm=True, layer_map=()),
+    "pkd-cls": StepCase("pkd-cls", mlm=False, patient=True),
+    "mlm-kd": StepCase("mlm-kd", mlm=True, patient=False),
 }
 
 
@@ -160,20 +185,23 @@ def skip_reason(case: StepCase, micro_batch: int, impl: str, device: torch.devic
     return None
 
 
-def measure(engine, teacher, case: StepCase, micro_batch: int, device: torch.device, quick: bool) -> list[dict]:
-    """Every loss impl at one micro-batch: step time (impls taking turns on the CPU), throughput, peak
-    memory, and the loss's own forward+backward. Failures (out of memory, say) are recorded, not raised."""
-    batches = harness.rotating(case.draw(micro_batch, device), 4 * micro_batch * SEQ * 8, device)  # 4 int64 [B, S] at most
+def measure(engine, teacher, case: StepCase, micro_batch: int, device: torch.device, quick: bool, impls=IMPLS,
+            step_budget: harness.Budget | None = None) -> list[dict]:
+    """Every loss impl (of `impls`) at one micro-batch: step time (impls taking turns on the CPU; `step_budget`,
+    default STEP_BUDGET), throughput, peak memory, and the loss's own forward+backward. Failures (out of memory,
+    say) are recorded, not raised."""
+    seq = case.size.seq
+    batches = harness.rotating(case.draw(micro_batch, device), 4 * micro_batch * seq * 8, device)  # 4 int64 [B, S] at most
     rows, steps = {}, {}
-    for impl in IMPLS:
-        rows[impl] = {"case": case.name, "micro_batch": micro_batch, "seq": SEQ, "impl": impl,
+    for impl in impls:
+        rows[impl] = {"case": case.name, "micro_batch": micro_batch, "seq": seq, "impl": impl,
                       "interpreter": impl == "triton" and harness.interpreted(device)}  # fmt: skip
         reason = skip_reason(case, micro_batch, impl, device)
         if reason:
             rows[impl]["skipped"] = reason
         else:
             steps[impl] = harness.cycling(train_step(engine, teacher, case, impl), batches)
-    timings = harness.time_calls(steps, device, STEP_BUDGET[device.type])
+    timings = harness.time_calls(steps, device, step_budget or STEP_BUDGET[device.type])
     # before the loss-alone calls below hold a step's outputs, which would count in the peak
     peaks = {impl: harness.peak_memory_mb(steps[impl], device)[0] for impl, t in timings.items() if isinstance(t, harness.Timing)}
     losses = harness.time_calls(
@@ -188,7 +216,7 @@ def measure(engine, teacher, case: StepCase, micro_batch: int, device: torch.dev
         row.update(
             step=step.as_dict(),
             samples_per_s=harness.sig(micro_batch / step.ms * 1e3),
-            tokens_per_s=harness.sig(micro_batch * SEQ / step.ms * 1e3),
+            tokens_per_s=harness.sig(micro_batch * seq / step.ms * 1e3),
             peak_mb=peaks[impl],
             loss=loss_time.as_dict(),
             loss_share=harness.sig(loss_time.ms / step.ms),
@@ -223,21 +251,31 @@ def settings() -> dict:
     }
 
 
-def run(device: torch.device, quick: bool = False, path=None) -> dict:
-    path = path or harness.results_path(device)
+def measure_case(case: StepCase, micro_batches, device: torch.device, quick: bool, impls=IMPLS,
+                 step_budget: harness.Budget | None = None) -> Iterator[list[dict]]:
+    """`measure` at each micro-batch on one pair of engines, yielding each micro-batch's rows (printed), so a
+    caller can save a run cut short; the engines are freed at the end."""
     ds.init_distributed()
-    rows: list[dict] = []
-    for name, micro_batches in GRIDS[device.type + ("-quick" if quick else "")].items():
-        case = CASES[name]
-        engine, teacher = engines(case, max(micro_batches), device)
+    engine, teacher = engines(case, max(micro_batches), device)
+    try:
         for micro_batch in micro_batches:
-            for row in measure(engine, teacher, case, micro_batch, device, quick):
-                rows.append(row)
+            rows = measure(engine, teacher, case, micro_batch, device, quick, impls, step_budget)
+            for row in rows:
                 print(_line(row), flush=True)
-            harness.update_results(path, device, step_settings=settings(), step=rows)
+            yield rows
+    finally:
         del engine, teacher
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def run(device: torch.device, quick: bool = False, path=None) -> dict:
+    path = path or harness.results_path(device)
+    rows: list[dict] = []
+    for name, micro_batches in GRIDS[device.type + ("-quick" if quick else "")].items():
+        for batch_rows in measure_case(CASES[name], micro_batches, device, quick):
+            rows += batch_rows
+            harness.update_results(path, device, step_settings=settings(), step=rows)
     return harness.update_results(path, device, step_settings=settings(), step=rows)
 
 

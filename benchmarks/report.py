@@ -30,7 +30,7 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.1%}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -62,19 +62,24 @@ def _header(results: dict) -> list[str]:
     return lines
 
 
-def _targets(results: dict) -> list[str]:
-    entries = results.get("loss_targets")
-    if not entries:
-        return []
+def target_table(entries: list[dict]) -> list[str]:
+    """Targets (`bench_losses.judge` entries) as a markdown table: met, or missed by how much."""
     rows = [
         [t["target"] + (f" ({t['worst_shape']})" if t.get("worst_shape") else ""), t["want"], t["got"] or "–",
          "–" if t["met"] is None else "met" if t["met"] else f"**missed**: {t['missed_by']}"]
         for t in entries
     ]  # fmt: skip
-    return ["", "## Targets (the kernels issue's, set for H100)", "", *_table(["target", "want", "got", "result"], rows)]
+    return md_table(["target", "want", "got", "result"], rows)
 
 
-def _losses(results: dict) -> list[str]:
+def _targets(results: dict) -> list[str]:
+    entries = results.get("loss_targets")
+    if not entries:
+        return []
+    return ["", "## Targets (the kernels issue's, set for H100)", "", *target_table(entries)]
+
+
+def losses_section(results: dict) -> list[str]:
     rows = results.get("losses")
     if not rows:
         return []
@@ -101,13 +106,13 @@ def _losses(results: dict) -> list[str]:
                 _num(fb["gbps"]), _pct(fb["copy_frac"]), _num(fb["peak_extra_mb"]), "–" if speedup is None else f"{speedup:.2f}×",
                 "ok" if chk["ok"] else f"differs: loss {chk['loss_rel_err']:.1e}, grad {chk['grad_rel_err']:.1e}",
             ])  # fmt: skip
-        lines += ["", f"### {family}: {settings.get('families', {}).get(family, '')}", "", *_table(header, table)]
+        lines += ["", f"### {family}: {settings.get('families', {}).get(family, '')}", "", *md_table(header, table)]
         missing = _not_measured(family_rows, "contender", lambda r: r["shape"])
         lines += ["", "Not measured:", *missing] if missing else []
     return lines
 
 
-def _steps(results: dict) -> list[str]:
+def steps_section(results: dict) -> list[str]:
     rows = results.get("step")
     if not rows:
         return []
@@ -129,11 +134,11 @@ def _steps(results: dict) -> list[str]:
         ])  # fmt: skip
     header = ["case", "micro-batch", "loss impl", "step ms", "samples/s", "tokens/s", "peak MB", "loss fwd+bwd ms", "loss share", "vs eager"]
     missing = _not_measured(rows, "impl", lambda r: f"{r['case']} B={r['micro_batch']}")
-    return lines + ["", *_table(header, table), *(["", "Not measured:", *missing] if missing else [])]
+    return lines + ["", *md_table(header, table), *(["", "Not measured:", *missing] if missing else [])]
 
 
 def render_markdown(results: dict) -> str:
-    return "\n".join([*_header(results), *_targets(results), *_losses(results), *_steps(results)]) + "\n"
+    return "\n".join([*_header(results), *_targets(results), *losses_section(results), *steps_section(results)]) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:

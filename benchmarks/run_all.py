@@ -4,8 +4,9 @@ benchmarks/results/<device>.json, .md and .png (<device>: "cpu", or the GPU's na
 
     python -m benchmarks.run_all [--device cuda|cpu] [--quick] [--threads N] [--only losses|step]
 
-On the lent GPU machine, which lacks deepspeed: build the wheels here once, from the project root,
-    bash ../shared/tools/gpu-wheels.sh liger-kernel==0.8.5
+On the lent GPU machine, which lacks deepspeed and datasets (pkd_fast.data imports it): build the wheels
+here once, from the project root,
+    bash ../shared/tools/gpu-wheels.sh liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 then run with carry [".whl"] (results come back through $OUT; copy them into benchmarks/results/):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && python3 -m benchmarks.run_all; cp benchmarks/results/nvidia-* $OUT/
 A device command may run 10 minutes at most: the full grid is sized to fit; if it does not, run
