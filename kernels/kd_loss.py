@@ -108,7 +108,10 @@ def grad_buffer_dtype(student_dtype: torch.dtype) -> torch.dtype:
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad *= grad_output in place, grad_output a scalar or one factor per row of the 2-D `grad`."""
+    """grad *= grad_output in place, grad_output a scalar or one factor per row of the 2-D `grad`. An empty
+    gradient (no rows) launches nothing: the kernel would read a per-row grad_output that has no element."""
+    if grad.numel() == 0:
+        return grad
     per_row = grad_output.dim() > 0
     if per_row:
         n_rows, n_cols, g_stride, go_stride = grad.shape[0], grad.shape[1], grad.stride(0), grad_output.stride(0)
@@ -194,7 +197,9 @@ def _kd_grad_block(
 #   KL = ln2·[ (acc/d_t - (m_t - m_s))·τ + log2(d_s/d_t) ]     CE = ln2·[ (m_s - s_y)·τ_c + log2 d_c ]
 #   loss_row = kl_weight·KL + ce_weight·CE,   kl_weight = α·T²·r,  ce_weight = (1-α)·r_ce  (0 if y ignored)
 #   ∂loss/∂s = kl_weight/T·(p_s - p_t) + ce_weight·(softmax(s) - onehot(y)),  p_s = 2^((s - m_s)·τ - log2 d_s)
-# r is 1/N (batchmean), 1/(N·V) (mean) or 1; r_ce is 1/#valid labels for batchmean and mean, else 1.
+# r is 1/N (batchmean), 1/(N·V) (mean) or 1 (sum: then divided by the KL divisor if given); r_ce is
+# 1/#valid labels for batchmean and mean, else 1 (or 1/the CE divisor). N = 0 launches one program that
+# writes a loss of 0 (and no gradient rows).
 # Exponents are formed from differences of raw logits, exact near the max, so large logits keep fp32
 # accuracy, and s == t gives exactly 0 loss and gradient. Without a KL term τ = τ_c, and whenever
 # τ = τ_c the CE reuses d_s (CE_OWN_STATS off). A teacher row that is all -inf has no distribution: it
@@ -202,14 +207,19 @@ def _kd_grad_block(
 # boundary at idx = 0, so every interior block is aligned and needs no mask.
 @triton.jit
 def _kd_fwd_kernel(
-    s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, partial_ptr, counter_ptr,
+    s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, partial_ptr, counter_ptr, div_ptr,
     n_rows, n_cols, s_stride, t_stride, g_stride,
     kl_weight, kl_grad, ce_weight, tau, tau_ce, ignore_index,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_MEAN: tl.constexpr, CE_OWN_STATS: tl.constexpr,
-    PER_ROW: tl.constexpr, WRITE_GRAD: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PER_ROW: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_DIVISORS: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if HAS_DIVISORS:  # [CE divisor, KL divisor] read on device: the caller's count never syncs with the host
+        ce_weight = ce_weight / tl.load(div_ptr).to(tl.float32)
+        kl_divisor = tl.load(div_ptr + 1).to(tl.float32)
+        kl_weight = kl_weight / kl_divisor
+        kl_grad = kl_grad / kl_divisor
     if HAS_CE and CE_MEAN:  # every program counts the valid labels itself: no extra launch, no host sync
         n_valid = 0
         for first in range(0, n_rows, BLOCK_N):
@@ -298,12 +308,12 @@ def _vector_width(*tensors: torch.Tensor) -> int:
     return vec if aligned and len({x.stride(0) % vec for x in tensors}) == 1 else 1
 
 
-def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
+def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, divisors, write_grad, inplace):
     """The loss and, with `write_grad`, the scaled-down student gradient: over the logits when `inplace`
     and the student dtype holds it (`grad_buffer_dtype`), else in a new buffer."""
     n_rows, n_cols = s.shape
     has_kl, has_ce, per_row = alpha != 0.0, alpha != 1.0, reduction == "none"
-    r = {"batchmean": 1.0 / n_rows, "mean": 1.0 / (n_rows * n_cols)}.get(reduction, 1.0)
+    r = {"batchmean": 1.0 / max(n_rows, 1), "mean": 1.0 / max(n_rows * n_cols, 1)}.get(reduction, 1.0)
     grad = None
     if write_grad:
         grad_dtype = grad_buffer_dtype(s.dtype)
@@ -314,17 +324,17 @@ def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write
     vec = _vector_width(s, t, g)
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols + vec - 1))  # ≥ vec: a head fits the first block
     num_warps = max(1, min(16, block_v // 256))
-    n_prog = min(n_rows, max_programs(s.device, num_warps))
+    n_prog = max(1, min(n_rows, max_programs(s.device, num_warps)))
     loss = torch.empty((n_rows,) if per_row else (), dtype=torch.float32, device=s.device)
     partials = loss if per_row else torch.empty(n_prog, dtype=torch.float32, device=s.device)
     counter = loss if per_row else arrival_counter(s.device)
     _kd_fwd_kernel[(n_prog,)](
-        s, t, y, g, loss, partials, counter,
+        s, t, y, g, loss, partials, counter, s if divisors is None else divisors,
         n_rows, n_cols, s.stride(0), t.stride(0), g.stride(0),
         alpha * temperature**2 * r, alpha * temperature * r, 1.0 - alpha, tau, LOG2E, ignore_index,
         HAS_KL=has_kl, HAS_CE=has_ce, CE_MEAN=reduction in ("batchmean", "mean"),
         CE_OWN_STATS=has_ce and tau != LOG2E, PER_ROW=per_row, WRITE_GRAD=write_grad,
-        VEC=vec, BLOCK_V=block_v, BLOCK_N=1024, num_warps=num_warps,
+        HAS_DIVISORS=divisors is not None, VEC=vec, BLOCK_V=block_v, BLOCK_N=1024, num_warps=num_warps,
     )  # fmt: skip
     return loss, grad
 
@@ -351,8 +361,8 @@ class FusedKDLoss(torch.autograd.Function):
     """Loss in forward, gradient w.r.t. the student logits also in forward; backward scales it."""
 
     @staticmethod
-    def forward(ctx, s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace):
-        loss, ctx.grad = _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, write_grad, inplace)
+    def forward(ctx, s, t, labels, temperature, alpha, ignore_index, reduction, divisors, write_grad, inplace):
+        loss, ctx.grad = _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, divisors, write_grad, inplace)
         ctx.dtype = s.dtype
         ctx.out = s.detach() if inplace and ctx.grad is not None and ctx.grad.dtype != s.dtype else None
         return loss
@@ -362,7 +372,7 @@ class FusedKDLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         out, ctx.out = ctx.out, None
         grad = take_scaled_grad(ctx, "fused_kd_loss", grad_output, ctx.dtype, out)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -373,6 +383,7 @@ def fused_kd_loss(
     alpha: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    divisors: torch.Tensor | None = None,
     *,
     inplace: bool = False,
 ) -> torch.Tensor:
@@ -387,8 +398,14 @@ def fused_kd_loss(
     """
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    if student_logits.dim() != 2 or 0 in student_logits.shape:
-        raise ValueError(f"student_logits must be a non-empty [N, V] tensor, got shape {tuple(student_logits.shape)}")
+    if student_logits.dim() != 2 or student_logits.shape[1] == 0:
+        raise ValueError(f"student_logits must be an [N, V] tensor with V > 0, got shape {tuple(student_logits.shape)}")
+    if divisors is not None:
+        if reduction != "sum":
+            raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+        if divisors.shape != (2,) or divisors.device != student_logits.device:
+            raise ValueError(f"divisors must be a [2] tensor on the logits' device, got {tuple(divisors.shape)} on {divisors.device}")
+        divisors = divisors.float().contiguous()
     alpha, temperature = float(alpha), float(temperature)
     if not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
@@ -413,7 +430,7 @@ def fused_kd_loss(
     write_grad = student_logits.requires_grad and torch.is_grad_enabled()
     return FusedKDLoss.apply(
         _unit_column_stride(student_logits), teacher_logits, labels, temperature, alpha, int(ignore_index), reduction,
-        write_grad, inplace,
+        divisors, write_grad, inplace,
     )  # fmt: skip
 
 

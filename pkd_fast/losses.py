@@ -38,16 +38,25 @@ def kd_loss_reference(
     alpha: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    divisors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, labels), accumulated in fp32 or wider.
 
     KL reductions: batchmean ÷N (Hinton, the PKD paper), sum, none (per row), mean ÷N·V (the authors' code).
     The CE term is averaged over the rows whose label is not `ignore_index` (torch's CE semantics) for
-    batchmean/mean, summed for sum, per row for none; a batch with every row ignored contributes 0.
+    batchmean/mean, summed for sum, per row for none; a batch with every row ignored contributes 0, and
+    so does a batch of no rows at all (N = 0), in every reduction, with a zero gradient.
     Teacher entries of -inf have probability 0 and add nothing to the KL.
+
+    `divisors` (with reduction "sum" only): a device tensor [CE divisor, KL divisor] the two sums are
+    divided by. The masked-LM objective passes each micro-batch's share of its optimizer step's masked
+    tokens and KL rows (`pkd_fast.trainer`), so every token of the step weighs the same; a tensor, not a
+    number, so that count never syncs with the host.
     """
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if divisors is not None and reduction != "sum":
+        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
     s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
@@ -58,10 +67,10 @@ def kd_loss_reference(
         p_t = log_p_t.exp()
         kl_rows = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
         kl = {
-            "batchmean": lambda: kl_rows.sum() / n_rows,
-            "sum": kl_rows.sum,
+            "batchmean": lambda: kl_rows.sum() / max(n_rows, 1),
+            "sum": lambda: kl_rows.sum() if divisors is None else kl_rows.sum() / divisors[1],
             "none": lambda: kl_rows,
-            "mean": lambda: kl_rows.sum() / (n_rows * vocab),
+            "mean": lambda: kl_rows.sum() / max(n_rows * vocab, 1),
         }[reduction]()
         loss = loss + alpha * temperature**2 * kl
     if alpha != 1.0:
@@ -74,7 +83,7 @@ def kd_loss_reference(
         if reduction == "none":
             ce = ce_rows
         elif reduction == "sum":
-            ce = ce_rows.sum()
+            ce = ce_rows.sum() if divisors is None else ce_rows.sum() / divisors[0]
         else:
             ce = ce_rows.sum() / valid.sum().clamp(min=1)
         loss = loss + (1.0 - alpha) * ce
@@ -198,8 +207,12 @@ def pkd_loss(
     pt_reduction: str = "elementwise_mean",
     impl: str = "eager",
     return_terms: bool = False,
+    divisors: torch.Tensor | None = None,
 ) -> LossTerms:
     """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
+
+    CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
+    divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero.
 
     `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
     loss reads ([CLS] or every real token), so a live teacher and the teacher cache feed it alike.
@@ -207,10 +220,11 @@ def pkd_loss(
     """
     if alpha > 0.0 and teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
+    reduce = {} if divisors is None else {"reduction": "sum", "divisors": divisors}
     if regression:
         total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
     else:
-        total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl)
+        total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     use_pt = beta > 0.0 and len(student_hidden) > 0
     if use_pt:
         total = total + beta * patient_loss(student_hidden, teacher_hidden, reduction=pt_reduction, impl=impl)
@@ -222,9 +236,9 @@ def pkd_loss(
                 terms.ce = regression_kd_loss(s, None, labels, 0.0)
                 terms.kd = regression_kd_loss(s, teacher_logits, labels, 1.0) if teacher_logits is not None else None
             else:
-                terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0)
+                terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0, **reduce)
                 if teacher_logits is not None:
-                    terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0)
+                    terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0, **reduce)
             if use_pt:
                 terms.pt = patient_loss_reference(
                     [h.detach() for h in student_hidden], teacher_hidden, reduction=pt_reduction

@@ -311,6 +311,16 @@ def mlm_row_index(batch: dict, rows: str = "masked") -> torch.Tensor:
     raise ValueError(f"rows must be 'masked' or 'all', got {rows!r}")
 
 
+def mlm_row_count(batch: dict, rows: str = "masked") -> torch.Tensor:
+    """How many rows `mlm_row_index` picks, counted on device (no host sync): the masked-LM loss units
+    `pkd_fast.trainer` sums over an optimizer step before its first backward."""
+    if rows == "masked":
+        return (batch["mlm_labels"] != -100).sum()
+    if rows == "all":
+        return batch["attention_mask"].sum()
+    raise ValueError(f"rows must be 'masked' or 'all', got {rows!r}")
+
+
 def lm_head_rows(model: PreTrainedModel, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     """The head's vocabulary logits [n, V] of the rows `row_index` of `hidden` [B, L, H]: gather, then
     transform + decoder, so the cost is n·H·V, not B·L·H·V."""

@@ -1,9 +1,23 @@
 """One training loop for every objective: the DeepSpeed engine, accumulation boundaries, the loss terms a
 recipe computes, logging, the non-finite guard, crash-safe checkpoints and exact resume.
 
-A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms)` that returns
-the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student and
-teacher outputs, cache rows, loss). The loop never asks where the teacher's outputs came from.
+A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms, divisors)` that
+returns the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student
+and teacher outputs, cache rows, loss). The loop never asks where the teacher's outputs came from.
+
+Loss units. A recipe whose loss is a sum over units that micro-batches hold in unequal numbers (the
+masked-LM objective: masked tokens for CE, KL rows for KD) also hands a `count_fn(batch)`, a device vector
+of the batch's units. Before an optimizer step's first backward the loop reads ahead that step's
+`accumulation` micro-batches, counts their units on device and all-reduces the counts once per step
+(every rank, even with none), and passes each micro-batch `divisors` = step count ÷ (ranks × accumulation),
+clamped so an empty step divides 0 by a positive number. DeepSpeed 0.19.8 then undoes that factor:
+`engine.backward` divides the loss by gradient_accumulation_steps (its `scale_wrt_gas=True` default) and
+the gradient reduction averages over the data-parallel ranks (ZeRO-1/2 `average_tensor`, ZeRO-0's
+allreduce), so the step's gradient is that of the sum over all its units divided by their number: every
+unit weighs the same, whatever micro-batch or rank holds it, and a micro-batch without units adds zero.
+Without a `count_fn` (GLUE) `divisors` is None and each micro-batch's loss is its own mean. The logged
+terms are summed over the step's micro-batches and ranks and divided by ranks × accumulation, so they are
+the step's objective either way: the per-unit mean, or the mean of the micro-batch means.
 
 Loaders. A map-style loader (a DataLoader, or anything with a length, `set_epoch` or a sampler's) runs
 epochs and resumes by skipping the micro-batches a checkpoint already consumed. A loader without a length
@@ -21,6 +35,7 @@ boundary alone. So with ZeRO-2 accumulation saves memory per micro-batch, not co
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -136,7 +151,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         loader,
-        step_fn: Callable[[object, dict, bool], StepOutput],
+        step_fn: Callable[[object, dict, bool, torch.Tensor | None], StepOutput],
         *,
         name: str,
         out: Path,
@@ -147,10 +162,11 @@ class Trainer:
         watch: Iterable[str],
         describe: str = "",
         max_steps: int | None = None,
+        count_fn: Callable[[dict], torch.Tensor] | None = None,
     ) -> FitResult:
         """Train `model` over `loader` for `epochs`, or `max_steps` optimizer steps, evaluating after each
         epoch (a stream: at the end); resumes from `out`/checkpoints when asked, refusing a checkpoint whose
-        `run_key` differs."""
+        `run_key` differs. `count_fn`: the loss units of a micro-batch (see the module docstring)."""
         world = self.world
         streaming = not _has_length(loader)
         steps_per_epoch = None if streaming else len(loader) // self.accum
@@ -188,26 +204,27 @@ class Trainer:
         try:  # the bar ends its line before an error is printed under it
             for epoch, batches in self._passes(loader, start, steps_per_epoch, total_steps):
                 engine.train()
-                for batch in batches:
-                    batch = glue_data.batch_to_device(batch, world.device)
+                step_terms = None  # the log step's terms, summed over its micro-batches
+                for batch, divisors in self._counted_steps(batches, count_fn):
                     throughput.add(batch["attention_mask"])
                     boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
                     step = engine.global_steps + 1
                     # step 1 too: the terms at the initial weights (the share β·PT starts from, glue_table reads it)
-                    log_now = boundary and (step == 1 or step % self.log_steps == 0)
-                    output = step_fn(engine, batch, log_now)
+                    log_now = step == 1 or step % self.log_steps == 0
+                    output = step_fn(engine, batch, log_now, divisors)
                     bad = guard.observe(step, output.watched)
-                    if skip_mode and guard.skip(bad, step):
-                        engine.backward(_no_gradient(output))
-                    else:
-                        engine.backward(output.terms.total)
+                    dropped = skip_mode and guard.skip(bad, step)
+                    engine.backward(_no_gradient(output) if dropped else output.terms.total)
                     engine.step()
+                    if log_now:
+                        step_terms = _add_terms(step_terms, output.terms, dropped)
                     if not boundary:
                         continue
                     bar.update(1)
                     if log_now:
                         guard.check(f"at the log of step {step}")
-                        self._log_terms(engine, output.terms, log_file, step, bar, guard, throughput)
+                        self._log_terms(engine, step_terms, log_file, step, bar, guard, throughput)
+                        step_terms = None
                     epoch_end = steps_per_epoch is not None and step % steps_per_epoch == 0
                     if epoch_end or step == total_steps or (self.save_steps and step % self.save_steps == 0):
                         guard.check(f"before the checkpoint of step {step}")
@@ -253,15 +270,32 @@ class Trainer:
             skip = max(0, start - epoch * steps_per_epoch) * self.accum
             yield epoch, itertools.islice(loader, skip, min(steps_per_epoch, total_steps - epoch * steps_per_epoch) * self.accum)
 
+    def _counted_steps(self, batches: Iterable[dict], count_fn: Callable[[dict], torch.Tensor] | None):
+        """(micro-batch on device, the step's divisors or None), read ahead one optimizer step at a time:
+        its `accumulation` micro-batches are counted before the first of them trains (module docstring).
+        Only that step is read, so a stream's position at the step's end, where checkpoints save it, is
+        the same as without read-ahead. Every rank gets the same number of steps, so each all-reduces the
+        same number of times."""
+        micro_batches = iter(batches)
+        while group := [glue_data.batch_to_device(b, self.world.device) for b in itertools.islice(micro_batches, self.accum)]:
+            divisors = None
+            if count_fn is not None:
+                counts = torch.stack([count_fn(b) for b in group]).sum(0)
+                dist.all_reduce(counts)
+                divisors = counts.clamp(min=1).float() / (self.world.world_size * self.accum)
+            for batch in group:
+                yield batch, divisors
+
     def _log_terms(self, engine, terms: LossTerms, log_file: Path, step: int, bar, guard: NonFiniteGuard,
                    throughput: "Throughput") -> None:
-        """The step's loss terms averaged over ranks (so they describe the global batch) and the global
+        """The step's loss terms (summed over its micro-batches) summed over ranks and divided by ranks ×
+        accumulation, so they are the objective of the global batch (module docstring), and the global
         tokens/s and sequences/s since the last log, to the progress bar, train_log.jsonl and TensorBoard.
         With the guard's check, the loop's only host sync."""
         names = [n for n in ("total", "ce", "kd", "pt") if getattr(terms, n) is not None]
         vec = torch.cat([torch.stack([getattr(terms, n).detach().float() for n in names]), throughput.counts()])
         dist.all_reduce(vec)
-        values = dict(zip(names, (vec[: len(names)] / self.world.world_size).tolist()))
+        values = dict(zip(names, (vec[: len(names)] / (self.world.world_size * self.accum)).tolist()))
         values.update(throughput.rates(*vec[len(names):].tolist()))
         values["lr"] = engine.get_lr()[0]
         skipped = guard.skipped_total()
@@ -341,6 +375,18 @@ def _no_gradient(output: StepOutput) -> torch.Tensor:
     runs a backward, so every rank's DeepSpeed hooks and accumulation count stay in step."""
     student = output.watched[STUDENT]
     return (torch.nan_to_num(student, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+
+
+def _add_terms(total: LossTerms | None, terms: LossTerms, dropped: bool) -> LossTerms:
+    """`total` + this micro-batch's `terms`, detached, name by name; a dropped micro-batch adds zeros (its
+    terms may be NaN), so a log step's mean counts it as 0 rather than losing the whole line."""
+    def add(name):
+        value = getattr(terms, name)
+        if value is None:
+            return None
+        value = torch.zeros_like(value) if dropped else value.detach()
+        return value if total is None else getattr(total, name) + value
+    return LossTerms(**{f.name: add(f.name) for f in dataclasses.fields(LossTerms)})
 
 
 def _keep_lines_until(path: Path, step: int) -> None:

@@ -178,6 +178,47 @@ def test_kd_all_labels_ignored(reduction):
     assert (loss == 0).all() and (grad == 0).all()
 
 
+@pytest.mark.parametrize("impl, alpha", [(impl, a) for impl in ("eager", "triton") for a in (0.0, 0.5, 1.0)] + [("compile", 0.5)])
+def test_kd_no_rows_adds_exactly_zero(impl, alpha):
+    """A masked-LM micro-batch with no masked token: [0, V] logits add a loss of exactly 0 and a zero
+    gradient in every implementation and reduction (a batchmean was 0/0 = NaN, the kernel refused N = 0)."""
+    s, t, labels = kd_inputs(0, 1271, torch.float32, alpha)
+    labels = torch.zeros(0, dtype=torch.long, device=DEVICE) if alpha != 1.0 else None
+    divisors = torch.tensor([3.0, 5.0], device=DEVICE)
+    cases = [("none", None), ("sum", divisors)] if impl == "compile" else [*((r, None) for r in KD_REDUCTIONS), ("sum", divisors)]
+    for reduction, div in cases:  # compile: two cases, each new one recompiles (seconds)
+        logits = s.detach().requires_grad_()
+        loss = kd_loss(logits, t, 2.0, labels, alpha=alpha, reduction=reduction, divisors=div, impl=impl)
+        loss.sum().backward()
+        assert torch.equal(loss, torch.zeros_like(loss)) and logits.grad is not None and logits.grad.shape == (0, 1271), reduction
+    body = torch.nn.Linear(4, 1271)  # and the rows' producer gets an exactly zero gradient through them
+    loss = kd_loss(body(torch.zeros(0, 4, device=DEVICE)), t, 2.0, labels, alpha=alpha, reduction="sum", divisors=divisors, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and not body.weight.grad.any() and not body.bias.grad.any()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_kd_divisors_match_reference(alpha):
+    """Sums divided by device-side [CE, KL] divisors (the masked-LM step's share of its units), folded
+    into the one launch: loss and gradient as the spec's."""
+    torch.manual_seed(5)
+    s, t, labels = kd_inputs(9, 1271, torch.float32, alpha)
+    divisors = torch.tensor([2.5, 7.0], device=DEVICE)
+    s64 = s.double().requires_grad_()
+    ref = kd_loss_reference(s64, t.double(), 2.0, labels, alpha=alpha, reduction="sum", divisors=divisors.double())
+    ref.backward()
+    logits = s.detach().requires_grad_()
+    ours = fused_kd_loss(logits, t, 2.0, labels, alpha, reduction="sum", divisors=divisors)
+    ours.backward()
+    assert rel_err(ours, ref) < 1e-5 and rel_err(logits.grad, s64.grad) < 1e-5
+    if alpha not in (0.0, 1.0):  # the two divisors reach their own terms
+        ce = kd_loss_reference(s.double(), None, 2.0, labels, alpha=0.0, reduction="sum")
+        kl = kd_loss_reference(s.double(), t.double(), 2.0, alpha=1.0, reduction="sum")
+        assert ref.item() == pytest.approx((1 - alpha) * ce.item() / 2.5 + alpha * kl.item() / 7.0, rel=1e-12)
+    with pytest.raises(ValueError, match="need reduction 'sum'"):
+        fused_kd_loss(logits, t, 2.0, labels, alpha, divisors=divisors)
+
+
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (5.0, 0.0), (0.5, 1.0)])
 def test_kd_large_magnitude_logits(temperature, alpha):
     torch.manual_seed(4)

@@ -124,3 +124,65 @@ def test_auto_picks_the_loss_implementation_per_device_and_shape(monkeypatch):
     assert losses.resolve_impl("eager", cuda) == "eager" and losses.resolve_impl("compile", cpu) == "compile"
     with pytest.raises(ValueError):
         losses.resolve_impl("fast", cpu)
+
+
+def _mlm_micro_batches(masked_per_batch, vocab=11, hidden=6, length=8, seed=0):
+    """Micro-batches of one masked-LM step (one block each): `features` stand in for the encoder's rows,
+    `mlm_labels` hold the given number of masked tokens (0 included)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n_masked in masked_per_batch:
+        labels = torch.full((1, length), -100)
+        labels[0, :n_masked] = torch.randint(0, vocab, (n_masked,), generator=g)
+        batches.append({"features": torch.randn(1, length, hidden, generator=g), "mlm_labels": labels,
+                        "attention_mask": torch.ones(1, length, dtype=torch.long)})
+    return batches
+
+
+def _step_gradient(batches, accumulation, impl="eager", teacher_seed=1):
+    """The gradient DeepSpeed applies for one optimizer step of these micro-batches on one rank: each
+    micro-batch's masked-LM loss, with the divisors the trainer counts before the step, ÷ accumulation
+    (what engine.backward does, scale_wrt_gas); the model is one linear head over the masked rows."""
+    from pkd_fast import engine as ds
+    from pkd_fast.models import mlm_row_count, mlm_row_index
+    from pkd_fast.trainer import Trainer
+
+    world = ds.init_distributed()
+    trainer = Trainer(world, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation},
+                      log_steps=1, save_steps=0, warmup_ratio=0.0, resume=False, on_nonfinite="stop")
+    torch.manual_seed(0)
+    head, teacher = torch.nn.Linear(6, 11), torch.nn.Linear(6, 11)
+    torch.nn.init.normal_(teacher.weight, generator=torch.Generator().manual_seed(teacher_seed))
+    count = lambda b: torch.stack([mlm_row_count(b, "masked"), mlm_row_count(b, "masked")])  # noqa: E731
+    for batch, divisors in trainer._counted_steps(batches, count):
+        rows = batch["features"].flatten(0, 1).index_select(0, mlm_row_index(batch))
+        labels = batch["mlm_labels"].flatten().index_select(0, mlm_row_index(batch))
+        loss = pkd_loss(head(rows), teacher(rows).detach(), labels, temperature=2.0, alpha=0.5, impl=impl, divisors=divisors)
+        (loss.total / accumulation).backward()
+    return head.weight.grad, head.bias.grad
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_mlm_step_gradient_is_the_same_in_one_or_four_micro_batches(impl):
+    """Masked-LM CE and KL are sums ÷ the step's masked tokens: the same 4 blocks (3, 0, 1 and 5 masked
+    tokens) give the same gradient as one micro-batch of 4 or as 4 accumulated micro-batches."""
+    blocks = _mlm_micro_batches([3, 0, 1, 5])
+    whole = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
+    one = _step_gradient([whole], accumulation=1, impl=impl)
+    four = _step_gradient(blocks, accumulation=4, impl=impl)
+    for a, b in zip(one, four):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert one[0].abs().sum() > 0
+
+
+def test_a_short_micro_batch_no_longer_dominates_the_step():
+    """One masked token alone in a micro-batch weighs as much as each of the 20 in a full one (1/21 each),
+    not 0.5 against 0.025 (a per-micro-batch mean, then DeepSpeed's average of two micro-batches)."""
+    full, short = _mlm_micro_batches([20, 1], length=24)
+    unmasked = lambda b: {**b, "mlm_labels": torch.full_like(b["mlm_labels"], -100)}  # noqa: E731
+    full_mean = _step_gradient([full, unmasked(short)], accumulation=2)  # the 20 tokens' mean gradient
+    lone = _step_gradient([unmasked(full), short], accumulation=2)  # the lone token's gradient
+    both = _step_gradient([full, short], accumulation=2)
+    for b, f, x in zip(both, full_mean, lone):
+        torch.testing.assert_close(b, f * 20 / 21 + x / 21, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(b, (f + x) / 2, rtol=1e-3)  # what the per-micro-batch mean gave

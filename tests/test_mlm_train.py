@@ -5,6 +5,7 @@ DeepSpeed's ZeRO-2 does on micro-steps that end no optimizer step."""
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -167,6 +168,48 @@ def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_stream_pass_ending_in_a_micro_batch_without_masked_tokens_trains_on(tmp_path, staged, texts):
+    """14 SST-2 sentences (train.tsv rows 135-148), 32-token blocks, micro-batch 4, seed 7: the first pass
+    ends in a micro-batch of 2 blocks (35 real tokens) with no masked token, so --kd-positions masked
+    selects [0, V] logits. It adds exactly 0 to CE and KL (the eager batchmean was 0/0 = NaN, which stopped
+    the run) and the run trains on into the second pass."""
+    out, _ = staged
+    run = tmp_path / "run"
+    main([*TINY, "--deepspeed", texts["ds"], "--stage", "student", "--teacher", str(out / "teacher" / "model"),
+          "--student-layers", "2", "--text-files", write_sentences(tmp_path / "14.txt", 135, 14), "--streaming",
+          "--validation-files", texts["valid"], "--seed", "7", "--max-steps", "3", "--output-dir", str(run)])
+    log = train_log(run / "students" / "alternate")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for r in log:
+        assert all(math.isfinite(r[term]) for term in ("total", "ce", "kd", "pt")) and r["pt"] > 0, r
+    assert [r["ce"] == r["kd"] == 0.0 for r in log] == [False, True, False]  # step 2 ends the first pass
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_path, staged, texts):
+    """Global batch 8 blocks: 1 rank × 8 vs 2 ranks × 2 blocks × 2 accumulated micro-batches, over a
+    dropout-free teacher so only the arrangement differs. CE and KL are sums ÷ the step's masked tokens
+    across micro-batches and ranks, so the logged losses and the trained student agree to fp32 round-off
+    (a mean per micro-batch, averaged by DeepSpeed, weighed short micro-batches more and did not)."""
+    out, _ = staged
+    teacher = BertForMaskedLM.from_pretrained(out / "teacher" / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(out / "teacher" / "model").save_pretrained(tmp_path / "teacher")
+    common = [*TINY, "--stage", "student", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2",
+              "--text-files", texts["small"], "--validation-files", texts["valid"], "--max-steps", "3", "--lr", "1e-3"]
+    train([*common, "--deepspeed", ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=8),
+           "--output-dir", str(tmp_path / "one")])
+    train([*common, "--deepspeed", ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
+           "--output-dir", str(tmp_path / "two")], ranks=2)
+    runs = [tmp_path / d / "students" / "alternate" for d in ("one", "two")]
+    for a, b in zip(*map(train_log, runs), strict=True):
+        for term in ("total", "ce", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+    weights = [load_file(d / "model" / "model.safetensors") for d in runs]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
 
 
 def test_zero2_reduces_on_every_micro_step():

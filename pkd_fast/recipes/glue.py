@@ -190,7 +190,7 @@ class Context:
         if cfg.beta_share is not None and spec.layer_map:
             spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, live_teacher, loader, spec, impl))
         result = self.trainer.fit(
-            model, loader, lambda engine, batch, terms: self.loss(engine, live_teacher, batch, spec, impl, terms),
+            model, loader, lambda engine, batch, terms, _divisors: self.loss(engine, live_teacher, batch, spec, impl, terms),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
             evaluate=self.evaluate, watch=WATCHED,
             describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "

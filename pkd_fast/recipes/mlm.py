@@ -39,7 +39,7 @@ from pkd_fast.config import Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
-                             mlm_rows, mlm_student_layers, model_config, pt_rows)
+                             mlm_row_count, mlm_rows, mlm_student_layers, model_config, pt_rows)
 from pkd_fast.recipes import common
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
@@ -151,7 +151,7 @@ class MlmContext:
         spec = MlmRun("teacher", cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, self._out("teacher"))
         set_seed(cfg.seed)
         model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
-        step = lambda engine, batch, terms: self.loss(engine, None, batch, spec, terms)  # noqa: E731
+        step = lambda engine, batch, terms, divisors: self.loss(engine, None, batch, spec, terms, divisors)  # noqa: E731
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
         return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
@@ -168,7 +168,7 @@ class MlmContext:
         live = None
         if spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
             live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
-        step = lambda engine, batch, terms: self.loss(engine, live, batch, spec, terms)  # noqa: E731
+        step = lambda engine, batch, terms, divisors: self.loss(engine, live, batch, spec, terms, divisors)  # noqa: E731
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
                     f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}")
         return name, self._fit(student, spec, step, describe, {
@@ -191,7 +191,7 @@ class MlmContext:
                                  alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
         result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
                                   epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
-                                  watch=WATCHED, describe=describe)
+                                  watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "objective": "mlm", "run": spec.name, **summary,
             "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr, "epochs": spec.epochs,
@@ -199,8 +199,15 @@ class MlmContext:
             "train_blocks": self.train_blocks,
         })
 
-    def loss(self, engine, teacher, batch: dict, spec: MlmRun, return_terms: bool) -> StepOutput:
-        """One step's PKD terms on the masked-LM rows, and what the non-finite guard watches."""
+    def loss_units(self, spec: MlmRun) -> Callable[[dict], torch.Tensor]:
+        """The trainer's `count_fn`: a micro-batch's [masked tokens, KL rows (--kd-positions)], the units
+        its CE and KL sums are divided by over the whole optimizer step (`pkd_fast.trainer`)."""
+        kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
+        return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows)])
+
+    def loss(self, engine, teacher, batch: dict, spec: MlmRun, return_terms: bool, divisors: torch.Tensor) -> StepOutput:
+        """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
+        share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
         cfg = self.cfg
         rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None else "masked",
                         output_hidden_states=bool(spec.pt_map))
@@ -213,7 +220,7 @@ class MlmContext:
             t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index, pool_mask)
         terms = pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
-                         impl=self.impl, return_terms=return_terms)
+                         impl=self.impl, return_terms=return_terms, divisors=divisors)
         watched = {STUDENT: rows.student_logits, "loss": terms.total}
         if spec.alpha:
             watched["teacher logits"] = rows.teacher_logits
