@@ -37,21 +37,12 @@ COMMANDS = {
     "main": ["deepspeed", "pkd_fast/train.py", "--deepspeed", "ds_configs/zero2.json", "--preset", "quick"],
     "tests": [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
 }
-# What the child process sees of its CPU: capability, the precision `--precision auto` picks there.
-PROBE = ("import json, torch; from pkd_fast.precision import describe_device, resolve_precision; "
-         "d = describe_device(); c = resolve_precision('auto', torch.device('cpu')); "
-         "print(json.dumps({'cpu_capability': d['cpu_capability'], 'bf16_native': d['bf16_native'], "
-         "'auto_precision': c.precision}))")
+SEEN = ("cpu_capability", "bf16_native", "bf16_slowdown", "auto_precision")  # what each row says of its CPU
 
 
 def child_env(kind: str, glue_dir: str) -> dict:
     return {**os.environ, **harness.CPU_KINDS[kind], "GLUE_DIR": glue_dir, "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false"}
-
-
-def probe(env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_command(name: str, env: dict, log: Path) -> dict:
@@ -66,9 +57,9 @@ def run_command(name: str, env: dict, log: Path) -> dict:
             rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
         row = {"command": " ".join(COMMANDS[name]), "exit_code": rc, "wall_s": round(time.perf_counter() - start, 1)}
         if name == "main" and (Path(out) / "results.json").is_file():
-            runs = json.loads((Path(out) / "results.json").read_text())["runs"]
-            row["train_s"] = round(sum(r.get("train_seconds", 0.0) for r in runs.values()), 1)
-            row["precision"] = next((r.get("precision") for r in runs.values() if r.get("precision")), None)
+            results = json.loads((Path(out) / "results.json").read_text())
+            row["train_s"] = round(sum(r.get("train_seconds", 0.0) for r in results["runs"].values()), 1)
+            row["precision"] = results["device"]["precision"]
     text = log.read_text(errors="replace")
     if name == "tests":
         counts = re.findall(r"^=*\s*(\d+ passed.*?) in [\d.]+s", text, re.M)
@@ -110,7 +101,7 @@ def main(argv=None) -> None:
     results = {"device": harness.describe(torch.device("cpu")), "rows": []}
     for kind in kinds:
         env = child_env(kind, str(Path(args.glue_dir).resolve()))
-        seen = probe(env)
+        seen = {k: v for k, v in harness.cpu_kind_device(kind).items() if k in SEEN}
         for name in names:
             print(f"{kind} / {name} ...", flush=True)
             row = {"kind": kind, "name": name, **seen, **run_command(name, env, logs / f"{kind}_{name}.log")}

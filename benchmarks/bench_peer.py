@@ -29,7 +29,8 @@ every 10th training step), so start-up, evaluation and saving stay out of it; wi
 step's cost even while other processes share the cores (wall s/step is recorded beside it). Round 1 trains on
 every row (the accuracies); later rounds are short runs in alternating order, and s/step is the median over
 rounds. Dev accuracy is on the
-full SST-2 dev set. Results: benchmarks/results/peer_<device>.{json,md,png}.
+full SST-2 dev set. Results: benchmarks/results/peer_<device>.{json,md,png}, on a CPU per kind (`--cpu-kind avx2` holds the
+trainers to AVX2: peer_cpu-avx2.*).
 """
 
 from __future__ import annotations
@@ -227,6 +228,9 @@ def render(results: dict) -> str:
     lines = [
         f"# pkd_fast vs TextBrewer {TEXTBREWER.split('==')[1]} vs a plain PyTorch loop ({d['name']}, {d['date'][:10]})",
         "",
+        f"CPU kind: {d.get('cpu_kind', 'native')}, capability {d.get('cpu_capability', '?')}, bf16 native: "
+        f"{d.get('bf16_native', '?')}; pkd_fast ran {d.get('auto_precision', 'the JSON precision')} (`--precision auto`).",
+        "",
         f"SST-2, {results['train_rows']:,} training rows, batch {results['micro_batch']}, length {s['max_seq_length']}, "
         f"{s['student_layers']}-layer student of the fine-tuned MiniLM teacher (dev accuracy {results['teacher_dev_accuracy']:.2f}), "
         f"T={s['temperature']:g}, α={s['alpha']}, β={s['beta']:g}, lr {s['lr']:g}, {s['epochs']} epoch; pkd_fast on "
@@ -353,13 +357,17 @@ def main(argv=None) -> None:
 
     info = harness.describe(device)
     info["threads"] = int(args.threads) if args.threads else info.get("threads")
+    if device.type == "cpu":  # what the trainers saw: the kind they were held to, not this process's CPU
+        info.update(harness.cpu_kind_device(args.cpu_kind))
     results = {
         "device": info, "setup": SETUP, "train_rows": args.max_train_samples, "micro_batch": micro_batch,
         "ds_config": str(Path(args.ds_config).relative_to(REPO)) if Path(args.ds_config).is_relative_to(REPO) else args.ds_config,
         "threads": args.threads or torch.get_num_threads(), "teacher_dev_accuracy": teacher_dev, "peer": TEXTBREWER,
         "rounds": len(rounds), "timing_rows": args.timing_rows, **summarize(rounds),
     }
-    stem = harness.RESULTS_DIR / f"peer_{harness.device_slug(device)}"
+    # one file per CPU kind: peer_cpu-avx512, peer_cpu-avx2 (bf16 native or not changes every ratio)
+    kind = f"-{info['cpu_capability'].lower()}" if device.type == "cpu" else ""
+    stem = harness.RESULTS_DIR / f"peer_{harness.device_slug(device)}{kind}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(results))

@@ -19,6 +19,8 @@ import math
 import os
 import platform
 import re
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,6 +157,17 @@ def describe(device: torch.device) -> dict:
     if device.type == "cpu":
         info["threads"] = torch.get_num_threads()
     return info
+
+
+def cpu_kind_device(kind: str) -> dict:
+    """What a process held to CPU `kind` sees (capability, bf16 check, what `--precision auto` runs): the
+    variables act only before torch starts, so a child process reads it."""
+    code = ("import json, torch; from pkd_fast.precision import describe_device, resolve_precision; "
+            "d = describe_device('cpu'); d['auto_precision'] = resolve_precision('auto', torch.device('cpu')).precision; "
+            "print(json.dumps(d))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **CPU_KINDS[kind]}, capture_output=True,
+                         text=True, check=True)
+    return {"cpu_kind": kind, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def synchronize(device: torch.device) -> None:
