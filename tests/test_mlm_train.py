@@ -156,6 +156,17 @@ def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
 
 
+def test_a_corpus_smaller_than_one_global_batch_is_refused_before_the_head_fit(capsys, tmp_path, texts):
+    """A map-style corpus of fewer blocks than micro-batch × accumulation × ranks would train nothing: one
+    line with the block count, the global batch and what to change, before the teacher's head is fitted."""
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, [*TINY, "--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=512), "--text-files",
+                                   texts["small"], "--validation-files", texts["valid"], "--output-dir", str(out)],
+                          "training blocks of 32 tokens make no optimizer step of 512 rows (micro-batch 512 × accumulation 1 × 1 rank(s)): "
+                          "give more text or a shorter --max-seq-length")
+    assert not (out / "teacher").exists()
+
+
 def test_zero2_reduces_on_every_micro_step():
     """What DeepSpeed 0.19.8 does with gradient accumulation under ZeRO-2 (see pkd_fast/trainer.py):
     gradients are reduced into the partition on every micro-step, boundary or not, and `no_sync` is

@@ -19,6 +19,7 @@ from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.engine import FAULT_ENV
 from pkd_fast.train import main
+from test_config import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "pkd_fast" / "train.py"
@@ -157,6 +158,17 @@ def test_zero3_partitions_student_and_teacher_and_saves_full_weights(tmp_path, t
     result = json.loads((out / "students" / "skip" / "results.json").read_text())
     reloaded = dev_metric_of_saved_model(out / "students" / "skip" / "model", "sst2", 8, 48, torch.float32)
     assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused_before_the_teacher_trains(capsys, tmp_path):
+    """8 rows against a global batch of 16 would train nothing: one line naming both and what to change,
+    before the teacher's fine-tuning starts (no teacher directory)."""
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--task", "sst2",
+                                   "--max-train-samples", "8", "--output-dir", str(out), *SMALL],
+                          "8 sst2 training rows make no optimizer step of 16 rows (micro-batch 16 × accumulation 1 × 1 rank(s)): "
+                          "raise --max-train-samples")
+    assert not (out / "teacher").exists()
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,10 @@ def run(cfg: Config) -> dict:
     # -- teacher -------------------------------------------------------------------------------------
     teacher_path, results = cfg.teacher, {}
     finetuned = is_finetuned(cfg.teacher, task)
+    if cfg.stage in ("all", "student") or (not finetuned and cfg.stage == "teacher"):  # something trains: checked before it does
+        subset = cfg.max_train_samples is not None and cfg.max_train_samples < full_train_rows
+        ctx.trainer.require_full_step(len(train_set), f"{task.name} training rows",
+                                      "raise --max-train-samples" if subset else "give more training rows")
     if not finetuned and cfg.stage in ("all", "teacher"):
         teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
         set_seed(cfg.seed)

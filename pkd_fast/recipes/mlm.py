@@ -74,6 +74,9 @@ def run(cfg: Config) -> dict:
     if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
         mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
+    if not cfg.streaming and (headless or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
+        ctx.trainer.require_full_step(ctx.train_blocks, f"training blocks of {cfg.max_seq_length} tokens",
+                                      "give more text or a shorter --max-seq-length")
 
     results, teacher_path = {}, cfg.teacher
     if cfg.stage in ("all", "teacher"):
