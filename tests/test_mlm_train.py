@@ -20,7 +20,7 @@ from pkd_fast.models import has_mlm_head, load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 from test_config import assert_one_line_error
-from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log
+from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log, zero3_json
 
 pytestmark = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
 # eager loss: auto would compile it on a CPU (it pays on vocabulary KD), seconds per process these short runs don't repay
@@ -165,6 +165,22 @@ def test_a_corpus_smaller_than_one_global_batch_is_refused_before_the_head_fit(c
                           "training blocks of 32 tokens make no optimizer step of 512 rows (micro-batch 512 × accumulation 1 × 1 rank(s)): "
                           "give more text or a shorter --max-seq-length")
     assert not (out / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_a_one_block_validation_file_on_two_zero3_ranks_scores_as_on_one(tmp_path, staged, texts):
+    """--validation-files holding one block on 2 ranks: rank 1 has no block, yet under ZeRO-3 each forward
+    gathers the partitioned weights with every rank, so it runs an uncounted filler batch (before: rank 0
+    waited in the gather until --dist-timeout). The teacher's held-out metrics equal one rank's."""
+    out, _ = staged
+    one_block = tmp_path / "one_block.txt"
+    one_block.write_text("a gripping , funny and moving film .\n")
+    common = [*TINY, "--deepspeed", zero3_json(tmp_path), "--stage", "teacher", "--teacher", str(out / "teacher" / "model"),
+              "--text-files", texts["small"], "--validation-files", str(one_block)]
+    train([*common, "--output-dir", str(tmp_path / "one")])
+    train([*common, "--output-dir", str(tmp_path / "two"), "--dist-timeout", "60"], ranks=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"]["teacher"]["dev"] for d in ("one", "two"))
+    assert one["masked_tokens"] > 0 and two == pytest.approx(one, rel=1e-6)
 
 
 def test_zero2_reduces_on_every_micro_step():
