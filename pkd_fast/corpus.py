@@ -520,6 +520,11 @@ class MlmLoader:
     def __iter__(self):
         return iter(self.loader)
 
+    @property
+    def dataset(self):
+        """The blocks (or the block stream) batched, as a DataLoader's `dataset`."""
+        return self.loader.dataset
+
     def __len__(self) -> int:
         if self.stream is not None:
             raise TypeError("a streamed corpus has no length; train for a number of steps")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -192,6 +193,31 @@ def make_loader(
     # shift the dropout stream of a resumed run (whose iterator starts after the RNG is restored).
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=train, generator=generator)
+
+
+def inference_batches(
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    lookup: Callable[[dict], dict] | None = None,
+) -> tuple[Iterator[tuple[dict, bool]], int]:
+    """(batch, counted) pairs of this rank's in-order slice of `ds` (`make_loader`'s evaluation sharding),
+    and their number, which is the same on every rank: under ZeRO-3 each forward gathers parameters with
+    every rank, so a rank with fewer batches (or none: fewer rows than ranks) pads its share with filler
+    batches of the first row, marked not counted, which its caller runs but scores and stores nothing of."""
+    loader = make_loader(ds, tokenizer, batch_size, train=False, seed=0, rank=rank, world_size=world_size, lookup=lookup)
+    n_batches = -(-len(ds) // (world_size * batch_size))  # the first rank's, the longest slice
+
+    def pairs():
+        yield from ((batch, True) for batch in loader)
+        if len(loader) < n_batches:
+            filler = loader.collate_fn([ds[0]])
+            yield from itertools.repeat((filler, False), n_batches - len(loader))
+
+    return pairs(), n_batches
 
 
 def model_inputs(batch: dict) -> dict:

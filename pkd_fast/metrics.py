@@ -42,9 +42,11 @@ def dev_halves(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def glue_metrics_with_halves(logits: np.ndarray, labels: np.ndarray, task: Task) -> dict[str, float]:
-    """`glue_metrics` on the whole split, plus each half's as "select/<metric>" and "report/<metric>"."""
+    """`glue_metrics` on the whole split, plus each half's as "select/<metric>" and "report/<metric>"; a
+    half with no rows (a 1-row split's selection half) has none, rather than failing the run."""
     logits, labels = np.asarray(logits), np.asarray(labels)
     metrics = glue_metrics(logits, labels, task)
     for half, rows in zip(DEV_HALVES, dev_halves(len(labels))):
-        metrics.update({f"{half}/{name}": value for name, value in glue_metrics(logits[rows], labels[rows], task).items()})
+        if len(rows):
+            metrics.update({f"{half}/{name}": value for name, value in glue_metrics(logits[rows], labels[rows], task).items()})
     return metrics

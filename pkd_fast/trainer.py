@@ -147,6 +147,18 @@ class Trainer:
         self.resume, self.on_nonfinite = resume, on_nonfinite
         self.keep_checkpoints, self.gradient_checkpointing = keep_checkpoints, gradient_checkpointing
 
+    def require_full_step(self, rows: int, what: str, more: str) -> None:
+        """Refuse a training set that fills no optimizer step: each rank's sampler drops the rows that do not
+        fill its micro-batches, so fewer rows than one global batch would train nothing at all."""
+        ranks = self.world.world_size
+        global_batch = self.micro_batch * self.accum * ranks
+        if rows < global_batch:
+            raise PkdError(
+                f"{rows} {what} make no optimizer step of {global_batch} rows (micro-batch {self.micro_batch} × "
+                f"accumulation {self.accum} × {ranks} rank(s)): {more}, or lower train_micro_batch_size_per_gpu or "
+                "gradient_accumulation_steps in --deepspeed, or run on fewer ranks"
+            )
+
     def fit(
         self,
         model: torch.nn.Module,
@@ -172,9 +184,8 @@ class Trainer:
         steps_per_epoch = None if streaming else len(loader) // self.accum
         if streaming and max_steps is None:
             raise PkdError("a streamed corpus has no length: give the number of steps with --max-steps")
-        if steps_per_epoch == 0:
-            raise PkdError(f"{len(loader.dataset)} training rows make no full step of "
-                           f"{self.micro_batch}×{self.accum}×{world.world_size} rows")
+        if steps_per_epoch == 0:  # the recipes check before any work; this keeps the loop from training 0 steps
+            self.require_full_step(len(loader.dataset), "training rows", "give more training data")
         total_steps = max_steps or steps_per_epoch * epochs
         config = ds.resolve_ds_config(
             self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 from transformers import AutoTokenizer
 
@@ -119,3 +120,22 @@ def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
         splits = data.load_glue(get_task("qqp"), tmp_path)
     assert len(splits["train"]) == 2
     assert "QQP/train.tsv: skipped 2 malformed row(s) (lines 3, 4)" in caplog.text
+
+
+@pytest.mark.parametrize("rows, batch_size, counted", [
+    (3, 1, [[True, True], [True, False]]),  # 2 rows on rank 0, 1 on rank 1: one filler evens the count
+    (1, 4, [[True], [False]]),  # fewer rows than ranks: rank 1 has none and runs one filler
+    (0, 4, [[], []]),
+])
+def test_inference_batches_give_every_rank_the_same_count_and_each_row_once(rows, batch_size, counted):
+    """Under ZeRO-3 every forward gathers parameters with every rank, so each rank must run the same number;
+    the filler is marked, so metrics read each real row exactly once."""
+    tok = AutoTokenizer.from_pretrained(default_teacher())
+    dev = data.tokenize(datasets.Dataset.from_dict({"text_a": [f"row {i}" for i in range(rows)], "label": [0] * rows}), tok, 16)
+    seen = []
+    for rank, expected in enumerate(counted):
+        batches, n = data.inference_batches(dev, tok, batch_size, rank=rank, world_size=2)
+        pairs = list(batches)
+        assert n == len(pairs) and [c for _, c in pairs] == expected
+        seen += [i for batch, c in pairs if c for i in batch["example_idx"].tolist()]
+    assert sorted(seen) == list(range(rows))

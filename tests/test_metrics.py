@@ -33,3 +33,9 @@ def test_each_half_is_scored_on_its_own_rows_only():
     assert metrics["report/accuracy"] == 100.0
     assert metrics["select/accuracy"] == pytest.approx(glue_metrics(logits[select], labels[select], task)["accuracy"])
     assert metrics["accuracy"] == pytest.approx((metrics["select/accuracy"] + metrics["report/accuracy"]) / 2)
+
+
+def test_a_one_row_split_is_scored_without_its_empty_half():
+    """A 1-row dev set (--max-eval-samples 1) has an empty selection half: the run reports the rest."""
+    metrics = glue_metrics_with_halves(np.array([[0.0, 1.0]]), np.array([1]), get_task("sst2"))
+    assert metrics == {"accuracy": 100.0, "report/accuracy": 100.0}

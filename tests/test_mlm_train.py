@@ -22,7 +22,7 @@ from pkd_fast.models import has_mlm_head, load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 from test_config import assert_one_line_error
-from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log
+from test_train import GLUE_DIR, ds_json, save_teacher, train, train_log, zero3_json
 
 pytestmark = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
 # eager loss: auto would compile it on a CPU (it pays on vocabulary KD), seconds per process these short runs don't repay
@@ -210,6 +210,33 @@ def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_p
     weights = [load_file(d / "model" / "model.safetensors") for d in runs]
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_corpus_smaller_than_one_global_batch_is_refused_before_the_head_fit(capsys, tmp_path, texts):
+    """A map-style corpus of fewer blocks than micro-batch × accumulation × ranks would train nothing: one
+    line with the block count, the global batch and what to change, before the teacher's head is fitted."""
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, [*TINY, "--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=512), "--text-files",
+                                   texts["small"], "--validation-files", texts["valid"], "--output-dir", str(out)],
+                          "training blocks of 32 tokens make no optimizer step of 512 rows (micro-batch 512 × accumulation 1 × 1 rank(s)): "
+                          "give more text or a shorter --max-seq-length")
+    assert not (out / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_a_one_block_validation_file_on_two_zero3_ranks_scores_as_on_one(tmp_path, staged, texts):
+    """--validation-files holding one block on 2 ranks: rank 1 has no block, yet under ZeRO-3 each forward
+    gathers the partitioned weights with every rank, so it runs an uncounted filler batch (before: rank 0
+    waited in the gather until --dist-timeout). The teacher's held-out metrics equal one rank's."""
+    out, _ = staged
+    one_block = tmp_path / "one_block.txt"
+    one_block.write_text("a gripping , funny and moving film .\n")
+    common = [*TINY, "--deepspeed", zero3_json(tmp_path), "--stage", "teacher", "--teacher", str(out / "teacher" / "model"),
+              "--text-files", texts["small"], "--validation-files", str(one_block)]
+    train([*common, "--output-dir", str(tmp_path / "one")])
+    train([*common, "--output-dir", str(tmp_path / "two"), "--dist-timeout", "60"], ranks=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"]["teacher"]["dev"] for d in ("one", "two"))
+    assert one["masked_tokens"] > 0 and two == pytest.approx(one, rel=1e-6)
 
 
 def test_zero2_reduces_on_every_micro_step():

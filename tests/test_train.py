@@ -19,6 +19,7 @@ from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.engine import FAULT_ENV
 from pkd_fast.train import main
+from test_config import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "pkd_fast" / "train.py"
@@ -36,6 +37,14 @@ def ds_json(tmp_path, name="fp32.json", **overrides):
     path = tmp_path / name
     path.write_text(json.dumps(config))
     return str(path)
+
+
+def zero3_json(tmp_path, name="z3.json", **overrides) -> str:
+    """The shipped zero3.json in fp32 without TensorBoard."""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, **overrides})
+    (tmp_path / name).write_text(json.dumps(config))
+    return str(tmp_path / name)
 
 
 def train(args, *, ranks=1, env=None, check=True):
@@ -150,15 +159,42 @@ def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, teacher_withou
 def test_zero3_partitions_student_and_teacher_and_saves_full_weights(tmp_path, teacher_without_dropout):
     """ZeRO-3 on 2 ranks: the student is partitioned, the teacher runs in its own ZeRO-3 inference
     engine, and the saved model holds the gathered weights (it reloads and reproduces its metric)."""
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 8})
-    (tmp_path / "z3.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    train(["--deepspeed", str(tmp_path / "z3.json"), "--stage", "student", "--teacher", teacher_without_dropout,
-           "--strategy", "skip", "--max-train-samples", "64", "--epochs", "1", "--output-dir", str(out), *SMALL], ranks=2)
+    train(["--deepspeed", zero3_json(tmp_path, train_micro_batch_size_per_gpu=8), "--stage", "student", "--teacher",
+           teacher_without_dropout, "--strategy", "skip", "--max-train-samples", "64", "--epochs", "1", "--output-dir", str(out), *SMALL], ranks=2)
     result = json.loads((out / "students" / "skip" / "results.json").read_text())
     reloaded = dev_metric_of_saved_model(out / "students" / "skip" / "model", "sst2", 8, 48, torch.float32)
     assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused_before_the_teacher_trains(capsys, tmp_path):
+    """8 rows against a global batch of 16 would train nothing: one line naming both and what to change,
+    before the teacher's fine-tuning starts (no teacher directory)."""
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--task", "sst2",
+                                   "--max-train-samples", "8", "--output-dir", str(out), *SMALL],
+                          "8 sst2 training rows make no optimizer step of 16 rows (micro-batch 16 × accumulation 1 × 1 rank(s)): "
+                          "raise --max-train-samples")
+    assert not (out / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_a_one_row_dev_set_on_two_zero3_ranks_scores_as_on_one(tmp_path, teacher_without_dropout):
+    """--max-eval-samples 1 on 2 ranks: rank 1 has no dev row, yet under ZeRO-3 each forward gathers the
+    partitioned weights with every rank, so it runs an uncounted filler batch (before: rank 0 waited in the
+    gather until --dist-timeout). The teacher's row (its own ZeRO-3 engine) and the FT student's (the
+    training engine) score the one row exactly as one rank does."""
+    common = ["--teacher", teacher_without_dropout, "--strategy", "ft", "--max-train-samples", "8", "--max-steps", "1",
+              *SMALL, "--max-eval-samples", "1"]
+    train([*common, "--deepspeed", zero3_json(tmp_path, "m8.json", train_micro_batch_size_per_gpu=8),
+           "--output-dir", str(tmp_path / "one")])
+    train([*common, "--deepspeed", zero3_json(tmp_path, "m4.json", train_micro_batch_size_per_gpu=4),
+           "--output-dir", str(tmp_path / "two"), "--dist-timeout", "60"], ranks=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["dev_rows"] == two["dev_rows"] == {"dev": 1}
+    for run in ("teacher", "ft"):
+        assert set(two["runs"][run]["dev"]) == {"accuracy", "report/accuracy"}
+        assert two["runs"][run]["dev"] == one["runs"][run]["dev"], run
 
 
 @pytest.fixture(scope="module")

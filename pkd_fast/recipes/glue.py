@@ -7,7 +7,6 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -74,6 +73,10 @@ def run(cfg: Config) -> dict:
     # -- teacher -------------------------------------------------------------------------------------
     teacher_path, results = cfg.teacher, {}
     finetuned = is_finetuned(cfg.teacher, task)
+    if cfg.stage in ("all", "student") or (not finetuned and cfg.stage == "teacher"):  # something trains: checked before it does
+        subset = cfg.max_train_samples is not None and cfg.max_train_samples < full_train_rows
+        ctx.trainer.require_full_step(len(train_set), f"{task.name} training rows",
+                                      "raise --max-train-samples" if subset else "give more training rows")
     if not finetuned and cfg.stage in ("all", "teacher"):
         teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
         set_seed(cfg.seed)
@@ -282,27 +285,25 @@ class Context:
         for split, dev in self.dev_sets.items():
             batches, _ = self._inference_batches(dev)
             rows = []
-            for batch in batches:
+            for batch, counted in batches:
                 logits = model(**glue_data.model_inputs(batch)).logits.float()
-                rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
+                if counted:
+                    rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
             gathered = [None] * self.world.world_size
             dist.all_gather_object(gathered, rows)
             idx, logits, labels = (torch.cat([r[i] for part in gathered for r in part]) for i in range(3))
-            _, first = np.unique(idx.numpy(), return_index=True)
-            results[split] = glue_metrics_with_halves(logits.numpy()[first], labels.numpy()[first], self.task)
+            order = np.argsort(idx.numpy())  # each row once, in dev order (the halves are row positions)
+            results[split] = glue_metrics_with_halves(logits.numpy()[order], labels.numpy()[order], self.task)
         model.train(was_training)
         return results if len(results) > 1 else next(iter(results.values()))
 
     def _inference_batches(self, dataset):
-        """This rank's in-order slice of `dataset` as device batches, and their count. Under ZeRO-3 every
-        rank must run the same number of forwards, so a short slice is padded with repeats of a batch."""
-        batch_size = 2 * self.micro_batch  # no gradients: twice the training batch fits
-        loader = glue_data.make_loader(
-            dataset, self.tokenizer, batch_size, train=False, seed=0, rank=self.world.rank, world_size=self.world.world_size
+        """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
+        same on every rank (`data.inference_batches`), whose uncounted filler is run but not used."""
+        batches, n_batches = glue_data.inference_batches(  # no gradients: twice the training batch fits
+            dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank, world_size=self.world.world_size
         )
-        n_batches = -(-len(dataset) // (self.world.world_size * batch_size))
-        batches = itertools.islice(itertools.cycle(loader), n_batches) if len(loader) else []
-        return (glue_data.batch_to_device(batch, self.world.device) for batch in batches), n_batches
+        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> TeacherCache:
@@ -343,9 +344,10 @@ class Context:
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self._inference_batches(self.train_set)
-            for batch in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
+            for batch, counted in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
                 out = teacher(**glue_data.model_inputs(batch), output_hidden_states=True)
-                writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
+                if counted:
+                    writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
             return writer.commit()
 
     def evaluate_only(self, model, name: str) -> dict:

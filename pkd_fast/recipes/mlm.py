@@ -19,7 +19,6 @@ held out  Masked-LM loss and accuracy on --validation-files, or else on the corp
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -74,6 +73,9 @@ def run(cfg: Config) -> dict:
     if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
         mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
+    if not cfg.streaming and (headless or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
+        ctx.trainer.require_full_step(ctx.train_blocks, f"training blocks of {cfg.max_seq_length} tokens",
+                                      "give more text or a shorter --max-seq-length")
 
     results, teacher_path = {}, cfg.teacher
     if cfg.stage in ("all", "teacher"):
@@ -233,18 +235,16 @@ class MlmContext:
     def evaluate(self, model) -> dict:
         """Masked-LM loss and accuracy (%) over the held-out blocks' masked tokens, each rank scoring its
         slice; all ranks get the same dict. Every rank runs the same number of forwards (ZeRO-3 needs it):
-        a short slice repeats a batch without counting it."""
+        a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`)."""
         was_training = model.training
         model.eval()
         masker = corpus.MlmMasker(self.tokenizer, self.cfg.mlm_probability, seed=self.cfg.seed)  # epoch 0: fixed masks
-        batch_size = 2 * self.micro_batch
-        loader = glue_data.make_loader(self.held_out, self.tokenizer, batch_size, train=False, seed=0, rank=self.world.rank,
-                                       world_size=self.world.world_size, lookup=masker)
-        n_batches = -(-len(self.held_out) // (self.world.world_size * batch_size))
+        batches, _ = glue_data.inference_batches(self.held_out, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
+                                                 world_size=self.world.world_size, lookup=masker)
         sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
-        for i, batch in enumerate(itertools.islice(itertools.cycle(loader), n_batches)):
+        for batch, counted in batches:
             rows = mlm_rows(model, None, glue_data.batch_to_device(batch, self.world.device), rows="masked")
-            if i < len(loader):
+            if counted:
                 logits = rows.student_logits.float()
                 correct = (logits.argmax(-1) == rows.labels).sum()
                 sums += torch.stack([F.cross_entropy(logits, rows.labels, reduction="sum").double(), correct.double(),
