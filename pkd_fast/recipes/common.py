@@ -26,6 +26,10 @@ def start(cfg: Config) -> tuple[ds.Dist, Path, dict]:
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json")
+        lr = f"--lr {cfg.lr:g}" + (f" (the teacher's: --teacher-lr {cfg.teacher_lr:g})" if cfg.teacher_lr is not None else "")
+        replaced = ds.replaced_settings(ds_config, lr)
+        if replaced:
+            log.info("%s: the run replaces the JSON's %s", cfg.deepspeed, "; ".join(replaced))
     return world, out, ds_config
 
 
