@@ -93,6 +93,8 @@ def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
         out["text_a"].append(row[col[task.text_a]])
         out["text_b"].append(row[col[task.text_b]] if task.text_b else None)
         out["label"].append(label)
+    if not out["label"]:  # header only (or every row skipped): nothing to train on or score
+        raise PkdError(f"{path}: no data rows" + (f" (all {len(skipped)} malformed)" if skipped else "") + "; expected one example per line")
     if skipped:
         log.warning("%s: skipped %d malformed row(s) (lines %s), as the GLUE processors do", path, len(skipped),
                     ", ".join(map(str, skipped[:5])) + (", …" if len(skipped) > 5 else ""))

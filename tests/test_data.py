@@ -97,6 +97,15 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, task_di
         data.load_glue(get_task(task), root)
 
 
+@pytest.mark.parametrize("task_dir, task, text", [("SST-2", "sst2", "sentence\tlabel\n"), ("CoLA", "cola", ""),
+                                                   ("QQP", "qqp", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\n")],
+                         ids=["header only", "header-less and empty", "every row skipped"])
+def test_a_file_without_data_rows_is_refused(tmp_path, task_dir, task, text):
+    """It used to load as an empty split: a run with nothing to train on or score."""
+    with pytest.raises(PkdError, match=rf"{task_dir}/train.tsv: no data rows"):
+        data.load_glue(get_task(task), write(tmp_path, task_dir, text))
+
+
 def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
