@@ -35,8 +35,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,6 +319,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _new_sibling_dir(target: Path) -> Path:
+    """An empty directory next to `target` under a fresh name (`<name>.tmp-<hex>`), made with the umask's
+    mode: it is renamed into place as the store, and mkdtemp's 0700 would publish a store that the other
+    users of a shared filesystem cannot read."""
+    while True:
+        path = target.with_name(f"{target.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 class Writer:
     """Builds a store collectively: every rank constructs one, `write`s the rows of its batches and calls
     `commit`. Rank 0 preallocates the files in a temporary sibling directory and, once every rank has
@@ -356,7 +369,7 @@ class Writer:
         if leftovers:
             log.warning("teacher cache: %s left by interrupted writes; delete them once no write is running", ", ".join(leftovers))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+        tmp = _new_sibling_dir(target)
         try:
             for name, shape in self.layout.shapes.items():
                 path = tmp / f"{name}.npy"

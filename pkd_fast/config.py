@@ -209,7 +209,9 @@ class Config:
              f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.loss_impl in LOSS_IMPLS, f"--loss-impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
-        need(self.lr > 0 and (self.teacher_lr is None or self.teacher_lr > 0), "learning rates must be > 0")
+        for name in ("lr", "teacher_lr"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"--{_flag(name)} must be > 0, got {value}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.teacher_epochs is None or self.teacher_epochs >= 1, f"--teacher-epochs must be >= 1, got {self.teacher_epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
@@ -253,10 +255,7 @@ class Config:
 
             for flag, globs in (("--text-files", self.text_files), ("--validation-files", self.validation_files)):
                 if globs is not None:
-                    try:
-                        resolve_text_files(globs)
-                    except PkdError as err:
-                        raise PkdError(str(err).replace("--text-files", flag, 1)) from None
+                    resolve_text_files(globs, flag)
 
     def _validate_paths(self, need) -> None:
         need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
@@ -280,6 +279,9 @@ class Config:
             need(len(pkd) == 1, "--layer-map with both skip and last would train the same map twice; pass one of them")
         if self.beta_share is not None:
             need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
+        if self.teacher_cache is not None:  # a store no student reads would cost a pass of the teacher for nothing
+            need(self.stage == "cache" or (trains_students and bool(self.distilled)),
+                 "--teacher-cache only applies when a student reads the teacher (--strategy kd, skip or last) or with --stage cache")
         if self.cache_layers is not None:
             need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
@@ -311,6 +313,14 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a malformed command line as every other bad input is: one `error: ...` line (exit 2), here
+    with a pointer to --help instead of argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except None/False: those flags say in their help what they default to
     (often per objective), and "(default: None)" would only mislead."""
@@ -323,7 +333,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config.__dataclass_fields__
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pkd_fast/train.py",
         description="Patient Knowledge Distillation of a BERT teacher into a shallower student, on DeepSpeed: "
                     "on a GLUE task (--objective glue) or on raw text with the masked-LM objective (--objective mlm).",

@@ -3,7 +3,9 @@ blocks → batches with BERT's masked-LM masking.
 
 Inputs. Local files (`--text-files`, globs): `.txt`/`.text` hold one document per line (blank lines are
 skipped); `.jsonl` one JSON object per line whose `--text-column` field (default "text") is the document;
-either may be gzipped (`.gz`). Lines split on "\\n" only and must be UTF-8. Or a `datasets` corpus
+either may be gzipped (`.gz`). Lines split on "\\n" only and must be UTF-8. NUL characters are kept (the tokenizer
+drops them; scraped text often carries a few) but counted: a file with any gets one warning with the count,
+since many of them mean a file that is not text (UTF-16, say). Or a `datasets` corpus
 (`--dataset NAME [--dataset-config C]`), read whole or streamed (`--streaming`).
 
 Packing (as BERT pre-training does). The documents' tokens are concatenated in order with a [SEP] between
@@ -44,6 +46,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from glob import glob
 from pathlib import Path
@@ -71,29 +74,30 @@ _BLOCKS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int3
 
 # -- inputs ------------------------------------------------------------------------------------------
 
-def _kind(path: Path) -> str:
-    """'text' or 'jsonl' by suffix (under an optional .gz)."""
+def _kind(path: Path, flag: str = "--text-files") -> str:
+    """'text' or 'jsonl' by suffix (under an optional .gz); `flag` is the one that named the file."""
     suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
     inner = suffixes[0] if suffixes else ""
     if inner in TEXT_SUFFIXES:
         return "text"
     if inner in JSONL_SUFFIXES:
         return "jsonl"
-    raise PkdError(f"--text-files {path}: unknown format; expected {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)")
+    raise PkdError(f"{flag} {path}: unknown format; expected {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)")
 
 
-def resolve_text_files(patterns: Sequence[str]) -> list[Path]:
+def resolve_text_files(patterns: Sequence[str], flag: str = "--text-files") -> list[Path]:
     """The files matched by each glob, in sorted order per pattern, each once; a pattern matching no file
-    is an error (a typo would otherwise train on less than asked)."""
+    is an error (a typo would otherwise train on less than asked). `flag` (--text-files or
+    --validation-files) is the one the errors name."""
     if not patterns:
-        raise PkdError("--text-files: no file pattern given")
+        raise PkdError(f"{flag}: no file pattern given")
     files: list[Path] = []
     for pattern in patterns:
         matched = sorted(Path(p) for p in glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
         if not matched:
-            raise PkdError(f"--text-files {pattern}: matches no file")
+            raise PkdError(f"{flag} {pattern}: matches no file")
         for path in matched:
-            _kind(path)
+            _kind(path, flag)
             if path not in files:
                 files.append(path)
     return files
@@ -112,7 +116,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 if number == 1:
                     line = line.removeprefix("\ufeff")
                 yield number, line.rstrip("\r\n")
-    except (gzip.BadGzipFile, EOFError) as err:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # zlib.error: the deflate data itself is corrupt
         raise PkdError(f"{path}: not a readable gzip file ({err})") from None
 
 
@@ -121,24 +125,34 @@ def read_documents(paths: Sequence[str | os.PathLike], text_column: str = "text"
     A generator of plain arguments, so `datasets` can shard it by file."""
     for path in map(Path, paths):
         kind = _kind(path)
+        nul_chars = nul_documents = 0
         for number, line in _lines(path):
             if not line.strip():
                 continue
-            if kind == "text":
-                yield {"text": line}
+            text = line if kind == "text" else _jsonl_text(path, number, line, text_column)
+            if not text.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise PkdError(f"{path}:{number}: not JSON ({err})") from None
-            if not isinstance(record, dict) or text_column not in record:
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise PkdError(f"{path}:{number}: no {text_column!r} field (--text-column); found {found}")
-            text = record[text_column]
-            if not isinstance(text, str):
-                raise PkdError(f"{path}:{number}: field {text_column!r} is {type(text).__name__}, expected a string")
-            if text.strip():
-                yield {"text": text}
+            if "\0" in text:
+                nul_chars, nul_documents = nul_chars + text.count("\0"), nul_documents + 1
+            yield {"text": text}
+        if nul_chars:
+            log.warning("%s: %d NUL character(s) in %d document(s), dropped by the tokenizer; text holds none (is the file "
+                        "UTF-16 or binary?)", path, nul_chars, nul_documents)
+
+
+def _jsonl_text(path: Path, number: int, line: str, text_column: str) -> str:
+    """The `text_column` field of one .jsonl line."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise PkdError(f"{path}:{number}: not JSON ({err})") from None
+    if not isinstance(record, dict) or text_column not in record:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise PkdError(f"{path}:{number}: no {text_column!r} field (--text-column); found {found}")
+    text = record[text_column]
+    if not isinstance(text, str):
+        raise PkdError(f"{path}:{number}: field {text_column!r} is {type(text).__name__}, expected a string")
+    return text
 
 
 def _hub_dataset(name: str, config: str | None, text_column: str, split: str, streaming: bool):
@@ -302,18 +316,20 @@ def tokenize_corpus(
     text_column: str = "text",
     split: str = "train",
     num_proc: int | None = None,
+    flag: str = "--text-files",
 ) -> datasets.Dataset:
     """Every document's token ids (column input_ids), from `text_files` (globs) or the `datasets` corpus
     `dataset`, tokenised once with a batched `datasets.map` and saved under `cache_dir`. The cache key is
     the files' paths, sizes and mtimes (or the dataset's fingerprint), the text column and the tokenizer's
-    digest, so a second run with the same inputs loads the saved tokens instead of re-tokenising."""
+    digest, so a second run with the same inputs loads the saved tokens instead of re-tokenising. `flag` is
+    the one errors about `text_files` name (--text-files, or --validation-files for held-out text)."""
     if (text_files is None) == (dataset is None):
         raise PkdError("give exactly one of --text-files and --dataset")
     tok_digest = tokenizer_digest(tokenizer)
     if text_files is not None:
-        files = resolve_text_files(text_files)
+        files = resolve_text_files(text_files, flag)
         source = {"files": _files_identity(files)}
-        describe = f"--text-files {' '.join(text_files)}"
+        describe = f"{flag} {' '.join(text_files)}"
     else:
         hub = _hub_dataset(dataset, dataset_config, text_column, split, streaming=False)
         source = {"dataset": dataset, "config": dataset_config, "split": split, "fingerprint": hub._fingerprint}
@@ -400,6 +416,16 @@ class MlmMasker:
         for row, (length, idx) in enumerate(zip(batch["attention_mask"].sum(1).tolist(), batch["example_idx"].tolist())):
             input_ids[row, :length], labels[row, :length] = self.mask_example(input_ids[row, :length], idx)
         return {"input_ids": input_ids, "mlm_labels": labels, "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def masks_any(blocks: datasets.Dataset, masker: MlmMasker) -> bool:
+    """Whether `masker` (at its current epoch) selects at least one token of `blocks`: a held-out set it
+    leaves empty has nothing to score. Stops at the first block with one, so a real set costs one block."""
+    for row in blocks:
+        _, labels = masker.mask_example(torch.tensor(row["input_ids"]), row["example_idx"])
+        if (labels != IGNORE_INDEX).any():
+            return True
+    return False
 
 
 def mlm_collator(tokenizer: PreTrainedTokenizerBase, masker: MlmMasker):

@@ -60,9 +60,10 @@ def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
     """Rows of one GLUE TSV file as columns text_a, text_b, label, validated line by line.
 
     GLUE files are raw: quotes are text, not CSV quoting, and some start with a byte-order mark. A row
-    with too few fields or an unparsable label is an error naming its line, except in tasks whose
-    published files hold such rows (QQP's train.tsv): the standard GLUE processors skip them, and so does
-    this reader, counting them and saying so.
+    with another number of fields than the header (too few, or more: a stray tab in a sentence, which
+    would otherwise be cut off there) or an unparsable label is an error naming its line, except in tasks
+    whose published files hold such rows (QQP's train.tsv): the standard GLUE processors skip them, and so
+    does this reader, counting them and saying so.
     """
     if not path.is_file():
         raise PkdError(f"{path}: missing; expected the classic glue_data layout <glue-dir>/{task.tsv_dir}/<split>.tsv")
@@ -81,8 +82,9 @@ def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
     for line, row in enumerate(rows, start=first_line):
         where = f"{path}:{line}"
         try:
-            if len(row) < len(header):
-                raise PkdError(f"{where}: {len(row)} tab-separated fields, expected {len(header)} ({header})")
+            if len(row) != len(header):  # more fields: a tab inside the text, which would shift or cut it
+                raise PkdError(f"{where}: {len(row)} tab-separated fields, expected {len(header)} ({header})"
+                               + ("; a tab inside the text?" if len(row) > len(header) else ""))
             label = _parse_label(task, row[col[task.label]].strip(), where)
         except PkdError:
             if not task.skip_malformed_rows:
@@ -92,6 +94,8 @@ def read_glue_tsv(path: Path, task: Task) -> dict[str, list]:
         out["text_a"].append(row[col[task.text_a]])
         out["text_b"].append(row[col[task.text_b]] if task.text_b else None)
         out["label"].append(label)
+    if not out["label"]:  # header only (or every row skipped): nothing to train on or score
+        raise PkdError(f"{path}: no data rows" + (f" (all {len(skipped)} malformed)" if skipped else "") + "; expected one example per line")
     if skipped:
         log.warning("%s: skipped %d malformed row(s) (lines %s), as the GLUE processors do", path, len(skipped),
                     ", ".join(map(str, skipped[:5])) + (", …" if len(skipped) > 5 else ""))

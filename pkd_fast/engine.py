@@ -16,16 +16,24 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.config import get_torch_autocast_dtype
 
-from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S
-from pkd_fast.errors import PkdError
+# Without a GPU DeepSpeed picks the CPU itself, but first logs "Setting accelerator to CPU. If you have GPU
+# ... we were unable to detect it." on every import, the first line of every run (real_accelerator.py).
+# Naming the CPU, as its own check would find it, says the same in silence; its other warnings stay.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.runtime.config import get_torch_autocast_dtype  # noqa: E402
+from deepspeed.runtime.lr_schedules import WARMUP_LINEAR_RATE, WARMUP_LOG_RATE  # noqa: E402
+
+from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S  # noqa: E402
+from pkd_fast.errors import PkdError  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,14 @@ def _find_auto(node, path=""):
 
 
 SCHEDULERS = ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR")  # the ones whose warmup/decay the run fills in
+WARMUP_TYPES = (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE)  # DeepSpeed warns on any other and warms up as "log"
+# What `resolve_ds_config` writes over, and from what: a value the JSON sets there is replaced (and logged).
+FILLED_BY_RUN = {
+    ("optimizer", "lr"): "lr",
+    ("scheduler", "warmup_max_lr"): "lr",
+    ("scheduler", "warmup_num_steps"): "--warmup-ratio × the run's steps",
+    ("scheduler", "total_num_steps"): "the run's steps",
+}
 
 
 def read_ds_config(path: str) -> dict:
@@ -174,6 +190,13 @@ def read_ds_config(path: str) -> dict:
         got = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
         raise PkdError(f"{path}: scheduler {got!r}: the run fills in --lr and --warmup-ratio only for {', '.join(SCHEDULERS)} "
                        "(or drop the scheduler for a constant --lr)")
+    if scheduler is not None:
+        params = scheduler.get("params", {})
+        if not isinstance(params, dict):
+            raise PkdError(f"{path}: scheduler.params must be an object, got {json.dumps(params)}")
+        warmup_type = params.get("warmup_type", WARMUP_LOG_RATE)
+        if warmup_type not in WARMUP_TYPES:
+            raise PkdError(f"{path}: scheduler.params.warmup_type {json.dumps(warmup_type)}: expected one of {', '.join(WARMUP_TYPES)}")
     return config
 
 
@@ -194,6 +217,17 @@ def check_batch_layout(config: dict, path: str, world_size: int) -> dict:
                            f"{world_size} rank(s) = {micro * accum * world_size}")
     config.setdefault("gradient_accumulation_steps", 1)
     return config
+
+
+def replaced_settings(config: dict, lr: str) -> list[str]:
+    """"key value → source" for each value of the JSON that `resolve_ds_config` writes over; `lr` says
+    which flags set the learning rate."""
+    out = []
+    for (section, key), source in FILLED_BY_RUN.items():
+        params = (config.get(section) or {}).get("params") or {}
+        if key in params:
+            out.append(f"{section}.params.{key} {json.dumps(params[key])} → {lr if source == 'lr' else source}")
+    return out
 
 
 def resolve_ds_config(config: dict, *, lr: float, total_steps: int, warmup_steps: int, tensorboard_dir: Path) -> dict:

@@ -106,9 +106,7 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
     The paper's initialisation. The student's backbone keys are a subset of the source's (layers < k),
     so copying by key copies exactly the first k layers, whatever the BERT variant calls them.
     """
-    n = num_layers(source)
-    if not 1 <= k <= n:
-        raise PkdError(f"--student-layers {k}: must be between 1 and the teacher's depth {n}")
+    check_student_depth(k, num_layers(source))
     config = copy.deepcopy(source.config)
     config.num_hidden_layers = k
     config.num_labels = task.num_labels
@@ -125,6 +123,22 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
     return student.to(next(source.parameters()).dtype)
 
 
+def check_student_depth(k: int, teacher_layers: int, whose: str = "the teacher's") -> None:
+    """A student keeps k of the source's layers, so 1 <= k <= its depth."""
+    if not 1 <= k <= teacher_layers:
+        raise PkdError(f"--student-layers {k}: must be between 1 and {whose} depth {teacher_layers}")
+
+
+def check_teacher_layers(flag: str, layers: Sequence[int], teacher_layers: int) -> None:
+    """An explicit list of 1-based teacher layers (--layer-map, --student-layer-list): each in 1..n, in
+    ascending order without repeats, as the layers of the student they pair with are."""
+    bad = [i for i in layers if not 1 <= i <= teacher_layers]
+    if bad or not layers:
+        raise PkdError(f"{flag}: layer(s) {bad or 'none'} out of range; the teacher has layers 1..{teacher_layers}")
+    if list(layers) != sorted(set(layers)):
+        raise PkdError(f"{flag} {','.join(map(str, layers))}: layers must ascend without repeats")
+
+
 def layer_map(strategy: str, teacher_layers: int, student_layers: int, explicit: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The 1-based teacher layer taught to each student layer 1..k-1 (the top one learns from the KD term).
 
@@ -137,9 +151,8 @@ def layer_map(strategy: str, teacher_layers: int, student_layers: int, explicit:
     if explicit is not None:
         if len(explicit) != k - 1:
             raise PkdError(f"--layer-map {','.join(map(str, explicit))}: needs k-1 = {k - 1} teacher layers for a {k}-layer student, got {len(explicit)}")
-        bad = [i for i in explicit if not 1 <= i <= n]
-        if bad:
-            raise PkdError(f"--layer-map: layer(s) {bad} out of range; the teacher has layers 1..{n}")
+        if explicit:  # a 1-layer student maps none
+            check_teacher_layers("--layer-map", explicit, n)
         return tuple(explicit)
     if strategy not in ("skip", "last"):
         raise PkdError(f"unknown strategy {strategy!r}")
@@ -259,11 +272,7 @@ def mlm_student_layers(strategy: str, teacher_layers: int, k: int | None = None,
         layers = tuple(explicit)
         if k is not None and len(layers) != k:
             raise PkdError(f"--student-layer-list {','.join(map(str, layers))}: {len(layers)} layers for a {k}-layer student")
-        bad = [i for i in layers if not 1 <= i <= n]
-        if bad or not layers:
-            raise PkdError(f"--student-layer-list: layer(s) {bad or 'none'} out of range; the teacher has layers 1..{n}")
-        if list(layers) != sorted(set(layers)):
-            raise PkdError(f"--student-layer-list {','.join(map(str, layers))}: layers must ascend without repeats")
+        check_teacher_layers("--student-layer-list", layers, n)
         return layers
     if strategy == "alternate":
         k = -(-n // 2) if k is None else k
@@ -271,8 +280,9 @@ def mlm_student_layers(strategy: str, teacher_layers: int, k: int | None = None,
             raise PkdError(f"--student-layers {k}: every other layer of a {n}-layer teacher gives at most {-(-n // 2)}")
         return tuple(range(1, 2 * k, 2))
     if strategy == "first":
-        if k is None or not 1 <= k <= n:
-            raise PkdError(f"--student-layers {k}: must be between 1 and the teacher's depth {n}")
+        if k is None:
+            raise PkdError("--student-layer-choice first needs --student-layers k")
+        check_student_depth(k, n)
         return tuple(range(1, k + 1))
     raise PkdError(f"unknown student layer choice {strategy!r}; expected first, alternate or an explicit list")
 

@@ -5,6 +5,7 @@ mismatched or incomplete stores are refused; a crash mid-write leaves the old st
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,20 @@ def test_a_crash_mid_write_leaves_the_old_store_and_no_temporary(store_dir):
         raise RuntimeError("crash")
     TeacherCache.open(store_dir, FINGERPRINT)  # still the old, complete store
     assert sorted(p.name for p in store_dir.parent.iterdir()) == ["c"]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["umask022", "umask027"])
+def test_a_published_store_has_the_modes_the_umask_gives(tmp_path, umask, dir_mode, file_mode):
+    """Not mkdtemp's 0700: other users of a shared filesystem read a published store as the umask allows."""
+    layout, logits, states = synthetic()
+    previous = os.umask(umask)
+    try:
+        write_store(tmp_path / "c", layout, logits, states)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == dir_mode
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "c").iterdir()} == dict.fromkeys(
+        ("manifest.json", "logits.npy", "hidden.npy"), file_mode)
 
 
 def test_a_directory_that_is_not_a_store_is_not_replaced(tmp_path):

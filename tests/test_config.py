@@ -3,6 +3,8 @@ file and what was expected: never a traceback, never a silent default."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,19 +66,47 @@ FLAG_CASES = [
     (["--strategy", "skip,last", "--layer-map", "2,4"], "--layer-map with both skip and last"),
     (["--cache-layers", "0,2"], "--cache-layers only applies when a teacher cache is written"),
     (["--base-model", default_teacher()], "--base-model only applies with --init-from pretrained"),
-    (["--on-nonfinite", "ignore"], None),  # argparse's own choices error (exit 2, usage + one error line)
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--teacher-lr=-1e-05"], "--teacher-lr must be > 0, got -1e-05"),
+    (["--strategy", "ft", "--teacher-cache", "/tmp/c"], "--teacher-cache only applies when a student reads the teacher"),
+    (["--stage", "teacher", "--teacher-cache", "/tmp/c"], "--teacher-cache only applies when a student reads the teacher"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", FLAG_CASES, ids=[" ".join(a) for a, _ in FLAG_CASES])
 def test_bad_flag_is_one_line(capsys, tmp_path, argv, message):
-    argv = [*argv, "--output-dir", str(tmp_path / "out")]
-    if message is None:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
-    else:
-        assert_one_line_error(capsys, argv, message)
+    assert_one_line_error(capsys, [*argv, "--output-dir", str(tmp_path / "out")], message)
+
+
+PARSE_CASES = [
+    (["--on-nonfinite", "ignore"], "argument --on-nonfinite: invalid choice: 'ignore' (choose from 'stop', 'skip')"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--layer-map", "2;4"], "argument --layer-map: expected comma-separated integers like 2,4,6, got '2;4'"),
+    (["--strategy", "pkd"], "argument --strategy: strategies are a comma-separated subset of"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--teacher"], "argument --teacher: expected one argument"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PARSE_CASES, ids=[" ".join(a) for a, _ in PARSE_CASES])
+def test_a_command_line_argparse_cannot_parse_is_one_error_line_too(capsys, argv, message):
+    """Not argparse's usage block followed by "pkd_fast/train.py: error: ...": the one line every other bad
+    input gets, pointing to --help."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.splitlines() == [f"error: {err[7:].strip()}"], err
+    assert message in err and err.rstrip().endswith("(see --help)"), err
+
+
+def test_a_refused_run_prints_its_error_line_and_nothing_else(tmp_path):
+    """A fresh process on a machine without a GPU: no DeepSpeed "Setting accelerator to CPU" warning before
+    the error (DS_ACCELERATOR is set to cpu there), and the refused value is in the line."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, str(REPO / "pkd_fast" / "train.py"), "--lr", "0", "--output-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", "error: --lr must be > 0, got 0.0\n")
 
 
 def test_output_dir_that_cannot_be_written(capsys, tmp_path):
@@ -100,6 +130,8 @@ DS_CASES = [
     ({"train_batch_size": 100, "drop": ("gradient_accumulation_steps",)}, "train_batch_size 100 is not a multiple of micro-batch 32"),
     ({"fp16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
     ({"scheduler": {"type": "OneCycle", "params": {}}}, "scheduler 'OneCycle': the run fills in --lr and --warmup-ratio only for"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_type": "cosine"}}},
+     'scheduler.params.warmup_type "cosine": expected one of log, linear'),
 ]
 
 
@@ -128,3 +160,45 @@ def test_global_batch_alone_derives_the_accumulation():
 
     config = check_batch_layout({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}, "x.json", world_size=2)
     assert config["gradient_accumulation_steps"] == 4
+
+
+LAYER_CASES = [
+    (["--strategy", "skip", "--student-layers", "3", "--layer-map", "4,9"], "--layer-map: layer(s) [9] out of range; the teacher has layers 1..6"),
+    (["--strategy", "skip", "--student-layers", "3", "--layer-map", "4,4"], "--layer-map 4,4: layers must ascend without repeats"),
+    (["--strategy", "last", "--student-layers", "3", "--layer-map", "5,2"], "--layer-map 5,2: layers must ascend without repeats"),
+    (["--student-layers", "9"], "--student-layers 9: must be between 1 and the teacher's depth 6"),
+    (["--strategy", "ft,skip", "--student-layers", "4"], "PKD-skip needs the teacher depth (6) to be a multiple of the student depth (4)"),
+    (["--init-from", "pretrained", "--base-model", "{base}", "--student-layers", "3"],
+     "--student-layers 3: must be between 1 and --base-model {base}'s depth 2"),
+]
+
+
+@pytest.mark.parametrize("argv, message", LAYER_CASES, ids=[m[:40] for _, m in LAYER_CASES])
+def test_layer_flags_are_checked_against_the_model_configs_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
+    """--stage all used to fine-tune the teacher first and only then find the student's layers impossible."""
+    from transformers import BertConfig
+
+    from pkd_fast import data
+
+    base = tmp_path / "base"
+    BertConfig(num_hidden_layers=2).save_pretrained(base)  # a config is all the check reads
+
+    def no_work(*_):
+        raise AssertionError("data was read before the layer flags were checked")
+
+    monkeypatch.setattr(data, "load_glue", no_work)
+    argv = [a.format(base=base) for a in argv]
+    assert_one_line_error(capsys, [*argv, "--glue-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")],
+                          message.format(base=base))
+
+
+def test_an_lr_in_the_deepspeed_json_is_replaced_with_one_log_line(tmp_path, caplog):
+    from pkd_fast.config import Config
+    from pkd_fast.recipes import common
+
+    path = ds_file(tmp_path, optimizer={"type": "AdamW", "params": {"lr": 0.001}})
+    cfg = Config(deepspeed=path, lr=3e-5, teacher_lr=1e-4, glue_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+    with caplog.at_level("INFO", logger="pkd_fast"):
+        common.start(cfg)
+    lines = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert lines == [f"{path}: the run replaces the JSON's optimizer.params.lr 0.001 → --lr 3e-05 (the teacher's: --teacher-lr 0.0001)"]

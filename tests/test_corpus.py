@@ -148,6 +148,28 @@ def test_bad_inputs_fail_with_one_line_naming_file_and_line(tok, tmp_path):
     assert f"{not_json}:3: not JSON" in one_line_error(list, corpus.stream_documents(text_files=[str(not_json)]))
 
 
+def test_a_gz_file_whose_deflate_data_is_corrupt_names_the_file(tok, tmp_path):
+    """A valid gzip header over damaged compressed data raises zlib.error mid-read, not BadGzipFile."""
+    gz = tmp_path / "damaged.txt.gz"
+    data = bytearray(gzip.compress(b"".join(b"line %d of some text\n" % i for i in range(2000))))
+    data[40:60] = bytes(b ^ 0xFF for b in data[40:60])
+    gz.write_bytes(bytes(data))
+    message = one_line_error(corpus.prepare_blocks, tok, 32, tmp_path / "cache", text_files=[str(gz)])
+    assert message.startswith(f"{gz}: not a readable gzip file (Error -3 while decompressing data")
+
+
+@pytest.mark.parametrize("name", ["nul.txt", "nul.jsonl"])
+def test_nul_characters_are_counted_in_one_warning_per_file(tmp_path, caplog, name):
+    """The tokenizer drops NUL characters; the reader keeps the documents but says how many there were."""
+    docs = ["clean text", "a\0b\0c", "\0tail"]
+    path = write_text(tmp_path / name, docs) if name.endswith(".txt") else write_jsonl(tmp_path / name, docs)
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        assert [d["text"] for d in corpus.read_documents([path])] == docs
+    warnings = [r.getMessage() for r in caplog.records if "NUL" in r.getMessage()]
+    assert warnings == [f"{path}: 3 NUL character(s) in 2 document(s), dropped by the tokenizer; text holds none "
+                        "(is the file UTF-16 or binary?)"]
+
+
 def test_max_seq_length_must_fit_the_position_embeddings():
     config = BertConfig(max_position_embeddings=512, name_or_path="/m")
     models.check_max_seq_length(512, "--teacher", config)

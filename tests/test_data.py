@@ -86,6 +86,27 @@ def test_batches_are_padded_to_their_own_longest_row():
         assert batch["attention_mask"].sum(1).max() > batch["input_ids"].shape[1] - 8
 
 
+@pytest.mark.parametrize("task_dir, task, text", [
+    ("SST-2", "sst2", "sentence\tlabel\ngood\t1\na stray\ttab\t0\n"),
+    ("MRPC", "mrpc", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA.\tB.\n0\t3\t4\tOne\ttab.\tC.\n"),
+])
+def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, task_dir, task, text):
+    """A tab inside a sentence used to cut the row at the header's width, silently dropping text."""
+    root = write(tmp_path, task_dir, text)
+    fields = text.splitlines()[0].count("\t") + 1
+    with pytest.raises(PkdError, match=rf"{task_dir}/train.tsv:3: {fields + 1} tab-separated fields, expected {fields} .*a tab inside"):
+        data.load_glue(get_task(task), root)
+
+
+@pytest.mark.parametrize("task_dir, task, text", [("SST-2", "sst2", "sentence\tlabel\n"), ("CoLA", "cola", ""),
+                                                   ("QQP", "qqp", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\n")],
+                         ids=["header only", "header-less and empty", "every row skipped"])
+def test_a_file_without_data_rows_is_refused(tmp_path, task_dir, task, text):
+    """It used to load as an empty split: a run with nothing to train on or score."""
+    with pytest.raises(PkdError, match=rf"{task_dir}/train.tsv: no data rows"):
+        data.load_glue(get_task(task), write(tmp_path, task_dir, text))
+
+
 def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
@@ -111,7 +132,8 @@ def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
     """The published QQP train.tsv has rows with missing fields, which the GLUE processors skip."""
     header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
     good = "1\t1\t2\tHow?\tWhy?\t0\n"
-    text = header + good + "2\t3\t4\tA question with a newline\n" + "5\t6\t7\tok?\tsure?\tmaybe\n" + good
+    text = (header + good + "2\t3\t4\tA question with a newline\n" + "5\t6\t7\tok?\tsure?\tmaybe\n"
+            + "8\t9\t10\ta stray\ttab?\tsure?\t1\n" + good)
     folder = tmp_path / "QQP"
     folder.mkdir()
     (folder / "train.tsv").write_text(text)
@@ -119,7 +141,7 @@ def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pkd_fast"):
         splits = data.load_glue(get_task("qqp"), tmp_path)
     assert len(splits["train"]) == 2
-    assert "QQP/train.tsv: skipped 2 malformed row(s) (lines 3, 4)" in caplog.text
+    assert "QQP/train.tsv: skipped 3 malformed row(s) (lines 3, 4, 5)" in caplog.text
 
 
 @pytest.mark.parametrize("rows, batch_size, counted", [

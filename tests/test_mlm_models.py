@@ -71,7 +71,7 @@ def test_student_layer_choices(strategy, n, k, layers):
 def test_student_layer_choice_errors():
     assert models.mlm_student_layers("first", 6, None, (2, 5)) == (2, 5)
     for args, message in [
-        (("first", 6, None), "between 1 and"), (("first", 6, 7), "between 1 and"),
+        (("first", 6, None), "first needs --student-layers k"), (("first", 6, 7), "between 1 and"),
         (("alternate", 6, 4), "at most 3"), (("middle", 6, 3), "unknown"),
         (("first", 6, 3, (1, 2)), "2 layers for a 3-layer"), (("first", 6, None, (0, 2)), "out of range"),
         (("first", 6, None, (3, 2)), "ascend"),

@@ -74,6 +74,30 @@ def test_bad_mlm_input_is_one_line(capsys, tmp_path, texts, argv, message):
     assert_one_line_error(capsys, [*TINY, "--deepspeed", texts["ds"], *argv, "--output-dir", str(tmp_path / "out")], message)
 
 
+HELD_OUT_FAULTS = [
+    ("", "--validation-files {valid}: no text (every line is blank)"),  # was reported as --text-files
+    ("\U0001F99C \U0001F99C\n", "--validation-files {valid}: masking (--mlm-probability 0.15) selects no token in its 1 block(s)"),
+]
+
+
+@pytest.mark.parametrize("text, message", HELD_OUT_FAULTS, ids=["empty", "only [UNK], never masked"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_held_out_text_that_cannot_be_scored_is_refused_before_any_training(capsys, tmp_path, monkeypatch, texts, text,
+                                                                            message, streaming):
+    """A validation file with nothing to score used to fail at the first evaluation, after the head fit."""
+    from pkd_fast.recipes import mlm as mlm_recipe
+
+    def no_training(*_):
+        raise AssertionError("training started before the held-out text was checked")
+
+    monkeypatch.setattr(mlm_recipe.MlmContext, "fit_head", no_training)
+    valid = tmp_path / "valid.txt"
+    valid.write_text(text)
+    argv = [*TINY, "--deepspeed", texts["ds"], "--text-files", texts["small"], "--validation-files", str(valid),
+            "--max-steps", "1", "--output-dir", str(tmp_path / "out"), *(["--streaming"] if streaming else [])]
+    assert_one_line_error(capsys, argv, message.format(valid=valid))
+
+
 def test_glue_refuses_mlm_flags_and_unknown_text_formats(capsys, tmp_path):
     assert_one_line_error(capsys, ["--mlm-probability", "0.2", "--output-dir", str(tmp_path)],
                           "--mlm-probability: not a flag of --objective glue")

@@ -30,6 +30,10 @@ def start(cfg: Config) -> tuple[ds.Dist, Path, dict, dict]:
     ds_config, device = resolve_device_precision(cfg, world, ds_config)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json", device=device)
+        lr = f"--lr {cfg.lr:g}" + (f" (the teacher's: --teacher-lr {cfg.teacher_lr:g})" if cfg.teacher_lr is not None else "")
+        replaced = ds.replaced_settings(ds_config, lr)
+        if replaced:
+            log.info("%s: the run replaces the JSON's %s", cfg.deepspeed, "; ".join(replaced))
     return world, out, ds_config, device
 
 

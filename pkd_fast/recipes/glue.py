@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, set_seed
+from transformers import AutoTokenizer, PreTrainedModel, set_seed
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
@@ -26,7 +26,7 @@ from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import build_student, check_max_seq_length, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
+from pkd_fast.models import build_student, check_max_seq_length, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -54,10 +54,18 @@ def run(cfg: Config) -> dict:
     task = get_task(cfg.task)
     log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
+    # -- every flag against the models' configs (no weights loaded), before any work ---------------------
+    configs = {flag: model_config(flag, path) for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)) if path}
+    for flag, config in configs.items():
+        check_max_seq_length(cfg.max_seq_length, flag, config)
+    n = configs["--teacher"].num_hidden_layers  # fine-tuning and caching keep the depth
+    k = cfg.student_layers or max(1, n // 2)
+    if cfg.stage in ("all", "student"):
+        for flag, config in configs.items():  # the --base-model's layers initialise the student with --init-from pretrained
+            check_student_depth(k, config.num_hidden_layers, "the teacher's" if flag == "--teacher" else f"--base-model {cfg.base_model}'s")
+        maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
+
     # -- data ----------------------------------------------------------------------------------------
-    for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)):
-        if path is not None:
-            check_max_seq_length(cfg.max_seq_length, flag, model_config(flag, path))
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     raw = glue_data.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
@@ -94,9 +102,6 @@ def run(cfg: Config) -> dict:
 
     # -- students ------------------------------------------------------------------------------------
     if cfg.stage in ("all", "student"):
-        n = cache.layout.teacher_layers if cache is not None else AutoConfig.from_pretrained(teacher_path).num_hidden_layers
-        k = cfg.student_layers or max(1, n // 2)
-        maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
         if cache is not None:
             cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move

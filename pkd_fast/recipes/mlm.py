@@ -111,11 +111,10 @@ class MlmContext:
         self.cache_dir = out / "corpus_cache"
         if cfg.streaming:
             self.source, self.train_set, self.train_blocks = source, None, None
-            self.held_out = self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column)
         else:
             blocks = self._blocks(**source)
             if cfg.validation_files is not None:
-                self.train_set, self.held_out = blocks, self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column)
+                self.train_set = blocks
             else:
                 n_held = max(HELD_OUT_MIN, int(len(blocks) * HELD_OUT_SHARE))
                 if len(blocks) < 2 * n_held:
@@ -124,6 +123,15 @@ class MlmContext:
                 self.train_set = blocks.select(range(len(blocks) - n_held))
                 self.held_out = blocks.select(range(len(blocks) - n_held, len(blocks)))
             self.train_blocks = len(self.train_set)
+        if cfg.validation_files is not None:
+            self.held_out = self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column, flag="--validation-files")
+        # Every evaluation masks the held-out blocks alike (epoch 0), so a set that masking leaves empty is
+        # known now, before the head or the student is trained, not at the first evaluation.
+        self.held_out_masker = corpus.MlmMasker(tokenizer, cfg.mlm_probability, seed=cfg.seed)
+        if not corpus.masks_any(self.held_out, self.held_out_masker):
+            where = f"--validation-files {','.join(cfg.validation_files)}" if cfg.validation_files else "the corpus's held-out tail"
+            raise PkdError(f"{where}: masking (--mlm-probability {cfg.mlm_probability:g}) selects no token in its "
+                           f"{len(self.held_out)} block(s), so there is nothing to score; give more held-out text")
         log.info("corpus: %s training blocks of %d tokens, %d held-out blocks",
                  "streamed" if cfg.streaming else f"{self.train_blocks:,}", cfg.max_seq_length, len(self.held_out))
 
@@ -238,9 +246,8 @@ class MlmContext:
         a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`)."""
         was_training = model.training
         model.eval()
-        masker = corpus.MlmMasker(self.tokenizer, self.cfg.mlm_probability, seed=self.cfg.seed)  # epoch 0: fixed masks
         batches, _ = glue_data.inference_batches(self.held_out, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
-                                                 world_size=self.world.world_size, lookup=masker)
+                                                 world_size=self.world.world_size, lookup=self.held_out_masker)
         sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
         for batch, counted in batches:
             rows = mlm_rows(model, None, glue_data.batch_to_device(batch, self.world.device), rows="masked")
@@ -252,8 +259,6 @@ class MlmContext:
         dist.all_reduce(sums)
         model.train(was_training)
         loss, correct, count = sums.tolist()
-        if count == 0:
-            raise PkdError("the held-out blocks have no masked token to score; give more held-out text (--validation-files)")
         return {"mlm_loss": loss / count, "mlm_accuracy": 100.0 * correct / count, "masked_tokens": int(count)}
 
     def evaluate_only(self, path: str) -> dict:
