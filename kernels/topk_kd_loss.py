@@ -14,7 +14,10 @@ contract, the reductions). One launch per forward; per row:
         ∂loss/∂s = kl_grad·(softmax(s/T) - p̃) + ce_grad·(softmax(s) - onehot(y)),
      p̃ = p_i on the k ids (stored by one gather-shaped store) and p_rest·q_j/q_rest on every other
      column (stored by the streaming pass, masked off the k ids), kl_grad = α·T·r. This is the
-     derivative of the reference: Σ_i p_i + p_rest = 1 collapses the k + 1 softmax terms.
+     derivative of the reference, where the k + 1 softmax terms collapse to softmax(s/T) times the
+     teacher's total mass Σ_i p_i + p_rest: 1, except where the top-k mass rounds above 1 (values in
+     bf16 beside an fp32 lse) and p_rest is clamped to 0; the kernel keeps that factor, so its gradient
+     is the derivative of the loss it reports.
 
 Everything is in base 2 with differences of raw logits, as in `kd_loss`. The gradient buffer, the
 grad_output scaling in backward, and the deterministic final sum are `kd_loss`'s.
@@ -125,6 +128,7 @@ def _topk_kd_fwd_kernel(
         ld_s = tl.log2(d_s)
         row_loss = 0.0
         g_kl = 0.0
+        g_q = 0.0  # kl_grad × the teacher's total mass (see the module docstring)
         lp = tl.zeros((BLOCK_K,), tl.float32)
         rest_shift = float("-inf")  # log2 of p_r/(q_r·Σ 2^..): the rest target is 2^((s - m_r)·τ + rest_shift)
         s_k = tl.load(s_row + ids, mask=k_mask, other=0.0).to(tl.float32)
@@ -146,6 +150,7 @@ def _topk_kd_fwd_kernel(
             kl += tl.where(p_rest > 0, p_rest * (ln_p_rest - LN2 * lq_rest), 0.0)
             row_loss += kl_weight * kl
             g_kl = kl_grad
+            g_q = kl_grad * (tl.sum(p, 0) + p_rest)
             rest_shift = tl.where(p_rest > 0, ln_p_rest * 1.4426950408889634 - ld_r, float("-inf"))
             m_r = tl.where(has_rest, m_r, 0.0)  # no column left: nothing reads the rest target, keep it finite
         y_idx = -1
@@ -171,7 +176,7 @@ def _topk_kd_fwd_kernel(
                 valid = idx < n_cols
                 s = tl.load(s_row + idx, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 q = tl.exp2((s - m_s) * tau - ld_s)
-                g = g_kl * q
+                g = g_q * q
                 if HAS_KL:  # the rest bucket's target, 0 where p_rest = 0 (m_r is finite whenever it is read)
                     g -= g_kl * tl.exp2((s - m_r) * tau + rest_shift)
                 if HAS_CE:
@@ -181,7 +186,7 @@ def _topk_kd_fwd_kernel(
                     valid = valid & (tl.load(mark_row + idx, mask=valid, other=0) == 0)
                 tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=valid, eviction_policy="evict_first")
             if HAS_KL:  # the k marked columns: their own target p_i
-                g_k = g_kl * (tl.exp2((s_k - m_s) * tau - ld_s) - tl.exp2(lp))
+                g_k = g_q * tl.exp2((s_k - m_s) * tau - ld_s) - g_kl * tl.exp2(lp)
                 if HAS_CE:
                     g_k += g_ce * (tl.exp2((s_k - m_s) * tau_ce - ld_c) - tl.where(ids == y_idx, 1.0, 0.0))
                 tl.store(g_row + ids, g_k.to(g_row.dtype.element_ty), mask=k_mask)
