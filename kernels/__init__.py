@@ -2,5 +2,6 @@
 
 from .kd_loss import fused_kd_loss
 from .patient_loss import fused_patient_loss
+from .topk_kd_loss import fused_topk_kd_loss
 
-__all__ = ["fused_kd_loss", "fused_patient_loss"]
+__all__ = ["fused_kd_loss", "fused_patient_loss", "fused_topk_kd_loss"]

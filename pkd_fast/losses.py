@@ -11,6 +11,7 @@ teacher cache and the kernels meet; `LOSS_IMPLS` picks who computes each term.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 from dataclasses import dataclass
 from typing import Sequence
@@ -66,27 +67,109 @@ def kd_loss_reference(
         log_p_t = F.log_softmax(t / temperature, dim=-1)
         p_t = log_p_t.exp()
         kl_rows = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
-        kl = {
-            "batchmean": lambda: kl_rows.sum() / max(n_rows, 1),
-            "sum": lambda: kl_rows.sum() if divisors is None else kl_rows.sum() / divisors[1],
-            "none": lambda: kl_rows,
-            "mean": lambda: kl_rows.sum() / max(n_rows * vocab, 1),
-        }[reduction]()
-        loss = loss + alpha * temperature**2 * kl
+        loss = loss + alpha * temperature**2 * _reduce_kl(kl_rows, reduction, vocab, divisors)
     if alpha != 1.0:
-        if labels is None:
-            raise ValueError("labels are required when alpha < 1 (the CE term has weight 1 - alpha)")
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, 0).long()
-        ce_rows = -F.log_softmax(s, dim=-1).gather(-1, safe_labels[:, None]).squeeze(-1)
-        ce_rows = torch.where(valid, ce_rows, 0.0)
-        if reduction == "none":
-            ce = ce_rows
-        elif reduction == "sum":
-            ce = ce_rows.sum() if divisors is None else ce_rows.sum() / divisors[0]
-        else:
-            ce = ce_rows.sum() / valid.sum().clamp(min=1)
-        loss = loss + (1.0 - alpha) * ce
+        loss = loss + (1.0 - alpha) * _ce_term(s, labels, ignore_index, reduction, divisors)
+    return loss
+
+
+def _reduce_kl(kl_rows: torch.Tensor, reduction: str, vocab: int, divisors: torch.Tensor | None) -> torch.Tensor:
+    """The KL rows reduced as `kd_loss_reference` documents (N = 0 rows reduce to exactly 0)."""
+    n_rows = kl_rows.shape[0]
+    return {
+        "batchmean": lambda: kl_rows.sum() / max(n_rows, 1),
+        "sum": lambda: kl_rows.sum() if divisors is None else kl_rows.sum() / divisors[1],
+        "none": lambda: kl_rows,
+        "mean": lambda: kl_rows.sum() / max(n_rows * vocab, 1),
+    }[reduction]()
+
+
+def _ce_term(s: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, reduction: str, divisors: torch.Tensor | None) -> torch.Tensor:
+    """CE(s, labels) reduced as `kd_loss_reference` documents; ignored labels add nothing."""
+    if labels is None:
+        raise ValueError("labels are required when alpha < 1 (the CE term has weight 1 - alpha)")
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).long()
+    ce_rows = -F.log_softmax(s, dim=-1).gather(-1, safe_labels[:, None]).squeeze(-1)
+    ce_rows = torch.where(valid, ce_rows, 0.0)
+    if reduction == "none":
+        return ce_rows
+    if reduction == "sum":
+        return ce_rows.sum() if divisors is None else ce_rows.sum() / divisors[0]
+    return ce_rows.sum() / valid.sum().clamp(min=1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Mächler): -expm1 near 0, log1p(-exp) below -ln 2.
+    x >= 0 gives -inf (no mass left), so a rounding that pushes x just above 0 is clamped, not NaN."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    divisors: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`kd_loss_reference` with the teacher given by its top-k logits: sparse KD, no [N, V] teacher row.
+
+    The teacher of each row is `teacher_ids` [N, k] (distinct ids in [0, V), any order), their raw logits
+    `teacher_values` [N, k] and `teacher_lse` [N] = logsumexp(t / T) over the FULL row at the temperature
+    of this call. Its distribution is the k probabilities p_i = exp(t_i/T - lse) plus one bucket holding
+    the rest of its mass, p_rest = 1 - Σ p_i; the student's matching bucket is its mass off the k ids,
+    q_rest = exp(lse_{j∉k}(s_j/T) - lse(s/T)), so the KL is over k + 1 outcomes:
+
+        KL_row = Σ_i p_i·(log p_i - log q_i) + p_rest·(log p_rest - log q_rest)
+
+    with alpha·T², the reductions, `divisors`, the CE term and the N = 0 rule exactly as in
+    `kd_loss_reference`. With k = V (every column named) the rest bucket is empty and this is dense KD.
+
+    Why the lse at T, not at 1: p_i at T needs the full row's lse at T, which the top-k alone cannot give
+    (lse(t/T) is not a function of lse(t) and the top k). So a cache stores, next to the raw top-k logits
+    (the same ids at every T: the order does not change), the lse at the configured T, and its
+    fingerprint includes T; another T needs another cache, never a silently wrong teacher.
+
+    Numerics: log q_rest is an lse over the student's non-top-k columns (the top-k masked to -inf), never
+    log(1 - Σ q_i), which loses every digit when the student puts its mass on the k ids. log p_rest is
+    log1mexp(lse(log p_i)), clamped: a top-k mass that rounds to ≥ 1 (a rest below fp32's resolution)
+    gives p_rest = 0, which adds nothing to the loss or its gradient; with k = V the bucket is empty and
+    p_rest = 0 by definition, whatever Σ p_i rounds to. The gradient w.r.t. s is
+    (softmax(s/T) - p̃)/T, p̃ = p_i on the top-k and p_rest·q_j/q_rest elsewhere: the rest bucket's target
+    spread over the non-top-k columns in proportion to the student's own mass there.
+    """
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if divisors is not None and reduction != "sum":
+        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+    s = _acc(student_logits)
+    n_rows, vocab = s.shape
+    loss = s.new_zeros(n_rows if reduction == "none" else ())
+    if alpha != 0.0:
+        ids = teacher_ids.long()
+        scaled = s / temperature
+        lse_s = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        log_q = scaled.gather(-1, ids) - lse_s
+        in_topk = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, ids, True)
+        no_rest = in_topk.all(-1, keepdim=True)  # k = V: an lse over nothing has a NaN gradient, so skip it
+        rest_s = torch.logsumexp(torch.where(in_topk & ~no_rest, float("-inf"), scaled), dim=-1, keepdim=True)
+        log_q_rest = torch.where(no_rest, float("-inf"), rest_s - lse_s)
+        log_p = _acc(teacher_values).to(s.dtype) / temperature - teacher_lse.to(s.dtype)[:, None]
+        p = log_p.exp()
+        log_p_rest = log1mexp(torch.logsumexp(log_p, dim=-1, keepdim=True))
+        log_p_rest = torch.where(no_rest, float("-inf"), log_p_rest)  # k = V: nothing is left, whatever rounds
+        p_rest = log_p_rest.exp()
+        kl_rows = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        kl_rows = kl_rows + torch.where(p_rest > 0, p_rest * (log_p_rest - log_q_rest), 0.0).squeeze(-1)
+        loss = loss + alpha * temperature**2 * _reduce_kl(kl_rows, reduction, vocab, divisors)
+    if alpha != 1.0:
+        loss = loss + (1.0 - alpha) * _ce_term(s, labels, ignore_index, reduction, divisors)
     return loss
 
 
@@ -174,6 +257,13 @@ def kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
     if impl == "triton":
         return _fused().fused_kd_loss(*args, **kwargs)
     return (_compiled(kd_loss_reference) if impl == "compile" else kd_loss_reference)(*args, **kwargs)
+
+
+def topk_kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+    """`topk_kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
+    if impl == "triton":
+        return _fused().fused_topk_kd_loss(*args, **kwargs)
+    return (_compiled(topk_kd_loss_reference) if impl == "compile" else topk_kd_loss_reference)(*args, **kwargs)
 
 
 def patient_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
