@@ -2,5 +2,6 @@
 
 from .kd_loss import fused_kd_loss
 from .patient_loss import fused_patient_loss
+from .relation_loss import fused_relation_loss
 
-__all__ = ["fused_kd_loss", "fused_patient_loss"]
+__all__ = ["fused_kd_loss", "fused_patient_loss", "fused_relation_loss"]
