@@ -213,15 +213,18 @@ def _dot_fp32(*tensors: torch.Tensor) -> bool:
 
 
 def aot_configs() -> list[dict]:
-    """Every CUDA configuration `launch_config` can return (each for both kernels), for ahead-of-time
-    compile tests: {"kernel", "BLOCK_M", "BLOCK_N", "BLOCK_DS", "BLOCK_DT", "num_warps", "DOT_FP32"}; the
-    other arguments are pointers (student/teacher any float dtype, mask int32, the rest fp32) and ints/floats."""
+    """The CUDA configurations to compile ahead of time, for both kernels: every (BLOCK_M, BLOCK_N,
+    num_warps) `launch_config` picks, at equal student and teacher head sizes, plus the two most unequal
+    pairs (16 with 256 each way). Other pairs differ only in the padded head sizes between these.
+    Each: {"kernel", "BLOCK_M", "BLOCK_N", "BLOCK_DS", "BLOCK_DT", "num_warps", "DOT_FP32"}; the other
+    arguments are pointers (student/teacher/gradient one float dtype each, mask and N int32, the rest
+    fp32), int64 offsets and strides, int32 sizes and fp32 scales."""
     dims = sorted(CUDA_CONFIGS)
-    configs = {tuple(launch_config(ds, dt, "cuda").items()) for ds in dims for dt in dims}
+    pairs = [(d, d) for d in dims] + [(dims[0], dims[-1]), (dims[-1], dims[0])]
     return [
-        {"kernel": kernel, **dict(config), "DOT_FP32": False}
+        {"kernel": kernel, **launch_config(ds, dt, "cuda"), "DOT_FP32": False}
         for kernel in (_relation_fwd_kernel, _relation_bwd_kernel)
-        for config in sorted(configs)
+        for ds, dt in pairs
     ]
 
 
