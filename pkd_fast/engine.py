@@ -4,6 +4,7 @@ checkpoints that survive a crash, and saving a model that `from_pretrained` load
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.config import get_torch_autocast_dtype
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DtypeEnum, get_torch_autocast_dtype
 
 from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
@@ -174,7 +175,161 @@ def read_ds_config(path: str) -> dict:
         got = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
         raise PkdError(f"{path}: scheduler {got!r}: the run fills in --lr and --warmup-ratio only for {', '.join(SCHEDULERS)} "
                        "(or drop the scheduler for a constant --lr)")
+    _check_values(config, path)
     return config
+
+
+# Keys of optimizer.params that DeepSpeed reads itself and does not hand to the optimizer's constructor.
+_DEEPSPEED_OPTIMIZER_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
+# What the run fills into a scheduler's params (resolve_ds_config): placeholders while the JSON is checked.
+_RUN_FILLS_IN = {"warmup_num_steps": 10, "warmup_max_lr": 1e-3, "total_num_steps": 20}
+
+
+def _check_values(config: dict, path: str) -> None:
+    """Refuse, before any data is loaded, the values DeepSpeed would only trip over inside
+    `deepspeed.initialize` (a traceback after minutes of work): the optimizer's name and params, checked against
+    the constructor DeepSpeed would call, the scheduler's params likewise, the clipping norm, the autocast dtype,
+    and every section DeepSpeed's own config parser validates (ZeRO's pydantic model among them), so keys that
+    DeepSpeed learns later are checked too. Each message is one line: the file, the key path, what was expected."""
+    clip = config.get("gradient_clipping", 0.0)
+    if not _is_number(clip) or clip < 0:
+        raise PkdError(f"{path}: gradient_clipping must be a number >= 0 (0: no clipping), got {json.dumps(clip)}")
+    autocast = config.get("torch_autocast", {})
+    if isinstance(autocast, dict) and "dtype" in autocast:
+        names = [name for name in DtypeEnum._value2member_map_ if isinstance(name, str)]
+        if autocast["dtype"] not in names:
+            raise PkdError(f"{path}: torch_autocast.dtype must be a dtype name DeepSpeed knows ({', '.join(names)}), "
+                           f"got {json.dumps(autocast['dtype'])}")
+    optimizer = config["optimizer"]
+    params = optimizer.get("params", {})
+    if not isinstance(params, dict):
+        raise PkdError(f"{path}: optimizer.params must be an object of the optimizer's arguments, got {json.dumps(params)}")
+    constructor = _torch_optimizer(optimizer["type"], params, path)
+    if constructor is not None:
+        kwargs = {k: v for k, v in params.items() if k not in _DEEPSPEED_OPTIMIZER_KEYS}
+        _check_arguments(constructor, kwargs, "optimizer.params", path)
+        try:
+            torch_optimizer = constructor([torch.nn.Parameter(torch.zeros(1))], **{"lr": 1e-3, **kwargs})
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise PkdError(f"{path}: optimizer.params: torch.optim.{constructor.__name__} refuses them ({err})") from None
+        if config.get("scheduler"):
+            _check_scheduler(config["scheduler"], torch_optimizer, path)
+    _check_with_deepspeed(config, path)
+
+
+def _torch_optimizer(name, params: dict, path: str):
+    """The torch.optim class DeepSpeed builds for optimizer.type `name`, or None for DeepSpeed's own fused
+    optimizers (FusedAdam, Lamb, Lion, mu-P, Muon: built from compiled ops, so not built here to check)."""
+    lower = str(name).lower()
+    if lower in ("adam", "adamw"):
+        if not params.get("torch_adam"):
+            return None
+        adam_w = lower == "adamw" or params.get("adam_w_mode", True)
+        return torch.optim.AdamW if adam_w else torch.optim.Adam
+    if lower == "adagrad":
+        return torch.optim.Adagrad
+    if lower in DEEPSPEED_OPTIMIZERS:
+        return None
+    found = getattr(torch.optim, str(name), None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        known = sorted({"Adam", "AdamW", "Adagrad", "Lamb", "Lion"} | {
+            n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+            and c is not torch.optim.Optimizer})
+        raise PkdError(f"{path}: optimizer.type {json.dumps(name)} is neither a DeepSpeed optimizer nor one of torch.optim's "
+                       f"({', '.join(known)})")
+    return found
+
+
+def _check_scheduler(scheduler: dict, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """The scheduler's params against its constructor, built on a throwaway optimizer with the values the run
+    fills in; an unknown warmup_type, which DeepSpeed would replace by "log" with only a log line, is refused."""
+    from deepspeed.runtime import lr_schedules
+
+    params = scheduler.get("params", {})
+    if not isinstance(params, dict):
+        raise PkdError(f"{path}: scheduler.params must be an object of the scheduler's arguments, got {json.dumps(params)}")
+    constructor = getattr(lr_schedules, scheduler["type"])
+    _check_arguments(constructor, params, "scheduler.params", path)
+    warmup_types = (lr_schedules.WARMUP_LOG_RATE, lr_schedules.WARMUP_LINEAR_RATE)
+    if params.get("warmup_type", warmup_types[0]) not in warmup_types:
+        raise PkdError(f"{path}: scheduler.params.warmup_type must be one of {', '.join(warmup_types)}, "
+                       f"got {json.dumps(params['warmup_type'])}")
+    filled = {k: v for k, v in _RUN_FILLS_IN.items() if k in inspect.signature(constructor).parameters}
+    try:
+        constructor(optimizer, **{**params, **filled})
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PkdError(f"{path}: scheduler.params: DeepSpeed's {scheduler['type']} refuses them ({err})") from None
+
+
+def _check_arguments(constructor, given: dict, where: str, path: str) -> None:
+    """Each of `given` against `constructor`'s signature: a name it takes, of the kind its default (or
+    annotation) is: a number, true/false, a string, or a list as long as the default tuple."""
+    parameters = inspect.signature(constructor).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY]
+    for key, value in given.items():
+        if key not in parameters:
+            if takes_any:
+                continue
+            raise PkdError(f"{path}: {where}.{key}: not an argument of {constructor.__name__} "
+                           f"(it takes {', '.join(named[1:])})")
+        default = parameters[key].default
+        kind = parameters[key].annotation if default in (None, inspect.Parameter.empty) else type(default)
+        if kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind in (int, float):
+            ok, expected = _is_number(value), f"a number (like {json.dumps(default)})"
+        elif kind is str:
+            ok, expected = isinstance(value, str), "a string"
+        elif kind is tuple:
+            ok = isinstance(value, list) and len(value) == len(default) and all(map(_is_number, value))
+            expected = f"{len(default)} numbers (like {json.dumps(list(default))})"
+        else:
+            continue
+        if not ok:
+            raise PkdError(f"{path}: {where}.{key} must be {expected}, got {json.dumps(value)}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_with_deepspeed(config: dict, path: str) -> None:
+    """DeepSpeed's own config parser over the JSON (the batch layout left to `check_batch_layout`): its
+    pydantic sections (zero_optimization, monitors, ...) refuse wrong types, unknown keys and values out of
+    range. Its error becomes one line naming the key path; the path is found in the JSON by the failing
+    key and value, since a section's model does not know its own name."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig({k: v for k, v in config.items() if k != "train_batch_size"})
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = _key_path(config, first["loc"], first.get("input")) or f"{err.title}.{'.'.join(map(str, first['loc']))}"
+        got = f", got {json.dumps(first['input'], default=str)}" if "input" in first and first["type"] != "extra_forbidden" else ""
+        raise PkdError(f"{path}: {where}: {first['msg']}{got}") from None
+    except (ValueError, TypeError, AssertionError, KeyError) as err:
+        raise PkdError(f"{path}: DeepSpeed refuses the config: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _key_path(node, loc: tuple, value, prefix: str = "") -> str | None:
+    """The dotted path in `node` that ends in the keys `loc` and holds `value` (the first found)."""
+    if not isinstance(node, dict):
+        return None
+    here = node
+    for key in loc:
+        here = here.get(key, _MISSING) if isinstance(here, dict) else _MISSING
+    if here is not _MISSING and here == value:
+        return prefix + ".".join(map(str, loc))
+    for key, child in node.items():
+        found = _key_path(child, loc, value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+_MISSING = object()
 
 
 def check_batch_layout(config: dict, path: str, world_size: int) -> dict:
