@@ -129,10 +129,16 @@ def damage_model_states(directory, how):
         (directory / "latest").write_bytes(b"step\xff\xfe2")
     elif how == "latest names no checkpoint":
         (directory / "latest").write_text("step99")
+    elif how == "rng state deleted":
+        (directory / "step2" / "rng_rank0.pt").unlink()
+    elif how == "manifest cut short":
+        manifest = directory / "step2" / ds.MANIFEST
+        manifest.write_bytes(manifest.read_bytes()[:20])
 
 
 # how → the step --resume continues from when step1 and step2 are kept: `latest` damaged, step2 is still intact
-DAMAGE = {"deleted": 1, "truncated": 1, "latest not UTF-8": 2, "latest names no checkpoint": 2}
+DAMAGE = {"deleted": 1, "truncated": 1, "rng state deleted": 1, "manifest cut short": 1, "latest not UTF-8": 2,
+          "latest names no checkpoint": 2}
 
 
 @pytest.mark.parametrize("how", DAMAGE)
