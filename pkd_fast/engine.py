@@ -522,7 +522,7 @@ def _stop_if_any_rank_failed(failure: PkdError | None, step_dir: Path, rank: int
     if first:
         if rank == 0:
             shutil.rmtree(step_dir, ignore_errors=True)
-        raise PkdError(f"{first}; the checkpoint {step_dir.name} was not saved (the previous one is kept)")
+        raise PkdError(f"{first}; the checkpoint {step_dir.name} was not saved (an earlier one, if any, is kept)")
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:

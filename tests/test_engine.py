@@ -208,7 +208,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
         ds.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
     message = str(err.value)
     assert message.startswith(f"{directory / 'step2'}: cannot write (") and " MiB free on its filesystem" in message
-    assert message.endswith("the checkpoint step2 was not saved (the previous one is kept)") and "\n" not in message
+    assert message.endswith("the checkpoint step2 was not saved (an earlier one, if any, is kept)") and "\n" not in message
     assert (directory / "latest").read_text() == "step1" and not (directory / "step2").exists()
     monkeypatch.setattr(torch, "save", real_save)
     assert ds.load_checkpoint(engine, directory, 0, KEY)[0] == 1
