@@ -212,3 +212,30 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
     assert (directory / "latest").read_text() == "step1" and not (directory / "step2").exists()
     monkeypatch.setattr(torch, "save", real_save)
     assert ds.load_checkpoint(engine, directory, 0, KEY)[0] == 1
+
+
+def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
+    """Without --resume, an earlier run's step12 would outrank this run's step2 when pruning by step number
+    (removing the checkpoint just published); the run starts by removing it."""
+    from pkd_fast.losses import LossTerms
+    from pkd_fast.trainer import StepOutput, Trainer
+
+    world = ds.init_distributed()
+    stale = tmp_path / "checkpoints" / "step12"
+    stale.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step12")
+    trainer = Trainer(world, cpu_config(), log_steps=100, save_steps=1, warmup_ratio=0.0, resume=False, on_nonfinite="stop")
+    class Batches(list):  # a map-style loader of two micro-batches: one epoch of two steps
+        def set_epoch(self, epoch):
+            pass
+
+    rows = Batches({"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 2, 0]), "attention_mask": torch.ones(4, 2)} for _ in range(2))
+
+    def step(engine, batch, terms):
+        loss = engine(batch["x"], batch["y"])
+        return StepOutput(LossTerms(loss), {"student output": loss})
+
+    trainer.fit(Tiny(), rows, step, name="tiny", out=tmp_path, lr=1e-2, epochs=1, run_key=KEY, evaluate=lambda e: {"x": 0.0},
+                watch=["student output"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step2"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
