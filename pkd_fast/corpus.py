@@ -59,7 +59,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from pkd_fast.cache import tokenizer_digest
 from pkd_fast.data import make_loader
-from pkd_fast.errors import PkdError
+from pkd_fast.errors import PkdError, write_failure
 
 log = logging.getLogger("pkd_fast")
 
@@ -276,6 +276,11 @@ def _build_once(target: Path, build) -> datasets.Dataset:
         else:
             os.replace(tmp / "saved", target)
             log.info("corpus cache: wrote %s", target)
+    except (OSError, RuntimeError, datasets.exceptions.DatasetGenerationError) as err:  # a full disk, say
+        failure = write_failure(target.parent, err)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(target))

@@ -4,8 +4,10 @@ checkpoints that survive a crash, and saving a model that `from_pretrained` load
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -29,11 +31,12 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
-from deepspeed.runtime.config import get_torch_autocast_dtype  # noqa: E402
-from deepspeed.runtime.lr_schedules import WARMUP_LINEAR_RATE, WARMUP_LOG_RATE  # noqa: E402
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DtypeEnum, get_torch_autocast_dtype  # noqa: E402
 
 from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S  # noqa: E402
-from pkd_fast.errors import PkdError  # noqa: E402
+from pkd_fast.errors import PkdError, write_failure  # noqa: E402
+
+log = logging.getLogger("pkd_fast")
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,6 @@ def _find_auto(node, path=""):
 
 
 SCHEDULERS = ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR")  # the ones whose warmup/decay the run fills in
-WARMUP_TYPES = (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE)  # DeepSpeed warns on any other and warms up as "log"
 # What `resolve_ds_config` writes over, and from what: a value the JSON sets there is replaced (and logged).
 FILLED_BY_RUN = {
     ("optimizer", "lr"): "lr",
@@ -190,14 +192,161 @@ def read_ds_config(path: str) -> dict:
         got = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
         raise PkdError(f"{path}: scheduler {got!r}: the run fills in --lr and --warmup-ratio only for {', '.join(SCHEDULERS)} "
                        "(or drop the scheduler for a constant --lr)")
-    if scheduler is not None:
-        params = scheduler.get("params", {})
-        if not isinstance(params, dict):
-            raise PkdError(f"{path}: scheduler.params must be an object, got {json.dumps(params)}")
-        warmup_type = params.get("warmup_type", WARMUP_LOG_RATE)
-        if warmup_type not in WARMUP_TYPES:
-            raise PkdError(f"{path}: scheduler.params.warmup_type {json.dumps(warmup_type)}: expected one of {', '.join(WARMUP_TYPES)}")
+    _check_values(config, path)
     return config
+
+
+# Keys of optimizer.params that DeepSpeed reads itself and does not hand to the optimizer's constructor.
+_DEEPSPEED_OPTIMIZER_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
+# What the run fills into a scheduler's params (resolve_ds_config): placeholders while the JSON is checked.
+_RUN_FILLS_IN = {"warmup_num_steps": 10, "warmup_max_lr": 1e-3, "total_num_steps": 20}
+
+
+def _check_values(config: dict, path: str) -> None:
+    """Refuse, before any data is loaded, the values DeepSpeed would only trip over inside
+    `deepspeed.initialize` (a traceback after minutes of work): the optimizer's name and params, checked against
+    the constructor DeepSpeed would call, the scheduler's params likewise, the clipping norm, the autocast dtype,
+    and every section DeepSpeed's own config parser validates (ZeRO's pydantic model among them), so keys that
+    DeepSpeed learns later are checked too. Each message is one line: the file, the key path, what was expected."""
+    clip = config.get("gradient_clipping", 0.0)
+    if not _is_number(clip) or clip < 0:
+        raise PkdError(f"{path}: gradient_clipping must be a number >= 0 (0: no clipping), got {json.dumps(clip)}")
+    autocast = config.get("torch_autocast", {})
+    if isinstance(autocast, dict) and "dtype" in autocast:
+        names = [name for name in DtypeEnum._value2member_map_ if isinstance(name, str)]
+        if autocast["dtype"] not in names:
+            raise PkdError(f"{path}: torch_autocast.dtype must be a dtype name DeepSpeed knows ({', '.join(names)}), "
+                           f"got {json.dumps(autocast['dtype'])}")
+    optimizer = config["optimizer"]
+    params = optimizer.get("params", {})
+    if not isinstance(params, dict):
+        raise PkdError(f"{path}: optimizer.params must be an object of the optimizer's arguments, got {json.dumps(params)}")
+    constructor = _torch_optimizer(optimizer["type"], params, path)
+    if constructor is not None:
+        kwargs = {k: v for k, v in params.items() if k not in _DEEPSPEED_OPTIMIZER_KEYS}
+        _check_arguments(constructor, kwargs, "optimizer.params", path)
+        try:
+            torch_optimizer = constructor([torch.nn.Parameter(torch.zeros(1))], **{"lr": 1e-3, **kwargs})
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise PkdError(f"{path}: optimizer.params: torch.optim.{constructor.__name__} refuses them ({err})") from None
+        if config.get("scheduler"):
+            _check_scheduler(config["scheduler"], torch_optimizer, path)
+    _check_with_deepspeed(config, path)
+
+
+def _torch_optimizer(name, params: dict, path: str):
+    """The torch.optim class DeepSpeed builds for optimizer.type `name`, or None for DeepSpeed's own fused
+    optimizers (FusedAdam, Lamb, Lion, mu-P, Muon: built from compiled ops, so not built here to check)."""
+    lower = str(name).lower()
+    if lower in ("adam", "adamw"):
+        if not params.get("torch_adam"):
+            return None
+        adam_w = lower == "adamw" or params.get("adam_w_mode", True)
+        return torch.optim.AdamW if adam_w else torch.optim.Adam
+    if lower == "adagrad":
+        return torch.optim.Adagrad
+    if lower in DEEPSPEED_OPTIMIZERS:
+        return None
+    found = getattr(torch.optim, str(name), None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        known = sorted({"Adam", "AdamW", "Adagrad", "Lamb", "Lion"} | {
+            n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+            and c is not torch.optim.Optimizer})
+        raise PkdError(f"{path}: optimizer.type {json.dumps(name)} is neither a DeepSpeed optimizer nor one of torch.optim's "
+                       f"({', '.join(known)})")
+    return found
+
+
+def _check_scheduler(scheduler: dict, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """The scheduler's params against its constructor, built on a throwaway optimizer with the values the run
+    fills in; an unknown warmup_type, which DeepSpeed would replace by "log" with only a log line, is refused."""
+    from deepspeed.runtime import lr_schedules
+
+    params = scheduler.get("params", {})
+    if not isinstance(params, dict):
+        raise PkdError(f"{path}: scheduler.params must be an object of the scheduler's arguments, got {json.dumps(params)}")
+    constructor = getattr(lr_schedules, scheduler["type"])
+    _check_arguments(constructor, params, "scheduler.params", path)
+    warmup_types = (lr_schedules.WARMUP_LOG_RATE, lr_schedules.WARMUP_LINEAR_RATE)
+    if params.get("warmup_type", warmup_types[0]) not in warmup_types:
+        raise PkdError(f"{path}: scheduler.params.warmup_type must be one of {', '.join(warmup_types)}, "
+                       f"got {json.dumps(params['warmup_type'])}")
+    filled = {k: v for k, v in _RUN_FILLS_IN.items() if k in inspect.signature(constructor).parameters}
+    try:
+        constructor(optimizer, **{**params, **filled})
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PkdError(f"{path}: scheduler.params: DeepSpeed's {scheduler['type']} refuses them ({err})") from None
+
+
+def _check_arguments(constructor, given: dict, where: str, path: str) -> None:
+    """Each of `given` against `constructor`'s signature: a name it takes, of the kind its default (or
+    annotation) is: a number, true/false, a string, or a list as long as the default tuple."""
+    parameters = inspect.signature(constructor).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY]
+    for key, value in given.items():
+        if key not in parameters:
+            if takes_any:
+                continue
+            raise PkdError(f"{path}: {where}.{key}: not an argument of {constructor.__name__} "
+                           f"(it takes {', '.join(named[1:])})")
+        default = parameters[key].default
+        kind = parameters[key].annotation if default in (None, inspect.Parameter.empty) else type(default)
+        if kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind in (int, float):
+            ok, expected = _is_number(value), f"a number (like {json.dumps(default)})"
+        elif kind is str:
+            ok, expected = isinstance(value, str), "a string"
+        elif kind is tuple:
+            ok = isinstance(value, list) and len(value) == len(default) and all(map(_is_number, value))
+            expected = f"{len(default)} numbers (like {json.dumps(list(default))})"
+        else:
+            continue
+        if not ok:
+            raise PkdError(f"{path}: {where}.{key} must be {expected}, got {json.dumps(value)}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_with_deepspeed(config: dict, path: str) -> None:
+    """DeepSpeed's own config parser over the JSON (the batch layout left to `check_batch_layout`): its
+    pydantic sections (zero_optimization, monitors, ...) refuse wrong types, unknown keys and values out of
+    range. Its error becomes one line naming the key path; the path is found in the JSON by the failing
+    key and value, since a section's model does not know its own name."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig({k: v for k, v in config.items() if k != "train_batch_size"})
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = _key_path(config, first["loc"], first.get("input")) or f"{err.title}.{'.'.join(map(str, first['loc']))}"
+        got = f", got {json.dumps(first['input'], default=str)}" if "input" in first and first["type"] != "extra_forbidden" else ""
+        raise PkdError(f"{path}: {where}: {first['msg']}{got}") from None
+    except (ValueError, TypeError, AssertionError, KeyError) as err:
+        raise PkdError(f"{path}: DeepSpeed refuses the config: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _key_path(node, loc: tuple, value, prefix: str = "") -> str | None:
+    """The dotted path in `node` that ends in the keys `loc` and holds `value` (the first found)."""
+    if not isinstance(node, dict):
+        return None
+    here = node
+    for key in loc:
+        here = here.get(key, _MISSING) if isinstance(here, dict) else _MISSING
+    if here is not _MISSING and here == value:
+        return prefix + ".".join(map(str, loc))
+    for key, child in node.items():
+        found = _key_path(child, loc, value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+_MISSING = object()
 
 
 def check_batch_layout(config: dict, path: str, world_size: int) -> dict:
@@ -319,6 +468,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 FAULT_ENV = "PKD_FAST_FAULT"  # fault injection for the crash tests: "PHASE@N" SIGKILLs this process there
+MANIFEST = "manifest.json"  # a checkpoint's run key and the size of each of its files, written last of them
 
 
 def fault_point(phase: str, n: int) -> None:
@@ -329,11 +479,14 @@ def fault_point(phase: str, n: int) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict, *, rank_state: dict | None = None,
@@ -342,31 +495,71 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict
     else that rank needs to continue exactly, such as a streaming loader's position), so a resumed run
     draws the same dropout masks and data as an uninterrupted one. Per-rank state goes in a file of each
     rank's own: DeepSpeed's `client_state` is written by rank 0 only. Crash-safe: the step's files are all
-    written first and the checkpoint is published last, by rank 0 replacing `latest` atomically, so a kill
-    at any instant leaves the previous checkpoint resumable. Only then are checkpoints beyond the newest
-    `keep` removed. `run_key` is what the run's results depend on; `load_checkpoint` refuses to resume a
-    run that differs in it."""
+    written first, then rank 0 writes the manifest (`run_key`, what the run's results depend on, and every
+    file's size, so --resume finds a missing or truncated file and another run's checkpoint without loading
+    anything) and publishes the checkpoint by replacing `latest` atomically, so a kill at any instant leaves
+    the previous checkpoint resumable. Only then are checkpoints beyond the newest `keep` removed. A write
+    that fails on any rank (a full disk) stops every rank with one line, the unpublished step removed."""
     tag = f"step{step}"
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, "run_key": run_key}, save_latest=False)
-    fault_point("ckpt-engine-saved", step)
-    buffer = io.BytesIO()
-    torch.save({**_rng_state(), "rank_state": rank_state or {}}, buffer)
-    _write_atomic(directory / tag / f"rng_rank{rank}.pt", buffer.getvalue())
-    dist.barrier()  # every rank's files exist before the checkpoint is published
-    fault_point("ckpt-files-written", step)
+    step_dir = directory / tag
+    failure = None
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False)
+        fault_point("ckpt-engine-saved", step)
+        buffer = io.BytesIO()
+        torch.save({**_rng_state(), "rank_state": rank_state or {}}, buffer)
+        _write_atomic(step_dir / f"rng_rank{rank}.pt", buffer.getvalue())
+    except (OSError, RuntimeError) as err:
+        failure = _write_failure(step_dir, err)
+    _stop_if_any_rank_failed(failure, step_dir, rank)  # every rank's files exist before the manifest lists them
     if rank == 0:
-        _write_atomic(directory / "latest", tag.encode())
-    dist.barrier()
+        try:
+            files = {str(f.relative_to(step_dir)): f.stat().st_size for f in sorted(step_dir.rglob("*")) if f.is_file()}
+            _write_atomic(step_dir / MANIFEST, json.dumps({"step": step, "run_key": run_key, "files": files}).encode())
+        except OSError as err:
+            failure = _write_failure(step_dir, err)
+    fault_point("ckpt-files-written", step)
+    if rank == 0 and failure is None:
+        try:
+            _write_atomic(directory / "latest", tag.encode())
+        except OSError as err:
+            failure = _write_failure(directory / "latest", err)
+    _stop_if_any_rank_failed(failure, step_dir, rank)
     fault_point("ckpt-published", step)
     if rank == 0:
         prune_checkpoints(directory, keep)
 
 
+def _write_failure(path: Path, err: BaseException) -> PkdError:
+    """`err` as one line when it is a failed write (a full disk); re-raised as it is otherwise."""
+    failure = write_failure(path, err)
+    if failure is None:
+        raise err
+    return failure
+
+
+def _stop_if_any_rank_failed(failure: PkdError | None, step_dir: Path, rank: int) -> None:
+    """A barrier that also tells every rank whether any rank's write failed: then all stop with the first
+    failure's line, and rank 0 removes the unpublished step so nothing half-written is left to resume from."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if failure is None else str(failure))
+    first = next((f for f in failures if f), None)
+    if first:
+        if rank == 0:
+            shutil.rmtree(step_dir, ignore_errors=True)
+        raise PkdError(f"{first}; the checkpoint {step_dir.name} was not saved (an earlier one, if any, is kept)")
+
+
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Remove all but the newest `keep` step checkpoints (by step number)."""
-    steps = sorted((d for d in directory.glob("step*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    steps = _step_dirs(directory)
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    """The step checkpoints under `directory`, oldest first."""
+    return sorted((d for d in directory.glob("step*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
 
 
 def remove_checkpoints(directory: Path) -> None:
@@ -376,29 +569,91 @@ def remove_checkpoints(directory: Path) -> None:
 
 
 def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> tuple[int, dict]:
-    """Restore the checkpoint `latest` names: the optimizer step it was taken at and this rank's
-    `rank_state`, or (0, {}) when there is none. Refuses a checkpoint of a run that differs from this one
-    in anything its results depend on."""
-    latest = directory / "latest"
-    if not latest.is_file():
+    """Restore the newest intact checkpoint under `directory`: the optimizer step it was taken at and this
+    rank's `rank_state`. That is the one `latest` names; when that one is damaged (a file deleted or cut short,
+    `latest` unreadable) the newest whose files all match its manifest, said in one line; (0, {}) with a
+    warning line when there is no checkpoint at all. A checkpoint of a run that differs from this one in
+    anything its results depend on is refused by its manifest, before DeepSpeed loads a model that may not
+    even have this one's shape. Every rank reads the same files (one shared filesystem), so all pick the same."""
+    tag = _intact_checkpoint(directory, rank)
+    if tag is None:
         return 0, {}
-    tag = latest.read_text().strip()
-    rng_file = directory / tag / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
-        raise PkdError(f"{directory}/{tag}: no {rng_file.name}; the checkpoint was written by another number of ranks "
-                       "or is damaged: resume with the same ranks, or start a new --output-dir")
+    manifest = json.loads((directory / tag / MANIFEST).read_text())
+    require_same_run(manifest["run_key"], run_key, "checkpoint", f"--resume {directory}: the checkpoint is of another run",
+                     "resume with the same settings, or start a new --output-dir")
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise PkdError(f"{directory}/{tag}: the checkpoint named in 'latest' could not be loaded")
-    stored = client_state.get("run_key", {})
-    changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
-    if changed:
-        diffs = "; ".join(f"{k}: checkpoint {stored.get(k)!r} ≠ now {run_key.get(k)!r}" for k in changed)
-        raise PkdError(f"--resume {directory}: the checkpoint is of another run ({diffs}); "
-                       "resume with the same settings, or start a new --output-dir")
-    state = torch.load(rng_file, weights_only=False)
+        raise PkdError(f"{directory}/{tag}: DeepSpeed could not load the checkpoint; start a new --output-dir")
+    state = torch.load(directory / tag / f"rng_rank{rank}.pt", weights_only=False)
     _set_rng_state(state)
     return int(client_state["step"]), state.get("rank_state", {})
+
+
+def _intact_checkpoint(directory: Path, rank: int) -> str | None:
+    """The tag to resume from (see `load_checkpoint`), None when there is no checkpoint; a damaged one with
+    no intact one to fall back to is refused."""
+    latest = directory / "latest"
+    try:
+        published = latest.read_bytes().decode("utf-8").strip()
+        problem = _damage(directory / published) if published else "'latest' is empty"
+    except FileNotFoundError:
+        published, problem = None, "no checkpoint was published ('latest' is missing)"
+    except (OSError, UnicodeDecodeError) as err:
+        published, problem = None, f"'latest' is unreadable ({type(err).__name__})"
+    if problem is None:
+        return published
+    candidates = [d for d in reversed(_step_dirs(directory)) if d.name != published]
+    intact = next((d.name for d in candidates if _damage(d) is None), None)
+    if intact is not None:
+        if rank == 0:
+            log.warning("--resume %s: %s; resuming from %s, the newest intact checkpoint", directory, problem, intact)
+        return intact
+    unfinished = f" ({', '.join(d.name for d in candidates)} unfinished or damaged)" if candidates else ""
+    if not latest.exists():  # nothing was ever published: the first save, if any, did not finish
+        if rank == 0:
+            log.warning("--resume: no checkpoint under %s%s: starting at step 0", directory, unfinished)
+        return None
+    raise PkdError(f"--resume {directory}: {problem}, and no intact checkpoint to fall back to{unfinished}; "
+                   "run without --resume to start again, or in a new --output-dir")
+
+
+def _damage(step_dir: Path) -> str | None:
+    """What is wrong with a step checkpoint by its manifest (a file missing or of another size than written),
+    None when nothing is; reads no checkpoint file."""
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        what = "is missing" if not step_dir.is_dir() else f"has no {MANIFEST} (a save that did not finish)"
+        return f"{step_dir.name} {what}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{step_dir.name}/{MANIFEST} is damaged"
+    for name, size in files.items():
+        file = step_dir / name
+        if not file.is_file():
+            return f"{step_dir.name}/{name} is missing"
+        if file.stat().st_size != size:
+            return f"{step_dir.name}/{name} is {file.stat().st_size} bytes, not the {size} written"
+    return None
+
+
+def require_same_run(stored: dict, now: dict, stored_as: str, what: str, advice: str) -> None:
+    """Refuse when `stored` (a checkpoint's or a finished run's key) differs from this run's `now`, naming each
+    differing key by its path (deepspeed_json.zero_optimization.stage, not the whole JSON)."""
+    old, new = _flatten(stored), _flatten(now)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+    if changed:
+        diffs = "; ".join(f"{k}: {stored_as} {old.get(k, '(none)')!r} ≠ now {new.get(k, '(none)')!r}" for k in changed)
+        raise PkdError(f"{what} ({diffs}); {advice}")
+
+
+def _flatten(key: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in key.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def save_pretrained(engine_or_module, path: Path, tokenizer, rank: int) -> None:

@@ -58,6 +58,7 @@ log = logging.getLogger("pkd_fast")
 STUDENT = "student output"  # the watched name every step_fn provides: the student's logits
 # What the non-finite guard watches each step (a live teacher's outputs and cache rows alike).
 WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "loss")
+RUN_KEY_FILE = "run_key.json"  # beside a finished run's results.json: what they depend on
 
 
 @dataclass
@@ -194,8 +195,11 @@ class Trainer:
         if self.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
         engine = ds.student_engine(model, config)
-        run_key = {**run_key, "world_size": world.world_size, "micro_batch": self.micro_batch, "accumulation": self.accum}
+        run_key = self._full_key(run_key)
         ckpt_dir = out / "checkpoints"
+        if not self.resume and world.is_main:  # another run's checkpoints would outlive this one's in pruning
+            ds.remove_checkpoints(ckpt_dir)
+        dist.barrier()
         start, rank_state = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key) if self.resume else (0, {})
         if streaming and "loader" in rank_state:
             loader.load_state_dict(rank_state["loader"])
@@ -255,13 +259,36 @@ class Trainer:
         return FitResult(engine, dev, total_steps, round(time.time() - t0, 1), guard.skipped_total(),
                          int(getattr(engine, "skipped_steps", 0)))
 
-    def finish(self, result: FitResult, out: Path, tokenizer, summary: dict) -> dict:
-        """Save the trained model (HF format) and results.json, then drop the run's checkpoints."""
+    def _full_key(self, run_key: dict) -> dict:
+        """A recipe's run key plus the batch layout, which the results depend on too."""
+        return {**run_key, "world_size": self.world.world_size, "micro_batch": self.micro_batch, "accumulation": self.accum}
+
+    def finished(self, name: str, out: Path, run_key: dict) -> dict | None:
+        """With --resume, the results of the run that already finished under `out` (None when none did), after
+        checking that it was this run: reusing results of other settings would be silent, since
+        resolved_config.json shows the new ones."""
+        done = out / "results.json"
+        if not (self.resume and done.is_file()):
+            return None
+        stored = out / RUN_KEY_FILE
+        if not stored.is_file():
+            raise PkdError(f"--resume {out}: {name} finished earlier, but without its {RUN_KEY_FILE} its settings cannot be "
+                           "checked against these; run without --resume to train it again, or in a new --output-dir")
+        ds.require_same_run(json.loads(stored.read_text()), self._full_key(run_key), "finished",
+                            f"--resume {out}: {name} finished earlier with other settings",
+                            "run without --resume to train it again, or in a new --output-dir")
+        log.info("%s: finished earlier, reusing %s", name, done)
+        return json.loads(done.read_text())
+
+    def finish(self, result: FitResult, out: Path, tokenizer, summary: dict, run_key: dict) -> dict:
+        """Save the trained model (HF format), the run key (`finished` checks it) and results.json, then drop
+        the run's checkpoints."""
         ds.save_pretrained(result.engine, out / "model", tokenizer, self.world.rank)
         summary = {**summary, "steps": result.steps, "train_seconds": result.train_seconds,
                    "nonfinite_skipped": result.nonfinite_skipped, "overflow_skipped_steps": result.overflow_skipped,
                    "dev": result.dev}
         if self.world.is_main:
+            (out / RUN_KEY_FILE).write_text(json.dumps(self._full_key(run_key), indent=2) + "\n")
             (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
             ds.remove_checkpoints(out / "checkpoints")  # the run finished: the saved model replaces them
         dist.barrier()

@@ -3,6 +3,7 @@ token cache, 80/10/10 masking as a pure function of (seed, epoch, example), and 
 against the map-style one, including an exact resume."""
 
 import csv
+import errno
 import gzip
 import json
 import os
@@ -204,6 +205,22 @@ def test_second_run_reuses_the_tokenised_cache(tok, tmp_path, monkeypatch):
     write_text(path, sentences(101))  # a changed file is tokenised again
     corpus.prepare_blocks(tok, 32, tmp_path / "cache", text_files=[str(path)])
     assert sum(calls) == 101
+
+
+@pytest.mark.parametrize("owner, method", [(datasets.arrow_writer.ArrowWriter, "finalize"), (datasets.Dataset, "save_to_disk")],
+                         ids=["generating", "saving"])
+def test_a_full_disk_while_writing_the_corpus_cache_is_one_line(tok, tmp_path, monkeypatch, owner, method):
+    """ENOSPC inside `datasets`' generation (wrapped in its DatasetGenerationError) or while saving: one line
+    naming the cache directory and the space left there, and nothing half-written that a rerun would load."""
+    path = write_text(tmp_path / "a.txt", sentences(20))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(owner, method, disk_full)
+    message = one_line_error(corpus.prepare_blocks, tok, 32, tmp_path / "cache", text_files=[str(path)])
+    assert message.startswith(f"{tmp_path / 'cache'}: cannot write (No space left on device); ") and " MiB free" in message
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 # -- masking -----------------------------------------------------------------------------------------

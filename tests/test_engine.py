@@ -2,6 +2,7 @@
 bf16 autocast, no self-all-reduce on one rank, and the same update as a plain torch loop."""
 
 import copy
+import errno
 import json
 import os
 from pathlib import Path
@@ -99,3 +100,142 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+# -- checkpoints: damage, another run, a full disk ------------------------------------------------------
+
+KEY = {"objective": "glue", "student_layers": 2, "deepspeed_json": {"zero_optimization": {"stage": 0}}}
+
+
+def saved_steps(tmp_path, steps=(1, 2), keep=2):
+    """A checkpoint directory holding `steps` of a Tiny engine trained one step between saves."""
+    ds.init_distributed()
+    engine = ds.student_engine(Tiny(), cpu_config())
+    directory = tmp_path / "checkpoints"
+    for step in steps:
+        engine.backward(engine(torch.randn(4, 8), torch.tensor([0, 1, 2, 0])))
+        engine.step()
+        ds.save_checkpoint(engine, directory, step, 0, KEY, keep=keep)
+    return engine, directory
+
+
+def damage_model_states(directory, how):
+    states = directory / "step2" / "mp_rank_00_model_states.pt"
+    if how == "deleted":
+        states.unlink()
+    elif how == "truncated":
+        states.write_bytes(states.read_bytes()[:100])
+    elif how == "latest not UTF-8":
+        (directory / "latest").write_bytes(b"step\xff\xfe2")
+    elif how == "latest names no checkpoint":
+        (directory / "latest").write_text("step99")
+    elif how == "rng state deleted":
+        (directory / "step2" / "rng_rank0.pt").unlink()
+    elif how == "manifest cut short":
+        manifest = directory / "step2" / ds.MANIFEST
+        manifest.write_bytes(manifest.read_bytes()[:20])
+
+
+# how → the step --resume continues from when step1 and step2 are kept: `latest` damaged, step2 is still intact
+DAMAGE = {"deleted": 1, "truncated": 1, "rng state deleted": 1, "manifest cut short": 1, "latest not UTF-8": 2,
+          "latest names no checkpoint": 2}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog, how):
+    """--resume finds the damage by the manifest (no file is loaded to find it) and says so in one line."""
+    engine, directory = saved_steps(tmp_path)
+    damage_model_states(directory, how)
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        step, _ = ds.load_checkpoint(engine, directory, 0, KEY)
+    assert step == DAMAGE[how]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "pkd_fast"]
+    assert warning.startswith(f"--resume {directory}: ") and "\n" not in warning
+    assert warning.endswith(f"resuming from step{DAMAGE[how]}, the newest intact checkpoint")
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_one_line(tmp_path, how):
+    engine, directory = saved_steps(tmp_path, steps=(2,), keep=1)
+    damage_model_states(directory, how)
+    with pytest.raises(PkdError) as err:
+        ds.load_checkpoint(engine, directory, 0, KEY)
+    message = str(err.value)
+    assert message.startswith(f"--resume {directory}: step2/mp_rank_00_model_states.pt is ")
+    assert "no intact checkpoint to fall back to" in message and "\n" not in message
+
+
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, caplog):
+    ds.init_distributed()
+    engine = ds.student_engine(Tiny(), cpu_config())
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        assert ds.load_checkpoint(engine, tmp_path / "none", 0, KEY) == (0, {})
+    assert f"--resume: no checkpoint under {tmp_path / 'none'}: starting at step 0" in caplog.text
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"student_layers": 3}, "student_layers: checkpoint 2 ≠ now 3"),
+    ({"objective": "mlm"}, "objective: checkpoint 'glue' ≠ now 'mlm'"),
+    ({"deepspeed_json": {"zero_optimization": {"stage": 1}}}, "deepspeed_json.zero_optimization.stage: checkpoint 0 ≠ now 1"),
+], ids=["depth", "objective", "zero_stage"])
+def test_another_runs_checkpoint_is_refused_before_deepspeed_loads_it(tmp_path, change, named):
+    """The run key is compared first: a student of another shape (another depth, objective or ZeRO stage)
+    made DeepSpeed's load fail with a traceback before the comparison could name what differs."""
+    _, directory = saved_steps(tmp_path, steps=(1,))
+    other = ds.student_engine(torch.nn.Sequential(torch.nn.Linear(8, 5)), cpu_config())  # another shape
+    with pytest.raises(PkdError) as err:
+        ds.load_checkpoint(other, directory, 0, {**KEY, **change})
+    assert str(err.value).startswith(f"--resume {directory}: the checkpoint is of another run ({named}); ")
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4240"),  # torch.save's short write
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+], ids=["short_write", "ENOSPC"])
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch, failure):
+    """The step's half-written files are removed and `latest` still names the last complete checkpoint."""
+    engine, directory = saved_steps(tmp_path, steps=(1,))
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if isinstance(f, (str, Path)):  # DeepSpeed's files: part of one lands on disk, then the write fails
+            Path(f).write_bytes(b"PK\x03\x04partial")
+            raise failure
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(PkdError) as err:
+        ds.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
+    message = str(err.value)
+    assert message.startswith(f"{directory / 'step2'}: cannot write (") and " MiB free on its filesystem" in message
+    assert message.endswith("the checkpoint step2 was not saved (an earlier one, if any, is kept)") and "\n" not in message
+    assert (directory / "latest").read_text() == "step1" and not (directory / "step2").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ds.load_checkpoint(engine, directory, 0, KEY)[0] == 1
+
+
+def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
+    """Without --resume, an earlier run's step12 would outrank this run's step2 when pruning by step number
+    (removing the checkpoint just published); the run starts by removing it."""
+    from pkd_fast.losses import LossTerms
+    from pkd_fast.trainer import StepOutput, Trainer
+
+    world = ds.init_distributed()
+    stale = tmp_path / "checkpoints" / "step12"
+    stale.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step12")
+    trainer = Trainer(world, cpu_config(), log_steps=100, save_steps=1, warmup_ratio=0.0, resume=False, on_nonfinite="stop")
+    class Batches(list):  # a map-style loader of two micro-batches: one epoch of two steps
+        def set_epoch(self, epoch):
+            pass
+
+    rows = Batches({"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 2, 0]), "attention_mask": torch.ones(4, 2)} for _ in range(2))
+
+    def step(engine, batch, terms):
+        loss = engine(batch["x"], batch["y"])
+        return StepOutput(LossTerms(loss), {"student output": loss})
+
+    trainer.fit(Tiny(), rows, step, name="tiny", out=tmp_path, lr=1e-2, epochs=1, run_key=KEY, evaluate=lambda e: {"x": 0.0},
+                watch=["student output"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step2"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"

@@ -3,6 +3,7 @@ reload and reproduce their dev metric, 2 ranks ≡ 1 rank, and kill → --resume
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,25 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, uninterrupted):
     layout = ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16)
     proc = train([*common, "--output-dir", str(out), "--resume", "--deepspeed", layout], check=False)
     assert proc.returncode == 2 and "micro_batch: checkpoint 8 ≠ now 16" in proc.stderr.splitlines()[-1]
+    # a student of another shape or ZeRO stage: DeepSpeed's load failed (a traceback) before the key was compared
+    proc = train([*common, "--output-dir", str(out), "--resume", "--student-layers", "2"], check=False)
+    assert proc.returncode == 2 and "student_layers: checkpoint None ≠ now 2" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr  # (another ZeRO stage or objective: tests/test_engine.py)
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_with_other_settings_is_refused(tmp_path, uninterrupted):
+    """A finished run's results are reused by --resume only for the settings they were trained with: with another
+    β they were returned as they were, while resolved_config.json showed the new β."""
+    common, whole = uninterrupted
+    out = tmp_path / "done"
+    shutil.copytree(whole.parent.parent, out)
+    proc = train([*common, "--output-dir", str(out), "--resume", "--beta", "10"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"error: --resume {out / 'students' / 'skip'}: skip finished earlier with "
+                                                   "other settings (beta: finished 100.0 ≠ now 10.0); ")
+    train([*common, "--output-dir", str(out), "--resume"])  # the same settings: reused as they are
+    assert (out / "students" / "skip" / "results.json").read_text() == (whole / "results.json").read_text()
 
 
 @pytest.mark.slow

@@ -177,10 +177,10 @@ class Context:
         """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
         cfg, world = self.cfg, self.world
         spec.out.mkdir(parents=True, exist_ok=True)
-        done = spec.out / "results.json"
-        if cfg.resume and done.is_file():
-            log.info("%s: finished earlier, reusing %s", spec.name, done)
-            return json.loads(done.read_text())
+        key = self._run_key(spec)  # before --beta-share picks β: that β is a function of this key
+        finished = self.trainer.finished(spec.name, spec.out, key)
+        if finished is not None:
+            return finished
 
         lookup = None
         source = "no teacher" if teacher is None else "live teacher"
@@ -211,7 +211,7 @@ class Context:
             "temperature": cfg.temperature, "lr": spec.lr,
             "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
             "train_rows": len(self.train_set),
-        })
+        }, key)
 
     @torch.no_grad()
     def calibrate_beta(self, model, teacher, loader, spec: Run, impl: str) -> float:

@@ -193,12 +193,11 @@ class MlmContext:
     def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict) -> dict:
         cfg = self.cfg
         spec.out.mkdir(parents=True, exist_ok=True)
-        done = spec.out / "results.json"
-        if cfg.resume and done.is_file():
-            log.info("%s: finished earlier, reusing %s", spec.name, done)
-            return json.loads(done.read_text())
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
                                  alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
+        finished = self.trainer.finished(spec.name, spec.out, run_key)
+        if finished is not None:
+            return finished
         result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
                                   epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
                                   watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
@@ -207,7 +206,7 @@ class MlmContext:
             "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr, "epochs": spec.epochs,
             "max_steps": cfg.max_steps, "mlm_probability": cfg.mlm_probability, "seed": cfg.seed,
             "train_blocks": self.train_blocks,
-        })
+        }, run_key)
 
     def loss_units(self, spec: MlmRun) -> Callable[[dict], torch.Tensor]:
         """The trainer's `count_fn`: a micro-batch's [masked tokens, KL rows (--kd-positions)], the units
