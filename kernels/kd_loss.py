@@ -253,7 +253,7 @@ def _kd_fwd_kernel(
             d_c = tl.sum(d_c * tl.exp2((m_s - tl.max(m_s, 0)) * tau_ce), 0)
         m_s, d_s, _ = _merge_lanes(m_s, d_s, tau)
         ld_s = tl.log2(d_s)
-        row_loss = 0.0
+        row_bits = 0.0  # the row's loss in bits: one multiply by ln 2 below, and no ce_weight·ln 2 held in a register
         ld_t = 0.0
         g_kl = 0.0
         if HAS_KL:
@@ -262,7 +262,7 @@ def _kd_fwd_kernel(
             m_t = tl.where(has_t, m_t, float("inf"))  # then every p_t is 0 instead of NaN ...
             d_t = tl.where(has_t, d_t, 1.0)
             kl = (tl.sum(acc * w_t, 0) / d_t - (m_t - m_s)) * tau + tl.log2(d_s / d_t)
-            row_loss += tl.where(has_t, kl_weight * LN2 * kl, 0.0)  # ... and the row adds nothing
+            row_bits += tl.where(has_t, kl_weight * kl, 0.0)  # ... and the row adds nothing
             ld_t = tl.log2(d_t)
             g_kl = tl.where(has_t, kl_grad, 0.0)
         y_idx = head - 1
@@ -276,7 +276,8 @@ def _kd_fwd_kernel(
             if CE_OWN_STATS:
                 ld_c = tl.log2(d_c)
             g_ce = tl.where(valid, ce_weight, 0.0)
-            row_loss += tl.where(valid, ce_weight * LN2 * ((m_s - s_y) * tau_ce + ld_c), 0.0)
+            row_bits += tl.where(valid, ce_weight * ((m_s - s_y) * tau_ce + ld_c), 0.0)
+        row_loss = LN2 * row_bits
         if PER_ROW:
             tl.store(loss_ptr + row, row_loss)
         else:
@@ -308,6 +309,15 @@ def _vector_width(*tensors: torch.Tensor) -> int:
     return vec if aligned and len({x.stride(0) % vec for x in tensors}) == 1 else 1
 
 
+def kd_blocks(n_cols: int, vec: int) -> tuple[int, int]:
+    """BLOCK_V and num_warps of `_kd_fwd_kernel` for rows of `n_cols` read `vec` elements at a time; one
+    function, so that benchmarks/aot_compile.py compiles exactly the blocks the launcher can pick."""
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols + vec - 1))  # ≥ vec: a head fits the first block
+    if vec == 1:  # scalar loads need an address per element: half the elements per thread, or sm_80 spills
+        return min(block_v, MAX_BLOCK_V // 2), max(1, min(16, block_v // 128))
+    return block_v, max(1, min(16, block_v // 256))
+
+
 def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, divisors, write_grad, inplace):
     """The loss and, with `write_grad`, the scaled-down student gradient: over the logits when `inplace`
     and the student dtype holds it (`grad_buffer_dtype`), else in a new buffer."""
@@ -322,8 +332,7 @@ def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, divis
     t, y, g = (t if has_kl else s), (labels if has_ce else s), (grad if write_grad else s)  # s: unused stand-in
     tau = LOG2E / temperature if has_kl else LOG2E  # student statistics at the KL's scale, else the CE's
     vec = _vector_width(s, t, g)
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols + vec - 1))  # ≥ vec: a head fits the first block
-    num_warps = max(1, min(16, block_v // 256))
+    block_v, num_warps = kd_blocks(n_cols, vec)
     n_prog = max(1, min(n_rows, max_programs(s.device, num_warps)))
     loss = torch.empty((n_rows,) if per_row else (), dtype=torch.float32, device=s.device)
     partials = loss if per_row else torch.empty(n_prog, dtype=torch.float32, device=s.device)
@@ -332,7 +341,7 @@ def _kd_forward(s, t, labels, temperature, alpha, ignore_index, reduction, divis
         s, t, y, g, loss, partials, counter, s if divisors is None else divisors,
         n_rows, n_cols, s.stride(0), t.stride(0), g.stride(0),
         alpha * temperature**2 * r, alpha * temperature * r, 1.0 - alpha, tau, LOG2E, ignore_index,
-        HAS_KL=has_kl, HAS_CE=has_ce, CE_MEAN=reduction in ("batchmean", "mean"),
+        HAS_KL=has_kl, HAS_CE=has_ce, CE_MEAN=has_ce and reduction in ("batchmean", "mean"),
         CE_OWN_STATS=has_ce and tau != LOG2E, PER_ROW=per_row, WRITE_GRAD=write_grad,
         HAS_DIVISORS=divisors is not None, VEC=vec, BLOCK_V=block_v, BLOCK_N=1024, num_warps=num_warps,
     )  # fmt: skip

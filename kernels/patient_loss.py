@@ -92,6 +92,14 @@ def _rows(h: torch.Tensor, n_cols: int) -> torch.Tensor:
     return rows if rows.stride(1) == 1 or n_cols == 1 else rows.contiguous()
 
 
+def patient_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """BLOCK_R, BLOCK_H and num_warps of `_patient_fwd_kernel` for layers of `n_rows` rows of `n_cols`; one
+    function, so that benchmarks/aot_compile.py compiles exactly the blocks the launcher can pick."""
+    block_h = triton.next_power_of_2(n_cols)
+    block_r = min(max(1, TILE // block_h), triton.next_power_of_2(n_rows))
+    return block_r, block_h, max(1, min(8, block_r * block_h // 512))
+
+
 def _patient_forward(student, teacher, normalize, reduction, write_grad):
     """student/teacher: L same-shape [*, H] layer tensors (views of a stacked input are fine)."""
     n_layers, n_cols = len(student), student[0].shape[-1]
@@ -105,8 +113,7 @@ def _patient_forward(student, teacher, normalize, reduction, write_grad):
     layout = tuple(v for quad in zip(s_offs, s_strides, t_offs, t_strides) for v in quad)
     table = _layout_table(layout, s0.device)
     weight = {"mean": 1.0 / n_rows, "elementwise_mean": 1.0 / (n_rows * n_layers * n_cols), "sum": 1.0}[reduction]
-    block_h = triton.next_power_of_2(n_cols)
-    block_r = min(max(1, TILE // block_h), triton.next_power_of_2(n_rows))
+    block_r, block_h, num_warps = patient_blocks(n_rows, n_cols)
     tiles_per_layer = triton.cdiv(n_rows, block_r)
     n_prog = n_layers * tiles_per_layer
     device = s0.device
@@ -120,7 +127,7 @@ def _patient_forward(student, teacher, normalize, reduction, write_grad):
         n_rows, n_cols, tiles_per_layer, weight,
         NORMALIZE=normalize, WRITE_GRAD=write_grad,
         S_ALIGN=_align(s0, s_offs, s_strides), T_ALIGN=_align(t0, t_offs, t_strides),
-        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=max(1, min(8, block_r * block_h // 512)),
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
     )  # fmt: skip
     return loss, grad
 

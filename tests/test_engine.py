@@ -231,7 +231,7 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
 
     rows = Batches({"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 2, 0]), "attention_mask": torch.ones(4, 2)} for _ in range(2))
 
-    def step(engine, batch, terms):
+    def step(engine, batch, terms, divisors):
         loss = engine(batch["x"], batch["y"])
         return StepOutput(LossTerms(loss), {"student output": loss})
 
