@@ -3,6 +3,7 @@ resolved config, build the one `Trainer` from the flags, and key a run for --res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -11,22 +12,36 @@ from transformers.utils import logging as hf_logging
 
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
-from pkd_fast.trainer import Trainer
+from pkd_fast.trainer import STOP, Trainer
 
 log = logging.getLogger("pkd_fast")
 
 
+# What `start` holds for the run (its output lock, its signal handlers), let go by `end`.
+_held = contextlib.ExitStack()
+
+
 def start(cfg: Config) -> tuple[ds.Dist, Path, dict]:
-    """The process group, the output directory (with resolved_config.json) and the checked DeepSpeed JSON."""
+    """The process group, the output directory (with resolved_config.json, locked against a second run) and
+    the checked DeepSpeed JSON; from here SIGTERM/SIGINT stop the run at the next point all ranks agree on."""
     world = ds.init_distributed(cfg.dist_timeout)
     configure_logging(world.is_main)
+    _held.callback(STOP.listen(world))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
+    lock = ds.OutputLock.take(out, world)
+    if lock is not None:
+        _held.callback(lock.release)
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json")
     return world, out, ds_config
+
+
+def end() -> None:
+    """Release what `start` took (train.main calls it however the run ended, errors included)."""
+    _held.close()
 
 
 # Why several nodes need one --output-dir: rank 0 alone publishes a checkpoint ('latest') and writes the
