@@ -1,5 +1,6 @@
 """One training loop for every objective: the DeepSpeed engine, accumulation boundaries, the loss terms a
-recipe computes, logging, the non-finite guard, crash-safe checkpoints and exact resume.
+recipe computes, logging, the non-finite guard, crash-safe checkpoints, exact resume, and the save-and-exit
+on SIGTERM/SIGINT.
 
 A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms)` that returns
 the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student and
@@ -135,11 +136,9 @@ class StopRequest:
         self.signum = 0  # the first signal's number; 0: none yet
         self.group = None  # a CPU (gloo) group: the agreement never waits for the accelerator's queue
 
-    def listen(self, world: ds.Dist) -> Callable[[], None]:
-        """Catch the signals for this run (collective: may make the CPU group); returns what undoes it."""
+    def listen(self) -> Callable[[], None]:
+        """Catch the signals for this run; returns what undoes it."""
         self.signum = 0
-        if world.world_size > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")
         previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
@@ -150,6 +149,8 @@ class StopRequest:
         """The name of a signal some rank received so far, or None (one tiny all-reduce across ranks)."""
         signum = torch.tensor([self.signum], dtype=torch.long)
         if world.world_size > 1:
+            if self.group is None and dist.get_backend() != "gloo":  # made by every rank at its first agreement
+                self.group = dist.new_group(backend="gloo")
             dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=self.group)
         return signal.Signals(int(signum)).name if signum.item() else None
 

@@ -26,7 +26,7 @@ def start(cfg: Config) -> tuple[ds.Dist, Path, dict]:
     the checked DeepSpeed JSON; from here SIGTERM/SIGINT stop the run at the next point all ranks agree on."""
     world = ds.init_distributed(cfg.dist_timeout)
     configure_logging(world.is_main)
-    _held.callback(STOP.listen(world))
+    _held.callback(STOP.listen())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
