@@ -168,20 +168,20 @@ def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_to_the_uninterrupted_run(tmp_path, stream):
-    """SIGTERM to rank 1 alone at step 3 (between checkpoints): at that step's boundary both ranks agree,
+    """SIGTERM to rank 1 alone at step 5 (between checkpoints, inside the second pass): at that step's boundary both ranks agree,
     save (each rank's stream position too), exit 0 with rank 0's one line; --resume ends where the
     uninterrupted run did."""
     common, whole = stream
     stopped = tmp_path / "stopped"
-    proc = train([*common, "--output-dir", str(stopped)], ranks=2, env={FAULT_ENV: "step@3:rank1:SIGTERM"}, check=False)
+    proc = train([*common, "--output-dir", str(stopped)], ranks=2, env={FAULT_ENV: "step@5:rank1:SIGTERM"}, check=False)
     ckpt = stopped / "students" / "alternate" / "checkpoints"
     lines = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines == [f"stopped by SIGTERM at step 3 of alternate: saved the checkpoint {ckpt / 'step3'}; run the same "
+    assert lines == [f"stopped by SIGTERM at step 5 of alternate: saved the checkpoint {ckpt / 'step5'}; run the same "
                      "command with --resume to continue from it"]
-    assert (ckpt / "latest").read_text() == "step3"
+    assert (ckpt / "latest").read_text() == "step5"
     resumed = train([*common, "--output-dir", str(stopped), "--resume"], ranks=2)
-    assert "resumed at step 3" in resumed.stderr
+    assert "resumed at step 5" in resumed.stderr
     assert_resumed_to_the_uninterrupted_run(whole, ckpt.parent)
 
 
