@@ -15,7 +15,8 @@ import torch.distributed as dist
 from pkd_fast import engine as ds
 from pkd_fast.config import Config, parse_config
 from pkd_fast.errors import PkdError
-from pkd_fast.recipes import glue, mlm
+from pkd_fast.trainer import Stopped
+from pkd_fast.recipes import common, glue, mlm
 from pkd_fast.recipes.glue import Context, Run  # noqa: F401  (the GLUE recipe's pieces, used by benchmarks and tests)
 
 RECIPES = {"glue": glue.run, "mlm": mlm.run}
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise
         print(f"error: {lost}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Stopped as stop:  # SIGTERM/SIGINT: saved where every rank agreed; a requested end, not a failure
+        if dist.get_rank() == 0:
+            print(stop, file=sys.stderr)
+        raise SystemExit(0) from None
+    finally:
+        common.end()
 
 
 def run(cfg: Config) -> dict:

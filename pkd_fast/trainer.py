@@ -1,5 +1,6 @@
 """One training loop for every objective: the DeepSpeed engine, accumulation boundaries, the loss terms a
-recipe computes, logging, the non-finite guard, crash-safe checkpoints and exact resume.
+recipe computes, logging, the non-finite guard, crash-safe checkpoints, exact resume, and the save-and-exit
+on SIGTERM/SIGINT.
 
 A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms, divisors)` that
 returns the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student
@@ -39,6 +40,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,8 +76,9 @@ class NonFiniteError(PkdError):
 class NonFiniteGuard:
     """Watches named tensors for NaN/inf without a host sync per step: each micro-step folds, on device,
     the first step at which each name went non-finite into one small tensor, read at `check` (log steps,
-    before every save and evaluation). In skip mode `bad_now` syncs once per micro-batch instead, so the
-    loop can drop that micro-batch's gradient and count it."""
+    before every save and evaluation). In skip mode `skip` decides on every micro-step instead, with one
+    small all-reduce that every rank calls whatever it saw (one sync per micro-batch), so the loop can drop
+    a bad micro-batch's gradient and count it while the ranks stay in step."""
 
     def __init__(self, names: Iterable[str], device: torch.device, world: ds.Dist):
         self.names = list(names)
@@ -90,26 +93,34 @@ class NonFiniteGuard:
         return bad
 
     def skip(self, bad: torch.Tensor, step: int) -> bool:
-        """Skip mode: whether to drop this micro-batch (one host sync). A non-finite student output cannot
-        be skipped past (its weights or activations are already broken): that stops the run."""
-        flags = bad.tolist()
-        if not any(flags):
+        """Skip mode, on every rank at every micro-step: whether to drop this rank's micro-batch. Every rank
+        learns what every rank saw (one all-reduce), so all take their decision at the same micro-step:
+        a rank whose teacher, cache rows or loss went non-finite drops its own micro-batch (the others'
+        are sound and still train); a non-finite student output on any rank cannot be skipped past (its
+        weights or activations are already broken) and stops every rank, naming the rank."""
+        seen = self._all_ranks(bad.long() * step)
+        if seen[:, self.names.index(STUDENT)].any():
+            self._stop(seen, f"at step {step} (a non-finite student cannot be skipped)")
+        if not seen[self.world.rank].any():
             return False
-        if flags[self.names.index(STUDENT)]:
-            self.check(f"at step {step} (a non-finite student cannot be skipped)")
         self.first_bad.zero_()
         self.skipped += 1
         return True
 
     def check(self, where: str) -> None:
         """Stop every rank together (so none waits in a collective) when any rank saw a non-finite value."""
-        flags = self.first_bad
+        self._stop(self._all_ranks(self.first_bad), where)
+
+    def _all_ranks(self, row: torch.Tensor) -> torch.Tensor:
+        """Every rank's `row` (a step per watched name; 0: finite) as one [ranks, names] host tensor."""
+        table = torch.zeros(self.world.world_size, len(self.names), dtype=torch.long, device=row.device)
+        table[self.world.rank] = row
         if self.world.world_size > 1:
-            gathered = [torch.zeros_like(flags) for _ in range(self.world.world_size)]
-            dist.all_gather(gathered, flags)
-            flags = torch.stack(gathered)
-        flags = flags.reshape(-1, len(self.names)).cpu()
-        hits = [(int(step), rank, self.names[i]) for rank, row in enumerate(flags) for i, step in enumerate(row) if step > 0]
+            dist.all_reduce(table)
+        return table.cpu()
+
+    def _stop(self, seen: torch.Tensor, where: str) -> None:
+        hits = [(int(step), rank, self.names[i]) for rank, row in enumerate(seen) for i, step in enumerate(row) if step > 0]
         if hits:
             step, rank, name = min(hits)
             others = sorted({f"{n} (rank {r})" for s, r, n in hits if s == step and (r, n) != (rank, name)})
@@ -124,6 +135,43 @@ class NonFiniteGuard:
         if self.world.world_size > 1:
             dist.all_reduce(count)
         return int(count)
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM/SIGINT at a point every rank agreed on; the message is its one line."""
+
+
+class StopRequest:
+    """SIGTERM (what a scheduler sends before it kills a job) and SIGINT (Ctrl-C) only set a flag here; the
+    run acts on it at points every rank reaches together (optimizer-step boundaries, after an evaluation,
+    between teacher-cache batches), where `agreed` tells all ranks whether any was signalled: a scheduler
+    may signal every rank at different instants, or only some. A second signal, while the checkpoint is
+    being saved, finds the flag already set and changes nothing."""
+
+    def __init__(self):
+        self.signum = 0  # the first signal's number; 0: none yet
+        self.group = None  # a CPU (gloo) group: the agreement never waits for the accelerator's queue
+
+    def listen(self) -> Callable[[], None]:
+        """Catch the signals for this run; returns what undoes it."""
+        self.signum = 0
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, world: ds.Dist) -> str | None:
+        """The name of a signal some rank received so far, or None (one tiny all-reduce across ranks)."""
+        signum = torch.tensor([self.signum], dtype=torch.long)
+        if world.world_size > 1:
+            if self.group is None and dist.get_backend() != "gloo":  # made by every rank at its first agreement
+                self.group = dist.new_group(backend="gloo")
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=self.group)
+        return signal.Signals(int(signum)).name if signum.item() else None
+
+
+STOP = StopRequest()
 
 
 @dataclass
@@ -181,6 +229,10 @@ class Trainer:
         epoch (a stream: at the end); resumes from `out`/checkpoints when asked, refusing a checkpoint whose
         `run_key` differs. `count_fn`: the loss units of a micro-batch (see the module docstring)."""
         world = self.world
+        signalled = STOP.agreed(world)
+        if signalled:  # between two runs of one invocation: the next one has not begun
+            raise Stopped(f"stopped by {signalled} before {name} began training: nothing of it to save; run the same "
+                          "command with --resume to continue")
         streaming = not _has_length(loader)
         steps_per_epoch = None if streaming else len(loader) // self.accum
         if streaming and max_steps is None:
@@ -227,6 +279,7 @@ class Trainer:
                     # step 1 too: the terms at the initial weights (the share β·PT starts from, glue_table reads it)
                     log_now = step == 1 or step % self.log_steps == 0
                     output = step_fn(engine, batch, log_now, divisors)
+                    _inject_nonfinite(output, step)
                     bad = guard.observe(step, output.watched)
                     dropped = skip_mode and guard.skip(bad, step)
                     engine.backward(_no_gradient(output) if dropped else output.terms.total)
@@ -236,15 +289,20 @@ class Trainer:
                     if not boundary:
                         continue
                     bar.update(1)
+                    ds.fault_point("step", step)
                     if log_now:
                         guard.check(f"at the log of step {step}")
                         self._log_terms(engine, step_terms, log_file, step, bar, guard, throughput)
                         step_terms = None
-                    epoch_end = steps_per_epoch is not None and step % steps_per_epoch == 0
-                    if epoch_end or step == total_steps or (self.save_steps and step % self.save_steps == 0):
+                    pass_end = (steps_per_epoch is not None and step % steps_per_epoch == 0) or step == total_steps
+                    # at the end of a pass a stop waits for its evaluation: a resumed run would not redo it
+                    signalled = None if pass_end else STOP.agreed(world)
+                    if pass_end or signalled or (self.save_steps and step % self.save_steps == 0):
                         guard.check(f"before the checkpoint of step {step}")
                         ds.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key, keep=self.keep_checkpoints,
                                            rank_state={"loader": loader.state_dict()} if streaming else None)
+                    if signalled:
+                        raise Stopped(_stopped_line(signalled, f"at step {step} of {name}", ckpt_dir, step))
                 where = "the end" if epoch is None else f"epoch {epoch + 1}"
                 guard.check(f"before the evaluation of {where}")
                 dev = evaluate(engine)
@@ -252,6 +310,10 @@ class Trainer:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps({"step": engine.global_steps, **({} if epoch is None else {"epoch": epoch + 1}), **dev}) + "\n")
                     log.info("%s %s: %s", name, where, _fmt(dev))
+                signalled = STOP.agreed(world)  # during the evaluation: its pass's checkpoint is saved
+                if signalled:
+                    raise Stopped(_stopped_line(signalled, f"after the evaluation of {where} of {name}", ckpt_dir,
+                                                engine.global_steps))
         finally:
             bar.close()
         if dev is None:  # resumed after the last step: the final evaluation is still owed
@@ -406,6 +468,19 @@ def _non_finite(value: torch.Tensor | list[torch.Tensor] | None, device: torch.d
         return torch.zeros((), dtype=torch.bool, device=device)
     tensors = [value] if isinstance(value, torch.Tensor) else value
     return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+
+
+def _inject_nonfinite(output: StepOutput, step: int) -> None:
+    """Tests of the guard only: PKD_FAST_FAULT "nonfinite-student@N" (or "nonfinite-teacher@N", narrowed to
+    one rank by ":rankR") makes that watched value NaN at step N, as a broken forward would."""
+    for phase, name in (("nonfinite-student", STUDENT), ("nonfinite-teacher", "teacher logits")):
+        if name in output.watched and ds.fault_here(phase, step):
+            output.watched[name] = torch.full_like(output.watched[name], float("nan"))
+
+
+def _stopped_line(signalled: str, where: str, ckpt_dir: Path, step: int) -> str:
+    return (f"stopped by {signalled} {where}: saved the checkpoint {ckpt_dir / f'step{step}'}; run the same command "
+            "with --resume to continue from it")
 
 
 def _no_gradient(output: StepOutput) -> torch.Tensor:

@@ -411,3 +411,18 @@ def test_a_kill_while_writing_the_cache_publishes_nothing(setup, tmp_path, phase
     assert proc.returncode == 0 and "left by interrupted writes" in proc.stderr
     one, two = (json.loads((d / "manifest.json").read_text()) for d in (root / "cache", target))
     assert one["fingerprint"] == two["fingerprint"] and two["rows_covered"] == 64
+
+
+@needs_glue
+@pytest.mark.slow
+def test_sigterm_while_writing_the_cache_publishes_nothing_and_ends_in_one_line(setup, tmp_path):
+    """SIGTERM after two of four batches: every rank stops at the next batch, the unpublished store is
+    removed, and the run ends with one line and exit 0 (no traceback)."""
+    root, common = setup
+    target = tmp_path / "cache"
+    cmd = [sys.executable, str(TRAIN), "--stage", "cache", "--teacher-cache", str(target), "--output-dir", str(tmp_path / "o"), *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, FAULT_ENV: "cache-rows@2:SIGTERM"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("stopped")] == [(f"stopped by SIGTERM while writing the teacher cache (2 of 4 batches): nothing of it "
+                                            f"was published; run the same command again to write {target}")]
+    assert not target.exists() and not list(tmp_path.glob("cache.tmp-*"))

@@ -5,6 +5,7 @@ import copy
 import errno
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,49 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
                 watch=["student output"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step2"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
+
+
+# -- one run per --output-dir ------------------------------------------------------------------------
+
+ONE_RANK = ds.Dist(0, 1, torch.device("cpu"))
+
+
+def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_the_holder(capsys, tmp_path):
+    """A lock held by a live process on this host (a sleeping stand-in for the first run) refuses the run in
+    one line, before it writes anything, and is left in place."""
+    import subprocess
+    import sys
+
+    from test_config import assert_one_line_error
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / ds.OutputLock.NAME
+        lock.write_text(json.dumps(ds._process_identity(holder.pid)))
+        assert_one_line_error(capsys, ["--output-dir", str(tmp_path)],
+                              f"--output-dir {tmp_path}: a live run (pid {holder.pid} on host ")
+        assert json.loads(lock.read_text())["pid"] == holder.pid and not (tmp_path / "resolved_config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ds.OutputLock.NAME
+    lock.write_text(json.dumps({**ds._process_identity(os.getpid()), "pid": int(dead.stdout)}))
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        held = ds.OutputLock.take(tmp_path, ONE_RANK)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == f"--output-dir {tmp_path}: took over the lock of pid {int(dead.stdout)} on host {socket.gethostname()}, which is no longer running"
+    assert json.loads(lock.read_text())["pid"] == os.getpid() and [p.name for p in tmp_path.iterdir()] == [lock.name]
+    held.release()
+    assert not lock.exists()
+
+    lock.write_text(json.dumps({"host": "node-7", "pid": 4242, "started": 1}))
+    with pytest.raises(PkdError, match=f"held by the run of pid 4242 on host node-7 .*if it has ended, delete {lock}$"):
+        ds.OutputLock.take(tmp_path, ONE_RANK)
+    assert lock.exists()

@@ -163,35 +163,64 @@ def test_student_is_a_masked_lm_that_a_glue_run_starts_from(staged, tmp_path):
     assert glue["runs"]["skip"]["student_layers"] == 3 and glue["runs"]["skip"]["layer_map"] == [2, 4]
 
 
-@pytest.mark.slow
-def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(tmp_path, staged, texts):
-    """A stream shorter than the run (each rank starts a second pass), two ranks of ZeRO-2, a checkpoint
-    every 2 steps; SIGKILL at step 4's checkpoint (the second pass has begun), then --resume: the loss log and the saved student equal
-    the uninterrupted run's, because each rank's stream position, masks and dropout RNG come back."""
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, staged, texts):
+    """Two ranks of ZeRO-2 on a stream shorter than the run (each rank starts a second pass), a checkpoint
+    every 2 steps, never stopped: what a killed or signalled run must come back to."""
     out, _ = staged
     common = [*TINY, "--deepspeed", texts["ds"], "--stage", "student", "--teacher", str(out / "teacher" / "model"),
               "--student-layers", "2", "--text-files", texts["small"], "--validation-files", texts["valid"], "--streaming",
               "--max-steps", "6", "--save-steps", "2", "--lr", "1e-3"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole = tmp_path_factory.mktemp("stream") / "whole"
     train([*common, "--output-dir", str(whole)], ranks=2)
-    log = train_log(whole / "students" / "alternate")
-    totals = [r["total"] for r in log]
-    assert [r["step"] for r in log] == list(range(1, 7)) and sum(totals[-2:]) < sum(totals[:2]), totals
+    return common, whole / "students" / "alternate"
 
+
+def assert_resumed_to_the_uninterrupted_run(whole: Path, run: Path) -> None:
+    """Loss log, dev metrics and saved student equal the uninterrupted run's."""
+    assert json.loads((run / "results.json").read_text())["dev"] == json.loads((whole / "results.json").read_text())["dev"]
+    for a, b in zip(train_log(whole), train_log(run), strict=True):
+        for term in ("total", "ce", "kd", "pt"):
+            assert b[term] == pytest.approx(a[term], rel=1e-6), (a["step"], term)
+    weights = [load_file(d / "model" / "model.safetensors") for d in (whole, run)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(tmp_path, stream):
+    """SIGKILL at step 4's checkpoint (the second pass has begun), then --resume: the loss log and the saved
+    student equal the uninterrupted run's, because each rank's stream position, masks and dropout RNG come back."""
+    common, whole = stream
+    totals = [r["total"] for r in train_log(whole)]
+    assert [r["step"] for r in train_log(whole)] == list(range(1, 7)) and sum(totals[-2:]) < sum(totals[:2]), totals
+    killed = tmp_path / "killed"
     proc = train([*common, "--output-dir", str(killed)], ranks=2, env={FAULT_ENV: "ckpt-published@4"}, check=False)
     ckpt = killed / "students" / "alternate" / "checkpoints"
     assert proc.returncode != 0 and (ckpt / "latest").read_text() == "step4"
     resumed = train([*common, "--output-dir", str(killed), "--resume"], ranks=2)
     assert "resumed at step 4" in resumed.stderr
-    assert json.loads((ckpt.parent / "results.json").read_text())["dev"] == json.loads(
-        (whole / "students" / "alternate" / "results.json").read_text())["dev"]
-    for a, b in zip(log, train_log(killed / "students" / "alternate"), strict=True):
-        for term in ("total", "ce", "kd", "pt"):
-            assert b[term] == pytest.approx(a[term], rel=1e-6), (a["step"], term)
-    weights = [load_file(d / "students" / "alternate" / "model" / "model.safetensors") for d in (whole, killed)]
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+    assert_resumed_to_the_uninterrupted_run(whole, ckpt.parent)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_to_the_uninterrupted_run(tmp_path, stream):
+    """SIGTERM to rank 1 alone at step 5 (between checkpoints, inside the second pass): at that step's boundary both ranks agree,
+    save (each rank's stream position too), exit 0 with rank 0's one line; --resume ends where the
+    uninterrupted run did."""
+    common, whole = stream
+    stopped = tmp_path / "stopped"
+    proc = train([*common, "--output-dir", str(stopped)], ranks=2, env={FAULT_ENV: "step@5:rank1:SIGTERM"}, check=False)
+    ckpt = stopped / "students" / "alternate" / "checkpoints"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [f"stopped by SIGTERM at step 5 of alternate: saved the checkpoint {ckpt / 'step5'}; run the same "
+                     "command with --resume to continue from it"]
+    assert (ckpt / "latest").read_text() == "step5"
+    resumed = train([*common, "--output-dir", str(stopped), "--resume"], ranks=2)
+    assert "resumed at step 5" in resumed.stderr
+    assert_resumed_to_the_uninterrupted_run(whole, ckpt.parent)
 
 
 def test_a_stream_pass_ending_in_a_micro_batch_without_masked_tokens_trains_on(tmp_path, staged, texts):

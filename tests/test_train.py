@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pkd_fast import data
@@ -231,6 +232,39 @@ def test_a_kill_at_any_phase_of_a_save_resumes_to_the_uninterrupted_result(tmp_p
         assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (whole, killed / "students" / "skip"))
     assert rb["dev"] == ra["dev"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, stopped_at, where", [
+    # inside the step-6 save: it completes, and step 7 (between checkpoints, every 3 steps) saves one for the stop
+    ("ckpt-engine-saved@6:SIGTERM", 7, "at step 7 of skip"),
+    ("step@8:SIGINT", 8, "after the evaluation of epoch 1 of skip"),  # an epoch's end: the stop waits for its evaluation
+])
+def test_a_signal_saves_exits_0_and_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, fault, stopped_at, where):
+    """SIGTERM (a scheduler's notice) or SIGINT (Ctrl-C) mid-training: the run saves a checkpoint at the next
+    step boundary, prints one line and exits 0 without a traceback; --resume then gives the uninterrupted
+    run's loss log, evaluations and weights."""
+    common, whole = uninterrupted
+    stopped = tmp_path / "stopped"
+    proc = train([*common, "--output-dir", str(stopped)], env={FAULT_ENV: fault}, check=False)
+    ckpt = stopped / "students" / "skip" / "checkpoints"
+    signame = fault.rsplit(":", 1)[1]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("stopped")] == [
+        f"stopped by {signame} {where}: saved the checkpoint {ckpt / f'step{stopped_at}'}; run the same command with --resume "
+        "to continue from it"]
+    assert (ckpt / "latest").read_text() == f"step{stopped_at}" and not (stopped / "results.json").exists()
+    resumed = train([*common, "--output-dir", str(stopped), "--resume"])
+    assert f"resumed at step {stopped_at}" in resumed.stderr
+    run = stopped / "students" / "skip"
+    assert [r["step"] for r in train_log(run)] == list(range(1, 17))
+    for ra, rb in zip(train_log(whole), train_log(run)):
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
+    assert [json.loads(l)["accuracy"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(l)["accuracy"] for l in (whole / "metrics.jsonl").read_text().splitlines()]
+    weights = [load_file(d / "model" / "model.safetensors") for d in (whole, run)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

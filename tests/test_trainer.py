@@ -13,11 +13,12 @@ from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import Dist
+from pkd_fast.engine import FAULT_ENV, Dist
 from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 from pkd_fast.trainer import NonFiniteError, NonFiniteGuard
+from test_train import train
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -114,6 +115,31 @@ def test_a_nan_cache_row_stops_the_run_or_is_skipped_and_counted(teachers, tmp_p
     assert run["steps"] == 16 and np.isfinite(run["dev"]["accuracy"])
     logged = [json.loads(l) for l in (tmp_path / "skip" / "students" / "skip" / "train_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["total"]) for r in logged) and logged[-1]["nonfinite_skipped"] == 2
+
+
+@needs_glue
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, fault, outcome", [
+    ("stop", "nonfinite-student", "non-finite student output at step 2 on rank 1, found at the log of step 4"),
+    ("skip", "nonfinite-student", "non-finite student output at step 2 on rank 1, found at step 2 (a non-finite student cannot be skipped)"),
+    ("skip", "nonfinite-teacher", None),  # rank 1 drops its own micro-batch; rank 0's trains
+])
+def test_a_fault_on_one_rank_is_decided_by_every_rank_at_the_same_step(teachers, tmp_path, mode, fault, outcome):
+    """Two ranks, the fault on rank 1 alone. Every rank takes the guard's decision from one collective that
+    all of them call (before the fix rank 1 alone entered the guard's gather in skip mode while rank 0 went
+    on into the backward's reduction: a hang until --dist-timeout, reported as a lost peer)."""
+    out = tmp_path / "run"
+    proc = train([*SMALL, "--deepspeed", str(teachers / "fp32.json"), "--teacher", str(teachers / "good"), "--output-dir", str(out),
+                  "--on-nonfinite", mode, "--dist-timeout", "20"], ranks=2, env={FAULT_ENV: f"{fault}@2:rank1"}, check=False)
+    run = out / "students" / "skip"
+    if outcome is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((run / "results.json").read_text())
+        assert result["nonfinite_skipped"] == 1 and result["steps"] == 4 and np.isfinite(result["dev"]["accuracy"])
+        return
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert proc.returncode == 2 and len(errors) == 1 and outcome in errors.pop(), proc.stderr[-3000:]
+    assert not (run / "checkpoints" / "latest").exists() and not (run / "results.json").exists()
 
 
 def test_gradient_checkpointing_reaches_the_model_inside_a_wrapper_and_keeps_the_gradients():

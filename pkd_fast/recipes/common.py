@@ -3,6 +3,7 @@ precision, write the resolved config, build the one `Trainer` from the flags, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -13,19 +14,28 @@ from transformers.utils import logging as hf_logging
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
 from pkd_fast.precision import apply_precision, describe_device, resolve_precision
-from pkd_fast.trainer import Trainer
+from pkd_fast.trainer import STOP, Trainer
 
 log = logging.getLogger("pkd_fast")
 
 
+# What `start` holds for the run (its output lock, its signal handlers), let go by `end`.
+_held = contextlib.ExitStack()
+
+
 def start(cfg: Config) -> tuple[ds.Dist, Path, dict, dict]:
-    """The process group, the output directory (with resolved_config.json), the checked DeepSpeed JSON with
-    --precision applied, and the device record (`resolve_device_precision`) that results.json carries."""
+    """The process group, the output directory (with resolved_config.json, locked against a second run), the
+    checked DeepSpeed JSON with --precision applied, and the device record (`resolve_device_precision`) that
+    results.json carries; from here SIGTERM/SIGINT stop the run at the next point all ranks agree on."""
     world = ds.init_distributed(cfg.dist_timeout)
     configure_logging(world.is_main)
+    _held.callback(STOP.listen())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
+    lock = ds.OutputLock.take(out, world)
+    if lock is not None:
+        _held.callback(lock.release)
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     ds_config, device = resolve_device_precision(cfg, world, ds_config)
     if world.is_main:
@@ -56,6 +66,11 @@ def resolve_device_precision(cfg: Config, world: ds.Dist, ds_config: dict) -> tu
             log.info("precision: %s (%s)", choice.precision, choice.reason)
     device = {**hardware, "precision": choice.precision, "precision_asked": choice.asked, "precision_reason": choice.reason}
     return apply_precision(ds_config, choice), device
+
+
+def end() -> None:
+    """Release what `start` took (train.main calls it however the run ended, errors included)."""
+    _held.close()
 
 
 # Why several nodes need one --output-dir: rank 0 alone publishes a checkpoint ('latest') and writes the

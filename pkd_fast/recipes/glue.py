@@ -29,7 +29,7 @@ from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import build_student, check_max_seq_length, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
-from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
+from pkd_fast.trainer import STOP, STUDENT, WATCHED, StepOutput, Stopped
 
 log = logging.getLogger("pkd_fast")
 
@@ -349,7 +349,13 @@ class Context:
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self._inference_batches(self.train_set)
-            for batch, counted in tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True):
+            progress = tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True)
+            for i, (batch, counted) in enumerate(progress):
+                signalled = STOP.agreed(self.world)
+                if signalled:  # leaving the `with` removes the unpublished store
+                    progress.close()  # its line ends before the stop's
+                    raise Stopped(f"stopped by {signalled} while writing the teacher cache ({i} of {n_batches} batches): "
+                                  f"nothing of it was published; run the same command again to write {self.cfg.teacher_cache}")
                 out = teacher(**glue_data.model_inputs(batch), output_hidden_states=True)
                 if counted:
                     writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
