@@ -476,7 +476,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
     (blocks this rank yielded before, in this epoch) · world_size + rank, unique over ranks.
 
     Resumable: `state_dict()` after k blocks, given to `load_state_dict` of a fresh instance over the same
-    stream, makes it yield block k+1 next. The state is the document stream's own `state_dict` at the start
+    stream, makes it yield block k+1 next (after the last block: nothing, until `set_epoch` starts a pass). The state is the document stream's own `state_dict` at the start
     of the current tokenizer batch, the packer's carry then, and how many blocks that batch has yielded, so
     a resume re-reads one batch of documents, not the whole stream. Use it with num_workers=0 (the state
     lives in this process)."""
@@ -530,7 +530,9 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
             source = self.documents.state_dict()  # just after this batch's last document
         if pos["yielded"] == 0:
             raise PkdError(f"no text in rank {self.rank}'s share of the corpus (world size {self.world_size})")
-        self._position = self._start()
+        # The position stays at the end of the pass until `set_epoch` starts the next one. A DataLoader reads
+        # the stream to its end while it fills a short last batch, so a checkpoint of that step saves this
+        # state: resetting it here saved "the start of this epoch", and a resumed run replayed the pass.
 
 
 # -- loaders -----------------------------------------------------------------------------------------

@@ -344,6 +344,29 @@ def test_stream_equals_map_style_and_resumes_at_the_exact_block(tok, tmp_path):
     assert torch.equal(next(iter(rest))["example_idx"], torch.arange(8, 16))
 
 
+def test_a_stream_saved_after_its_short_last_batch_resumes_into_the_next_pass(tok, tmp_path):
+    """A DataLoader reads the stream to its end to fill a short last batch, so a checkpoint at that step saves
+    the stream's state after the pass: resumed, it yields nothing more of that pass and then the next pass, as
+    the uninterrupted loader does (before: the state read "start of the epoch" and the pass was replayed)."""
+    files = [str(write_text(tmp_path / "a.txt", sentences(60)))]
+
+    def loader():
+        return corpus.stream_loader(corpus.StreamingBlocks(corpus.stream_documents(text_files=files), tok, 32), tok, 4, seed=7)
+
+    whole = loader()
+    first_pass = [b["example_idx"] for b in whole]
+    assert len(first_pass[-1]) < 4  # the pass ends in a short batch
+    state = json.loads(json.dumps(whole.state_dict()))
+    whole.set_epoch(1)
+    second_pass = [b["input_ids"] for b in whole]
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert list(resumed) == []
+    resumed.set_epoch(state["epoch"] + 1)
+    assert all(torch.equal(a, b) for a, b in zip([b["input_ids"] for b in resumed], second_pass, strict=True))
+
+
 @pytest.mark.parametrize("n_files", [4, 3])  # whole files per rank; every other document when files ∤ ranks
 def test_stream_is_split_over_ranks_and_each_rank_resumes(tok, tmp_path, n_files):
     docs = sentences(120)
