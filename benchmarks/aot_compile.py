@@ -93,9 +93,9 @@ def compile_kernels(
     return sorted(rows, key=lambda r: (r["kernel"], r["target"], r["dtypes"], json.dumps(r["constexprs"])))
 
 
-# The most the relation kernels spill at head sizes 128 and 256 (all dtypes and targets), per kernel: a
-# larger spill fails the test. See their ALLOWED_SPILLS entry: a defect awaiting a GPU, not accepted on merit.
-RELATION_FWD_LIMIT, RELATION_BWD_LIMIT = 19 * 1024, 61 * 1024
+# The most the relation kernels spill (stored or loaded, any block, dtype and target), per kernel: a larger
+# spill fails the test. See their ALLOWED_SPILLS entry: a defect awaiting a GPU, not accepted on merit.
+RELATION_FWD_LIMIT, RELATION_BWD_LIMIT = 22 * 1024, 91 * 1024
 
 # Spills accepted with their reason: (kernel, target, first dtype, constexprs ⊇, num_warps) → (max bytes, why).
 ALLOWED_SPILLS = {
@@ -117,13 +117,13 @@ ALLOWED_SPILLS = {
         for dtype in ("s=fp32", "s=bf16", "s=fp16")
     },
     **{
-        (kernel, target, dtype, (("BLOCK_N", 32),), 4): (
+        (kernel, target, dtype, (), 4): (
             limit,
             "NOT acceptable on a GPU, listed so that the test guards everything else: relation_loss.CUDA_CONFIGS "
-            "(\"not yet tuned on a GPU\") gives head sizes 128 and 256 (BLOCK_N = 32) 4 warps for [BLOCK_M, d] "
-            "blocks of both sides, and backward its fp32 [BLOCK_M, BLOCK_DS] gradient on top, with fp32 scores "
-            "as IEEE dots on the FMA units: kilobytes spilled. Smaller BLOCK_M or 8 warps for d ≥ 128 should "
-            "remove it; choosing them needs a GPU (the relations' owner). Head sizes ≤ 64 do not spill.",
+            "(\"not yet tuned on a GPU\") gives every head size 4 warps for [BLOCK_M, d] blocks of both sides "
+            "and backward its fp32 [BLOCK_M, BLOCK_DS] gradient on top, fp32 scores as IEEE dots on the FMA "
+            "units: backward spills 0.1-92 KB everywhere, forward up to 22 KB in fp32 and at d ≥ 64. Smaller "
+            "BLOCK_M or 8 warps should remove it; choosing them needs a GPU (the relations' owner).",
         )
         for kernel, limit in (("_relation_fwd_kernel", RELATION_FWD_LIMIT), ("_relation_bwd_kernel", RELATION_BWD_LIMIT))
         for target in SHARED_LIMIT
