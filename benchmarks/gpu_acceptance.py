@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import signal
@@ -43,7 +42,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -309,20 +308,20 @@ def step_targets(rows: list[dict], impl: str, micro_batch: int) -> list[dict]:
 
 
 def precision(run: Run, entry: dict) -> None:
-    from pkd_fast.precision import describe_device, resolve_precision  # another branch's module: lazily, so 1-3 run without it
+    """What `--precision auto` runs here for the main command's JSON (zero2.json asks for bf16): bf16 on a GPU
+    with bf16 units, fp16 with loss scaling on one without, fp32 on a CPU that only emulates bf16."""
+    from pkd_fast.config import ZERO2_DS_CONFIG
+    from pkd_fast.precision import describe_device, resolve_precision
 
-    # describe_device's signature is that module's; it may or may not take the device
-    info = describe_device(run.device) if inspect.signature(describe_device).parameters else describe_device()
-    info = asdict(info) if is_dataclass(info) else info
+    info = describe_device(run.device)
     entry["device"] = info
-    if isinstance(info, dict):
-        run.doc["device"].update(info)
-    choice = resolve_precision("auto", run.device)
+    run.doc["device"].update(info)
+    choice = resolve_precision("auto", run.device, json.loads(ZERO2_DS_CONFIG.read_text()), hardware=info)
     entry["choice"] = {"precision": choice.precision, "reason": choice.reason, "asked": choice.asked}
     if run.device.type == "cuda":
-        bf16 = choice.precision in ("bf16", "bfloat16")
+        bf16 = choice.precision == "bf16"
         entry["targets"] = [{"target": "--precision auto on this GPU (bf16-native from Ampere on)", "want": "bf16",
-                             "got": str(choice.precision), "met": bf16, **({} if bf16 else {"missed_by": str(choice.reason)})}]  # fmt: skip
+                             "got": choice.precision, "met": bf16, **({} if bf16 else {"missed_by": choice.reason})}]  # fmt: skip
 
 
 STAGE_FNS = {"kernel-tests": kernel_tests, "losses": losses, "steps": steps, "precision": precision}

@@ -133,7 +133,8 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     assert "teacher cache: writing it" not in again.stderr  # nor cached again
     # A changed setup in the same directory is refused, not silently served the old runs.
     longer = subprocess.run([*cmd[:cmd.index("--epochs") + 1], "2", *cmd[cmd.index("--epochs") + 2:]], capture_output=True, text=True, timeout=900)
-    assert longer.returncode == 2 and "a finished run of 1 epoch(s), this sweep asks for 2" in longer.stderr, longer.stderr[-2000:]
+    # the teacher's run is refused first: its finished key records the epochs (one line naming them)
+    assert longer.returncode == 2 and "epochs: finished 1 ≠ now 2" in longer.stderr, longer.stderr[-2000:]
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
 
 
