@@ -255,7 +255,7 @@ LABELS = {
     "pkd-live": "pkd_fast PKD-Skip, live teacher",
     "pkd-cache": "pkd_fast PKD-Skip, teacher cache",
     "pkd-ft": "pkd_fast FT",
-    "plain-ft": "plain PyTorch FT loop (same model, autocast, fused AdamW)",
+    "plain-ft": "plain PyTorch FT loop (same model, pkd_fast's precision, fused AdamW)",
 }
 
 
