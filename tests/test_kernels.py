@@ -8,6 +8,7 @@ reduction), not crossed in full: the interpreter is slow.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -532,3 +533,19 @@ def test_import_leaves_transformers_kernels_probe_alone(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert run(first + probe) == run(probe)
+
+
+def test_the_repository_root_does_not_shadow_the_pypi_kernels_package():
+    """From the repository root (how the README runs pytest and the benchmarks) the folder kernels/ is on
+    sys.path as a bare `kernels`; transformers >= 5.25 imports the PyPI package of that name while loading
+    any model, which failed with `cannot import name 'CUDAProperties'` before the folder handed the name over."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import kernels, pkd_fast.kernels as ours; "
+            "from transformers import AutoModelForSequenceClassification; "
+            "print(kernels.__file__); print(ours.fused_kd_loss.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if "no `kernels` package is installed" in done.stderr:
+        pytest.skip("the PyPI `kernels` package is not installed here")
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs, ours = done.stdout.split()
+    assert not Path(theirs).resolve().is_relative_to(root) and ours == "pkd_fast.kernels.kd_loss"
