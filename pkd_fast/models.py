@@ -5,7 +5,6 @@ Layer numbers are 1-based: `hidden_states[i]` is layer i's output and `hidden_st
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,10 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from pkd_fast.data import mean_pool, model_inputs, real_token_index
 from pkd_fast.errors import PkdError
+from pkd_fast.families import attention_kwargs, family_of, student_config
+from pkd_fast.families import model_inputs as family_inputs
 from pkd_fast.tasks import Task
 
 
@@ -47,21 +48,54 @@ def is_finetuned(path: str, task: Task) -> bool:
 
 
 def model_config(flag: str, path: str):
-    """The config of the model `flag` names, or one line saying why it cannot be loaded."""
+    """The config of the model `flag` names, or one line saying why it cannot be loaded or why its family
+    is not supported."""
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise PkdError(f"{flag} {path}: cannot load a model config ({_first_line(err)})") from None
+    family_of(config, flag, path)
+    return config
 
 
 def check_max_seq_length(max_seq_length: int, flag: str, config) -> None:
-    """Batches, padded up to a multiple of 8, must fit the position embeddings of the model `flag` names
-    (its `config`): one check for both objectives, before any data is read."""
-    positions = getattr(config, "max_position_embeddings", None)
+    """Batches, padded up to a multiple of 8, must fit the positions of the model `flag` names (its
+    `config`; RoBERTa's start after the padding id): one check for both objectives, before any data is read."""
+    family = family_of(config, flag, config.name_or_path)
+    limit = family.position_limit(config)
     padded = -(-max_seq_length // 8) * 8
-    if positions is not None and padded > positions:
-        raise PkdError(f"--max-seq-length {max_seq_length}: batches padded to a multiple of 8 ({padded}) exceed the "
-                       f"{positions} position embeddings of {flag} {config.name_or_path}")
+    if limit is not None and padded > limit:
+        offset = family.position_offset(config)
+        whose = (f"the {limit} positions ({config.max_position_embeddings} embeddings less {family.name}'s offset of {offset})"
+                 if offset else f"the {limit} position embeddings")
+        raise PkdError(f"--max-seq-length {max_seq_length}: batches padded to a multiple of 8 ({padded}) exceed "
+                       f"{whose} of {flag} {config.name_or_path}")
+
+
+_SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+
+
+def tokenizer_traits(tokenizer) -> dict:
+    """What two models must agree on to read one token stream: the vocabulary size, the id of each
+    special token, and whether text is lower-cased (seen from the ids: a cased tokenizer tells 'A' from 'a')."""
+    probe = "Hello World"
+    return {"vocabulary size": len(tokenizer),
+            **{f"{name} token id": getattr(tokenizer, f"{name}_token_id", None) for name in _SPECIAL_TOKENS},
+            "lower-casing": tokenizer(probe)["input_ids"] == tokenizer(probe.lower())["input_ids"]}
+
+
+def check_same_tokenizer(teacher_tokenizer, flag: str, path: str) -> None:
+    """The student (`flag` names its weights) reads the teacher's token ids: its tokenizer must be the
+    teacher's, or its embeddings index other tokens (or past their end). One line naming what differs."""
+    try:
+        own = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise PkdError(f"{flag} {path}: no tokenizer to compare with the teacher's ({_first_line(err)}); save the "
+                       "tokenizer beside its weights") from None
+    theirs, mine = tokenizer_traits(teacher_tokenizer), tokenizer_traits(own)
+    differ = [f"{what} {mine[what]} vs the teacher's {theirs[what]}" for what in theirs if mine[what] != theirs[what]]
+    if differ:
+        raise PkdError(f"{flag} {path}: its tokenizer is not the teacher's: " + "; ".join(differ))
 
 
 def _label_key(name) -> str:
@@ -73,15 +107,16 @@ def _first_line(err: Exception) -> str:
 
 
 def load_classifier(path: str, task: Task, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A sequence classifier for `task` with SDPA attention; a fresh head when `path` has none. Its config
-    names the task and the classes, so a saved model says what it was fine-tuned for."""
+    """A sequence classifier for `task` with its family's attention (SDPA where transformers has it); a
+    fresh head when `path` has none. Its config names the task and the classes, so a saved model says what
+    it was fine-tuned for."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=task.num_labels,
             problem_type="regression" if task.regression else "single_label_classification",
-            attn_implementation="sdpa",
             dtype=dtype,
+            **attention_kwargs(model_config("model", path)),
         )
     except (OSError, ValueError) as err:
         raise PkdError(f"cannot load model {path!r}: {_first_line(err)}") from None
@@ -104,16 +139,14 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
     """Embeddings + the first k encoder layers + pooler of `source`, with a freshly initialised head.
 
     The paper's initialisation. The student's backbone keys are a subset of the source's (layers < k),
-    so copying by key copies exactly the first k layers, whatever the BERT variant calls them.
+    so copying by key copies exactly the first k layers, whatever the family calls them.
     """
     check_student_depth(k, num_layers(source))
-    config = copy.deepcopy(source.config)
-    config.num_hidden_layers = k
+    config = student_config(source.config, range(1, k + 1))
     config.num_labels = task.num_labels
     config.problem_type = "regression" if task.regression else "single_label_classification"
-    config.architectures = None
     label_task(config, task)
-    student = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    student = AutoModelForSequenceClassification.from_config(config, **attention_kwargs(config))
     src = source.base_model.state_dict()
     wanted = student.base_model.state_dict().keys()
     missing = [key for key in wanted if key not in src]
@@ -180,19 +213,14 @@ def pt_rows(hidden_states, layers, token_index: torch.Tensor | None = None, pool
 
 # -- masked-LM (task-agnostic distillation on raw text) ----------------------------------------------
 #
-# BERT's masked-LM models (BertForMaskedLM): the body `model.bert` and the head `model.cls.predictions`
-# (transform = dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus a bias).
-# The losses read a few rows per batch (the masked positions, or every real token), so the head runs on
-# those rows only: [n, H] → [n, V], never [B, L, V].
+# Each family's masked-LM class (AutoModelForMaskedLM): the body `model.base_model` and a head whose
+# modules and call `pkd_fast.families` names (BERT's cls.predictions: transform = dense + activation +
+# LayerNorm, then the decoder tied to the word embeddings, plus a bias; RoBERTa's lm_head; ELECTRA's
+# generator head; ...). The losses read a few rows per batch (the masked positions, or every real token),
+# so the head runs on those rows only: [n, H] → [n, V], never [B, L, V].
 
-MLM_HEAD = "cls.predictions."
-# A head is present when its transform and output bias are stored (the decoder is the tied embeddings).
 # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
-_MLM_HEAD_KEYS = (
-    ("transform.dense.weight",), ("transform.dense.bias",),
-    ("transform.LayerNorm.weight", "transform.LayerNorm.gamma"), ("transform.LayerNorm.bias", "transform.LayerNorm.beta"),
-    ("bias", "decoder.bias"),
-)
+_OLD_NAMES = ((".weight", ".gamma"), (".bias", ".beta"))
 
 
 def _checkpoint_keys(path: str) -> set[str]:
@@ -211,32 +239,46 @@ def _checkpoint_keys(path: str) -> set[str]:
     raise PkdError(f"--teacher {path}: no model.safetensors or pytorch_model.bin")
 
 
+def _mlm_head_names(config) -> list[set[str]]:
+    """The names each masked-LM head parameter of `config`'s family may be stored under: one set per
+    parameter, holding every name it is tied to (a tied decoder is the word embeddings, part of the body,
+    so it is not asked for). Read from the masked-LM class built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForMaskedLM.from_config(config)
+    body = {id(p) for p in model.base_model.parameters()}
+    names: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in body:
+            names.setdefault(id(param), set()).update(
+                {name} | {name[: -len(new)] + old for new, old in _OLD_NAMES if name.endswith(new)})
+    return list(names.values())
+
+
 def has_mlm_head(path_or_model: str | torch.nn.Module) -> bool:
-    """Whether a checkpoint directory (or a model) holds BertForMaskedLM-style `cls.predictions` weights
-    (BertForMaskedLM, BertForPreTraining). A bare BertModel, such as the default teacher, has none."""
+    """Whether a checkpoint directory (or a model) holds the weights of its family's masked-LM head
+    (BertForMaskedLM's cls.predictions, RobertaForMaskedLM's lm_head, ...). A bare encoder, such as the
+    default teacher or an ELECTRA discriminator, has none."""
     if isinstance(path_or_model, torch.nn.Module):
-        keys = set(path_or_model.state_dict())
+        keys, config = set(path_or_model.state_dict()), path_or_model.config
     else:
-        keys = _checkpoint_keys(str(path_or_model))
-    return all(any(MLM_HEAD + name in keys for name in names) for names in _MLM_HEAD_KEYS)
+        keys, config = _checkpoint_keys(str(path_or_model)), model_config("--teacher", str(path_or_model))
+    return all(names & keys for names in _mlm_head_names(config))
 
 
 def _masked_lm(path: str, dtype: torch.dtype) -> PreTrainedModel:
+    config = model_config("--teacher", path)
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
+        return AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, **attention_kwargs(config))
     except (OSError, ValueError) as err:
         raise PkdError(f"cannot load a masked-LM model from {path!r}: {err}") from None
-    if not hasattr(model, "cls") or not hasattr(model.cls, "predictions"):
-        raise PkdError(f"--teacher {path}: a {type(model).__name__}; masked-LM distillation supports BERT-style models (cls.predictions)")
-    return model
 
 
 def load_mlm_teacher(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A masked-LM teacher with its trained head (SDPA attention), frozen and in eval mode. A checkpoint
-    without a head is refused: a random head would teach noise (fit one first, from `fresh_mlm_head`)."""
+    """A masked-LM teacher with its trained head (its family's attention), frozen and in eval mode. A
+    checkpoint without a head is refused: a random head would teach noise (fit one first, `fresh_mlm_head`)."""
     if not has_mlm_head(path):
         raise PkdError(
-            f"--teacher {path}: no masked-LM head (cls.predictions); fit one first (a fresh head on this body), "
+            f"--teacher {path}: no masked-LM head; fit one first (a fresh head on this body), "
             "then distil from the saved result"
         )
     model = _masked_lm(path, dtype).eval()
@@ -245,19 +287,20 @@ def load_mlm_teacher(path: str, dtype: torch.dtype = torch.float32) -> PreTraine
 
 
 def fresh_mlm_head(path: str, dtype: torch.dtype = torch.float32, train_body: bool = False) -> PreTrainedModel:
-    """A BertForMaskedLM over a (headless) BertModel checkpoint, its head freshly initialised: the
-    decoder is tied to the word embeddings (so only the transform, its LayerNorm and the output bias are
+    """The family's masked-LM model over a (headless) checkpoint, its head freshly initialised: the
+    decoder is tied to the word embeddings (so only the head's transform, its norm and the output bias are
     new); those train, and the body stays frozen unless `train_body` (the tied decoder then trains too).
     A checkpoint that already has a head is refused rather than silently reused or overwritten."""
     if has_mlm_head(path):
         raise PkdError(f"{path}: already has a masked-LM head; load it with load_mlm_teacher")
     model = _masked_lm(path, dtype)
-    head = model.cls.predictions
-    if head.decoder.weight is not model.get_input_embeddings().weight:
+    if not model.config.tie_word_embeddings:
         raise PkdError(f"{path}: its config unties the word embeddings (tie_word_embeddings=false); a fresh head needs the tied decoder")
+    body = {id(p) for p in model.base_model.parameters()}
     model.requires_grad_(train_body)
-    head.transform.requires_grad_(True)
-    head.bias.requires_grad_(True)
+    for param in model.parameters():
+        if id(param) not in body:
+            param.requires_grad_(True)
     return model
 
 
@@ -290,12 +333,11 @@ def mlm_student_layers(strategy: str, teacher_layers: int, k: int | None = None,
 def build_mlm_student(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
     """A masked-LM student: the teacher's embeddings, its 1-based `layers` (student layer j ← teacher
     layer layers[j]) and its MLM head, each copied by key, so the student starts as that sub-network."""
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    config.architectures = None
-    student = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    family = family_of(teacher.config)
+    config = student_config(teacher.config, layers)
+    student = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config))
     src = teacher.state_dict()
-    rename = {f".encoder.layer.{j}.": f".encoder.layer.{t - 1}." for j, t in enumerate(layers)}
+    rename = {family.layer_prefix(j): family.layer_prefix(t - 1) for j, t in enumerate(layers)}
 
     def source_key(key: str) -> str:
         for own, theirs in rename.items():
@@ -333,8 +375,8 @@ def mlm_row_count(batch: dict, rows: str = "masked") -> torch.Tensor:
 
 def lm_head_rows(model: PreTrainedModel, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     """The head's vocabulary logits [n, V] of the rows `row_index` of `hidden` [B, L, H]: gather, then
-    transform + decoder, so the cost is n·H·V, not B·L·H·V."""
-    return model.cls.predictions(hidden.flatten(0, 1).index_select(0, row_index))
+    the family's head, so the cost is n·H·V, not B·L·H·V."""
+    return family_of(model.config).run_mlm_head(model, hidden.flatten(0, 1).index_select(0, row_index))
 
 
 class MaskedLMRows(torch.nn.Module):
@@ -351,8 +393,9 @@ class MaskedLMRows(torch.nn.Module):
         return self.model.save_pretrained(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                    output_hidden_states=output_hidden_states)
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        inputs = family_inputs(self.model, {k: v for k, v in given.items() if v is not None})
+        out = self.model.base_model(**inputs, output_hidden_states=output_hidden_states)
         return lm_head_rows(self.model, out.last_hidden_state, row_index), out.hidden_states
 
 

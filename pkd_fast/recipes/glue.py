@@ -24,9 +24,10 @@ from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
+from pkd_fast.families import model_inputs
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import build_student, check_max_seq_length, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
+from pkd_fast.models import build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.trainer import STOP, STUDENT, WATCHED, StepOutput, Stopped
@@ -65,8 +66,11 @@ def run(cfg: Config) -> dict:
             check_student_depth(k, config.num_hidden_layers, "the teacher's" if flag == "--teacher" else f"--base-model {cfg.base_model}'s")
         maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
 
-    # -- data ----------------------------------------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    if "--base-model" in configs and cfg.stage in ("all", "student"):
+        check_same_tokenizer(tokenizer, "--base-model", cfg.base_model)
+
+    # -- data ----------------------------------------------------------------------------------------
     raw = glue_data.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
     train_set = glue_data.tokenize(
@@ -249,12 +253,11 @@ class Context:
         """One forward of the student (and the live teacher) → the PKD loss terms, and what the non-finite
         guard watches. Without a live teacher the batch may carry the cache's rows: `teacher_logits` and
         `teacher_hidden` (the mapped layers)."""
-        inputs = glue_data.model_inputs(batch)
         need_hidden = bool(spec.layer_map)
-        student = engine(**inputs, output_hidden_states=need_hidden)
+        student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
         if teacher is not None:
             with torch.no_grad():
-                t_out = teacher(**inputs, output_hidden_states=need_hidden)
+                t_out = teacher(**model_inputs(teacher, batch), output_hidden_states=need_hidden)
             t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
         else:
             t_logits = batch.get("teacher_logits")
@@ -291,7 +294,7 @@ class Context:
             batches, _ = self._inference_batches(dev)
             rows = []
             for batch, counted in batches:
-                logits = model(**glue_data.model_inputs(batch)).logits.float()
+                logits = model(**model_inputs(model, batch)).logits.float()
                 if counted:
                     rows.append((batch["example_idx"].cpu(), logits.cpu(), batch["labels"].cpu()))
             gathered = [None] * self.world.world_size
@@ -356,7 +359,7 @@ class Context:
                     progress.close()  # its line ends before the stop's
                     raise Stopped(f"stopped by {signalled} while writing the teacher cache ({i} of {n_batches} batches): "
                                   f"nothing of it was published; run the same command again to write {self.cfg.teacher_cache}")
-                out = teacher(**glue_data.model_inputs(batch), output_hidden_states=True)
+                out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
                 if counted:
                     writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
             return writer.commit()
