@@ -25,7 +25,7 @@ SHAPES = {
 
 def char_tokenizer(lower_case: bool = True, extra: tuple[str, ...] = ()) -> BertTokenizer:
     """BERT's tokenizer over single characters (and '##'-continuations): every word splits into known pieces."""
-    chars = string.ascii_lowercase + string.digits + string.punctuation + ("" if lower_case else string.ascii_uppercase)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *extra]
     return BertTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, do_lower_case=lower_case)
 
