@@ -1,17 +1,17 @@
 """The masked-LM recipe (--objective mlm): task-agnostic PKD on raw text.
 
-teacher   A BERT with a masked-LM head is used as is. A headless one (the default all-MiniLM-L6-v2) first
+teacher   An encoder with its family's masked-LM head (pkd_fast.families) is used as is. A headless one (the default all-MiniLM-L6-v2) first
           gets a head fitted on the corpus (--stage teacher, or all): the decoder is tied to the word
           embeddings, so only the transform, its LayerNorm and the output bias are new and train; the body
-          stays frozen unless --teacher-lr is given (then all of it trains, at that lr). Saved as a
-          BertForMaskedLM (+ tokenizer) under <output-dir>/teacher/model.
+          stays frozen unless --teacher-lr is given (then all of it trains, at that lr). Saved as the
+          family's masked-LM model (+ tokenizer) under <output-dir>/teacher/model.
 student   The teacher's embeddings, the chosen layers (--student-layer-choice / --student-layer-list) and
           its MLM head, trained with
               (1-α)·CE(masked tokens) + α·T²·KL(--kd-positions rows) + β·PT
           where PT pairs student layer j (j < k) with the teacher layer it was copied from, over every real
           token or [CLS] (--pt-tokens); the top layer learns through the head's terms. Only the gathered
-          rows go through either LM head (`models.mlm_rows`); the teacher runs under no_grad. Saved as a
-          BertForMaskedLM (+ tokenizer) under <output-dir>/students/<choice>/model, which
+          rows go through either LM head (`models.mlm_rows`); the teacher runs under no_grad. Saved as its
+          masked-LM model (+ tokenizer) under <output-dir>/students/<choice>/model, which
           `--objective glue --init-from pretrained --base-model DIR` starts a task distillation from.
 held out  Masked-LM loss and accuracy on --validation-files, or else on the corpus's last 1% of blocks
           (at least 8; never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
