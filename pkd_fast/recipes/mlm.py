@@ -1,7 +1,7 @@
 """The masked-LM recipe (--objective mlm): task-agnostic PKD on raw text.
 
-teacher   An encoder with its family's masked-LM head (pkd_fast.families) is used as is. A headless one (the default all-MiniLM-L6-v2) first
-          gets a head fitted on the corpus (--stage teacher, or all): the decoder is tied to the word
+teacher   An encoder with its family's masked-LM head (pkd_fast.families) is used as is. A headless one
+          (the default all-MiniLM-L6-v2) first gets a head fitted on the corpus (--stage teacher, or all): the decoder is tied to the word
           embeddings, so only the transform, its LayerNorm and the output bias are new and train; the body
           stays frozen unless --teacher-lr is given (then all of it trains, at that lr). Saved as the
           family's masked-LM model (+ tokenizer) under <output-dir>/teacher/model.
