@@ -46,7 +46,7 @@ DEFAULT_DIST_TIMEOUT_S = 600.0
 PT_TOKENS = ("cls", "all", "mean")  # the patient loss's rows: models.pt_rows
 # Flags only one objective reads (None or False when not given); the other objective refuses them.
 GLUE_ONLY = ("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
-             "init_from", "base_model", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset")
+             "init_from", "base_model", "student_hidden_size", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset")
 MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
             "kd_positions", "student_layer_choice", "student_layer_list")
 # What those flags default to under their own objective.
@@ -109,6 +109,7 @@ class Config:
     teacher: str = field(default_factory=default_teacher)
     base_model: str | None = None  # pretrained weights for --init-from pretrained; default: the teacher's own base
     student_layers: int | None = None  # default: half the teacher's depth
+    student_hidden_size: int | None = None  # --init-from scratch: the student's width (default: the teacher's)
     strategy: tuple[str, ...] | None = None  # default ft,kd,skip (GLUE only)
     layer_map: tuple[int, ...] | None = None
     init_from: str | None = None  # default teacher (GLUE only)
@@ -201,7 +202,7 @@ class Config:
         need(self.beta_share is None or (math.isfinite(self.beta_share) and 0.0 < self.beta_share < 1.0),
              f"--beta-share must be a share of the loss in (0, 1), got {self.beta_share}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
-        need(self.init_from in (None, "teacher", "pretrained"), "--init-from must be teacher or pretrained")
+        need(self.init_from in (None, "teacher", "pretrained", "scratch"), "--init-from must be teacher, pretrained or scratch")
         need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
         need(self.verify_cache is None or self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
         need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
@@ -287,6 +288,9 @@ class Config:
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
         if self.base_model is not None:
             need(self.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
+        if self.student_hidden_size is not None:
+            need(self.init_from == "scratch" and trains_students, "--student-hidden-size only applies with --init-from scratch")
+            need(self.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {self.student_hidden_size}")
         if self.objective == "mlm" and self.teacher_lr is not None:
             need(self.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
 
@@ -378,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None, help="HF path or hub id; fine-tuned on --task first unless it already is (default: offline all-MiniLM-L6-v2)")
     g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
     g.add_argument("--student-layers", type=int, default=None, help="student depth k (default: half the teacher's)")
-    g.add_argument("--init-from", choices=("teacher", "pretrained"), default=None,
-                   help="glue: whose first k layers initialise the student (default teacher)")
+    g.add_argument("--init-from", choices=("teacher", "pretrained", "scratch"), default=None,
+                   help="glue: whose first k layers initialise the student, or scratch: random weights (default teacher)")
+    g.add_argument("--student-hidden-size", type=int, default=None, metavar="H",
+                   help="glue, --init-from scratch: the student's width; PT reads it through a learned projection to the teacher's")
     g.add_argument("--student-layer-choice", choices=STUDENT_LAYER_CHOICES, default=None,
                    help="mlm: the teacher layers the student is built from: first k, or alternate 1,3,5,... (default alternate)")
     g.add_argument("--student-layer-list", type=_int_list, default=None, metavar="1,3,5",

@@ -89,6 +89,7 @@ class Family:
     run_mlm_head: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
     position_offset: Callable[[object], int] = _no_offset
     per_layer_config: tuple[str, ...] = ()
+    ffn_size: str = "intermediate_size"  # the config's feed-forward width
 
     def takes_token_types(self, config) -> bool:
         """Whether token_type_ids mean anything to this model (more than one type embedding)."""
@@ -132,7 +133,7 @@ FAMILIES = (
     Family("DistilBERT", ("distilbert",), embeddings="embeddings", layers="transformer.layer", pooler="pre_classifier",
            classifier=("classifier",), mlm_head=("vocab_transform", "vocab_layer_norm", "vocab_projector"),
            run_mlm_head=_distilbert_head, qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-           token_types=False, attention="sdpa"),
+           token_types=False, attention="sdpa", ffn_size="hidden_dim"),
 )
 _BY_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 SUPPORTED = ", ".join(f.name + (" (and XLM-R)" if "xlm-roberta" in f.model_types else "") for f in FAMILIES)
@@ -183,6 +184,23 @@ def student_config(config, layers) -> object:
         if values is not None:
             setattr(student, name, [values[t - 1] for t in layers])
     student.architectures = None
+    return student
+
+
+def width_config(config, layers: int, hidden_size: int, flag: str = "--student-hidden-size"):
+    """`config` for a `layers`-deep student of width `hidden_size` (initialised from scratch): its heads keep
+    the teacher's head size, its feed-forward the teacher's ratio to the width, and what else is sized by
+    the width (DeBERTa's pooler) follows."""
+    head_size = config.hidden_size // config.num_attention_heads
+    if hidden_size % head_size:
+        raise PkdError(f"{flag} {hidden_size}: must be a multiple of the teacher's attention head size {head_size}")
+    family = family_of(config)
+    student = student_config(config, range(1, layers + 1))
+    ffn = getattr(config, family.ffn_size) * hidden_size // config.hidden_size
+    student.hidden_size, student.num_attention_heads = hidden_size, hidden_size // head_size
+    setattr(student, family.ffn_size, ffn)
+    if getattr(student, "pooler_hidden_size", None) is not None:
+        student.pooler_hidden_size = hidden_size
     return student
 
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceC
 
 from pkd_fast.data import mean_pool, model_inputs, real_token_index
 from pkd_fast.errors import PkdError
-from pkd_fast.families import attention_kwargs, family_of, student_config
+from pkd_fast.families import attention_kwargs, family_of, student_config, width_config
 from pkd_fast.families import model_inputs as family_inputs
 from pkd_fast.tasks import Task
 
@@ -154,6 +154,48 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
         raise PkdError(f"the source model lacks backbone weights the student needs: {missing[:5]}")
     student.base_model.load_state_dict({key: src[key] for key in wanted}, strict=True)
     return student.to(next(source.parameters()).dtype)
+
+
+def scratch_student(teacher_config, k: int, hidden_size: int, task: Task) -> PreTrainedModel:
+    """A k-layer classifier of width `hidden_size` with random weights, of the teacher's family and
+    vocabulary (`families.width_config`): the body `build_student` copies into each strategy's student."""
+    check_student_depth(k, teacher_config.num_hidden_layers)
+    config = width_config(teacher_config, k, hidden_size)
+    config.num_labels = task.num_labels
+    config.problem_type = "regression" if task.regression else "single_label_classification"
+    label_task(config, task)
+    return AutoModelForSequenceClassification.from_config(config, **attention_kwargs(config))
+
+
+class WidthProjected(torch.nn.Module):
+    """A student whose width differs from its teacher's, with TinyBERT's W_h: one learned linear map per
+    PT layer from the student's width to the teacher's, so the patient loss compares like with like. The
+    maps train with the student and DeepSpeed checkpoints them with it (--resume restores them);
+    `save_pretrained` writes the student alone, a plain Hugging Face model."""
+
+    def __init__(self, model: PreTrainedModel, teacher_width: int, layers: int):
+        super().__init__()
+        self.model = model
+        self.projections = torch.nn.ModuleList(torch.nn.Linear(model.config.hidden_size, teacher_width) for _ in range(layers))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def save_pretrained(self, *args, **kwargs):
+        return self.model.save_pretrained(*args, **kwargs)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+
+def project_rows(model, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The student's PT rows at the teacher's width: through `WidthProjected`'s maps where `model` (or the
+    engine around it) has them, as they are otherwise."""
+    module = getattr(model, "module", model)
+    if not isinstance(module, WidthProjected):
+        return rows
+    return [proj(row.to(proj.weight.dtype)) for proj, row in zip(module.projections, rows, strict=True)]
 
 
 def check_student_depth(k: int, teacher_layers: int, whose: str = "the teacher's") -> None:

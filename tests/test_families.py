@@ -9,17 +9,19 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AlbertConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, RobertaConfig
 
 from pkd_fast import families, models
-from pkd_fast.engine import _free_port
+from pkd_fast.engine import FAULT_ENV, _free_port
+from pkd_fast.tasks import get_task
 from pkd_fast.errors import PkdError
 from pkd_fast.families import family_of
 from pkd_fast.train import main
 from test_config import assert_one_line_error
 from test_mlm_train import write_sentences
-from test_train import GLUE_DIR, REPO, ds_json, train_log, zero3_json
-from tiny_families import LAYERS, SHAPES, char_tokenizer, save_tiny, tiny_config
+from test_train import GLUE_DIR, REPO, ds_json, train, train_log, zero3_json
+from tiny_families import LAYERS, SHAPES, WIDTH, char_tokenizer, save_tiny, tiny_config
 
 E2E = ["bert", "roberta", "electra", "deberta-v2", "modernbert", "distilbert"]  # xlm-roberta: RoBERTa's code, adapter-tested
 TWO_RANKS = ["bert", "roberta", "modernbert"]
@@ -181,3 +183,52 @@ def test_two_ranks_bert_roberta_modernbert_in_both_objectives(shared, tmp_path):
         for run in (out / "glue" / "students" / "skip", out / "mlm" / "students" / "alternate"):
             assert json.loads((run / "results.json").read_text())["dev"], run
             assert len(train_log(run)) == 1
+
+
+# -- a student of another width ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_narrower_student_from_scratch_learns_pt_through_projections_saved_and_resumed(shared, tmp_path, monkeypatch):
+    """--init-from scratch --student-hidden-size 16 under a 32-wide teacher: PT through one learned map per
+    mapped layer, which DeepSpeed checkpoints (a SIGKILL after step 2's checkpoint, then --resume, gives the
+    uninterrupted run's losses and weights) and the exported Hugging Face model leaves out."""
+    teacher = AutoModelForSequenceClassification.from_config(tiny_config("bert", char_tokenizer(), num_labels=2))
+    models.label_task(teacher.config, get_task("mrpc"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    char_tokenizer().save_pretrained(tmp_path / "teacher")
+    common = ["--deepspeed", shared["zero2"], "--stage", "student", "--task", "mrpc", "--teacher", str(tmp_path / "teacher"),
+              "--init-from", "scratch", "--student-hidden-size", "16", "--student-layers", "2", "--strategy", "skip",
+              "--glue-dir", str(GLUE_DIR), "--max-seq-length", "32", "--max-train-samples", "16", "--max-eval-samples", "4",
+              "--max-steps", "4", "--save-steps", "2", "--pt-tokens", "all", "--loss-impl", "triton", "--log-steps", "1"]
+    whole = tmp_path / "whole"
+    main([*common, "--output-dir", str(whole)])
+    run = whole / "students" / "skip"
+    pt = [row["pt"] for row in train_log(run)]
+    assert len(pt) == 4 and all(p > 0 for p in pt)
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert exported.config.hidden_size == 16 and exported.config.num_hidden_layers == 2
+    assert not any("projection" in key for key in load_file(run / "model" / "model.safetensors"))
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # set by the in-process run
+        monkeypatch.delenv(key, raising=False)
+    killed = tmp_path / "killed"
+    proc = train([*common, "--output-dir", str(killed)], env={FAULT_ENV: "ckpt-published@2"}, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    (state,) = (killed / "students" / "skip" / "checkpoints").glob("step2/*model_states.pt")
+    module = torch.load(state, map_location="cpu", weights_only=False)["module"]
+    assert module["projections.0.weight"].shape == (WIDTH, 16) and not any("projections.1" in k for k in module)
+    resumed = train([*common, "--output-dir", str(killed), "--resume"])
+    assert "resumed at step 2" in resumed.stderr
+    for a, b in zip(train_log(run), train_log(killed / "students" / "skip"), strict=True):  # PT reads the maps
+        assert b["total"] == pytest.approx(a["total"], rel=1e-6) and b["pt"] == pytest.approx(a["pt"], rel=1e-6), a["step"]
+    weights = [load_file(d / "model" / "model.safetensors") for d in (run, killed / "students" / "skip")]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_student_width_that_splits_no_head_is_refused(tmp_path, capsys):
+    teacher = save_tiny(tmp_path / "teacher", "bert")  # 32 wide, 2 heads of 16
+    assert_one_line_error(capsys, ["--deepspeed", ds_json(tmp_path), "--task", "mrpc", "--teacher", teacher, "--init-from",
+                                   "scratch", "--student-hidden-size", "24", "--glue-dir", str(GLUE_DIR), "--max-seq-length", "32",
+                                   "--output-dir", str(tmp_path / "out")],
+                          "--student-hidden-size 24: must be a multiple of the teacher's attention head size 16")

@@ -24,10 +24,11 @@ from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
-from pkd_fast.families import model_inputs
+from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
+from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
+                             layer_map, load_classifier, model_config, num_layers, project_rows, pt_rows, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.trainer import STOP, STUDENT, WATCHED, StepOutput, Stopped
@@ -65,6 +66,8 @@ def run(cfg: Config) -> dict:
         for flag, config in configs.items():  # the --base-model's layers initialise the student with --init-from pretrained
             check_student_depth(k, config.num_hidden_layers, "the teacher's" if flag == "--teacher" else f"--base-model {cfg.base_model}'s")
         maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
+        if cfg.init_from == "scratch":  # the width is checked against the teacher's heads
+            width_config(configs["--teacher"], k, cfg.student_hidden_size or configs["--teacher"].hidden_size)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
@@ -110,14 +113,16 @@ def run(cfg: Config) -> dict:
             cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
         # their teacher, and with a cache nothing else of it is loaded.
-        init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
-        init_source = build_student(load_classifier(init_path, task), k, task)
+        init_source = _student_source(cfg, teacher_path, configs["--teacher"], k, task)
+        teacher_width = configs["--teacher"].hidden_size
         for strategy, lmap in maps.items():
             alpha = 0.0 if strategy == "ft" else cfg.alpha
             beta = cfg.beta if lmap else 0.0
             student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
             set_seed(cfg.seed)  # the same fresh head for every strategy
             student = build_student(init_source, k, task)
+            if lmap and student.config.hidden_size != teacher_width:  # PT through a learned map (TinyBERT's W_h)
+                student = WidthProjected(student, teacher_width, len(lmap))
             # What the student learns from: the cache, or a fresh live teacher (frozen_teacher casts, moves or
             # partitions the module it is given, so one run's teacher is never handed to the next).
             teacher = None if strategy == "ft" else cache if cache is not None else load_classifier(teacher_path, task)
@@ -148,6 +153,16 @@ _PT_SCALES = {
     "mean": "sum over layers of the batch-mean squared distance",
     "sum": "the paper's form: sum over batch and layers of squared distances",
 }
+
+
+def _student_source(cfg: Config, teacher_path: str, teacher_config, k: int, task: Task) -> PreTrainedModel:
+    """The k-layer model every strategy's student copies its body from: the first k layers of the teacher or
+    of the pretrained base, or random weights at --student-hidden-size (the teacher's width by default)."""
+    if cfg.init_from == "scratch":
+        set_seed(cfg.seed)
+        return scratch_student(teacher_config, k, cfg.student_hidden_size or teacher_config.hidden_size, task)
+    init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
+    return build_student(load_classifier(init_path, task), k, task)
 
 
 def _base_model(cfg: Config, teacher_path: str) -> str:
@@ -267,7 +282,7 @@ class Context:
         if need_hidden:
             token_index = batch.get("token_index")
             pool_mask = batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None
-            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index, pool_mask)
+            s_rows = project_rows(engine, pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index, pool_mask))
             # the cache's mean rows come pooled already ([B, 1, H] per layer, read as row 0)
             t_rows = pt_rows(t_states, t_layers, token_index, pool_mask if teacher is not None else None)
         terms = pkd_loss(
