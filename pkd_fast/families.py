@@ -105,11 +105,11 @@ class Family:
         return f".{self.layers}.{index}."
 
     def layer_modules(self, model) -> torch.nn.ModuleList:
-        return _resolve(_hf_model(model).base_model, self.layers)
+        return module_at(_hf_model(model).base_model, self.layers)
 
     def attention_projections(self, model) -> list[tuple[torch.nn.Module, ...]]:
         """Each layer's (query, key, value) projections, or (Wqkv,) where the family fuses them."""
-        return [tuple(_resolve(layer, path) for path in self.qkv) for layer in self.layer_modules(model)]
+        return [tuple(module_at(layer, path) for path in self.qkv) for layer in self.layer_modules(model)]
 
 
 _BERT_LIKE = dict(embeddings="embeddings", layers="encoder.layer",
@@ -156,7 +156,8 @@ def _hf_model(model) -> torch.nn.Module:
     return model
 
 
-def _resolve(root, path: str):
+def module_at(root, path: str) -> torch.nn.Module:
+    """The submodule at a dotted attribute path (a `Family` field) under `root`."""
     for name in path.split("."):
         root = getattr(root, name)
     return root

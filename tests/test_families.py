@@ -36,11 +36,11 @@ def built(model_type, auto=AutoModelForMaskedLM, **overrides):
 def test_adapter_names_the_pieces_of_its_family(model_type):
     mlm, classifier = built(model_type), built(model_type, AutoModelForSequenceClassification)
     family = family_of(mlm.config)
-    assert isinstance(families._resolve(mlm.base_model, family.embeddings), torch.nn.Module)
+    assert isinstance(families.module_at(mlm.base_model, family.embeddings), torch.nn.Module)
     assert len(family.layer_modules(mlm)) == LAYERS
     for path in (family.pooler, *family.classifier):
         if path is not None:
-            assert isinstance(families._resolve(classifier, path), torch.nn.Module), path
+            assert isinstance(families.module_at(classifier, path), torch.nn.Module), path
     assert any(hasattr(mlm, name) for name in family.mlm_head)
     projections = family.attention_projections(mlm)
     assert len(projections) == LAYERS and all(isinstance(p, torch.nn.Linear) for layer in projections for p in layer)
