@@ -20,7 +20,7 @@ from pkd_fast.families import family_of
 from pkd_fast.train import main
 from test_config import assert_one_line_error
 from test_mlm_train import write_sentences
-from test_train import GLUE_DIR, REPO, ds_json, train, train_log, zero3_json
+from test_train import GLUE_DIR, ds_json, train, train_log, zero3_json
 from tiny_families import LAYERS, SHAPES, WIDTH, char_tokenizer, save_tiny, tiny_config
 
 E2E = ["bert", "roberta", "electra", "deberta-v2", "modernbert", "distilbert"]  # xlm-roberta: RoBERTa's code, adapter-tested
@@ -232,3 +232,10 @@ def test_a_student_width_that_splits_no_head_is_refused(tmp_path, capsys):
                                    "scratch", "--student-hidden-size", "24", "--glue-dir", str(GLUE_DIR), "--max-seq-length", "32",
                                    "--output-dir", str(tmp_path / "out")],
                           "--student-hidden-size 24: must be a multiple of the teacher's attention head size 16")
+
+
+def test_student_hidden_size_needs_a_student_from_scratch(tmp_path, capsys):
+    assert_one_line_error(capsys, ["--student-hidden-size", "16", "--output-dir", str(tmp_path)],
+                          "--student-hidden-size only applies with --init-from scratch")
+    assert_one_line_error(capsys, ["--objective", "mlm", "--student-hidden-size", "16", "--output-dir", str(tmp_path)],
+                          "--student-hidden-size: not a flag of --objective mlm")
