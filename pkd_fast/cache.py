@@ -119,19 +119,23 @@ def _config_digest(teacher_path: str) -> str:
         raise PkdError(f"--teacher {teacher_path}: cannot read its config.json to fingerprint it ({err})") from None
 
 
-def fingerprint(teacher_path: str, tokenizer, task: str, max_seq_length: int, train_set, dtype: torch.dtype) -> dict:
-    """What a store's contents depend on; a store opens only for an equal fingerprint."""
+def teacher_fingerprint(teacher_path: str, tokenizer, max_seq_length: int, train_set, dtype: torch.dtype) -> dict:
+    """What every store's contents depend on, whatever the objective: the teacher (weights, config), the
+    tokenizer, the rows the teacher reads (their content, not their file names) and the dtype they are stored in."""
     return {
         "teacher_weights": _weights_digest(teacher_path),
         "teacher_config": _config_digest(teacher_path),
         "tokenizer": tokenizer_digest(tokenizer),
-        "task": task,
-        "split": SPLIT,
         "max_seq_length": max_seq_length,
         "rows": len(train_set),
         "dataset": _dataset_digest(train_set),
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def fingerprint(teacher_path: str, tokenizer, task: str, max_seq_length: int, train_set, dtype: torch.dtype) -> dict:
+    """What a GLUE store's contents depend on; a store opens only for an equal fingerprint."""
+    return {**teacher_fingerprint(teacher_path, tokenizer, max_seq_length, train_set, dtype), "task": task, "split": SPLIT}
 
 
 def _differences(stored: dict, wanted: dict) -> list[str]:
@@ -155,18 +159,41 @@ class Layout:
     dtype: str
     pooled: str = "cls"  # with positions 1, what the row is: the [CLS] state, or the mean over real tokens (--pt-tokens mean)
 
+    @classmethod
+    def from_json(cls, fields: dict) -> Layout:
+        return cls(**{**fields, "layers": tuple(fields["layers"])})
+
     @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each stored file's shape and numpy dtype (the store's whole contents)."""
+        numpy_dtype = np.dtype(_NUMPY[self.dtype])
         return {
-            "logits": (self.rows, self.num_labels),
-            "hidden": (self.rows, len(self.layers), self.positions, self.hidden_size),
+            "logits": ((self.rows, self.num_labels), numpy_dtype),
+            "hidden": ((self.rows, len(self.layers), self.positions, self.hidden_size), numpy_dtype),
         }
 
+    def check(self) -> None:
+        """Refuse layers the teacher does not have (a store of no layer serves no GLUE student's PT)."""
+        check_stored_layers(self.layers, self.teacher_layers, allow_none=False)
+
     def describe(self) -> str:
-        itemsize = np.dtype(_NUMPY[self.dtype]).itemsize
-        sizes = ", ".join(f"{name} {list(shape)} {_gib(np.prod(shape) * itemsize)}" for name, shape in self.shapes.items())
         what = "every token" if self.positions > 1 else "[CLS]" if self.pooled == "cls" else "the real tokens' mean"
-        return f"{self.dtype}, {what} of layers {list(self.layers)}: {sizes}"
+        return f"{self.dtype}, {what} of layers {list(self.layers)}: {describe_arrays(self.arrays)}"
+
+
+def check_stored_layers(layers: Sequence[int], teacher_layers: int, allow_none: bool) -> None:
+    bad = [l for l in layers if not 0 <= l <= teacher_layers]
+    if bad or not (layers or allow_none):
+        raise PkdError(f"--cache-layers: {bad or 'none'}: the teacher has hidden states 0..{teacher_layers} (0 = embeddings)")
+
+
+def store_bytes(arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    return int(sum(np.prod(shape, dtype=np.int64) * dtype.itemsize for shape, dtype in arrays.values()))
+
+
+def describe_arrays(arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
+    parts = ", ".join(f"{name} {list(shape)} {_gib(store_bytes({name: (shape, dtype)}))}" for name, (shape, dtype) in arrays.items())
+    return f"{parts}; {_gib(store_bytes(arrays))} in all"
 
 
 def _gib(nbytes) -> str:
@@ -205,15 +232,18 @@ def _digest(path: Path, size: int) -> str:
 # -- reading -----------------------------------------------------------------------------------------
 
 class TeacherCache:
-    """An opened, verified store: memory maps of its arrays and the per-batch row reader."""
+    """An opened, verified store: memory maps of its arrays and the per-batch row reader. Subclasses
+    (the masked-LM store, `pkd_fast.mlm_cache`) bring their own `LAYOUT` and reader and share the rest."""
 
-    def __init__(self, directory: Path, layout: Layout):
+    LAYOUT = Layout
+
+    def __init__(self, directory: Path, layout):
         self.directory, self.layout = directory, layout
         self.arrays = {}
-        for name, shape in layout.shapes.items():
+        for name, (shape, dtype) in layout.arrays.items():
             array = np.load(directory / f"{name}.npy", mmap_mode="r")
-            if array.shape != shape or array.dtype != _NUMPY[layout.dtype]:
-                raise PkdError(f"{directory}/{name}.npy: holds {array.dtype}{list(array.shape)}, the manifest says {layout.dtype}{list(shape)}")
+            if array.shape != shape or array.dtype != dtype:
+                raise PkdError(f"{directory}/{name}.npy: holds {array.dtype}{list(array.shape)}, the manifest says {dtype}{list(shape)}")
             self.arrays[name] = array
 
     @classmethod
@@ -228,8 +258,8 @@ class TeacherCache:
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("format") != FORMAT:
                 raise PkdError(f"{manifest_path}: cache format {manifest.get('format')}, this pkd_fast reads {FORMAT}; rewrite it with --stage cache")
-            layout = Layout(**{**manifest["layout"], "layers": tuple(manifest["layout"]["layers"])})
-            files = {f"{name}.npy": manifest["files"][f"{name}.npy"] for name in layout.shapes}
+            layout = cls.LAYOUT.from_json(manifest["layout"])
+            files = {f"{name}.npy": manifest["files"][f"{name}.npy"] for name in layout.arrays}
             stored = manifest["fingerprint"]
             covered = manifest["rows_covered"]
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -282,15 +312,24 @@ class TeacherCache:
             out = {"teacher_logits": self._tensor(self.arrays["logits"][rows])}
             if len(index):
                 width = batch["input_ids"].shape[1] if pt_tokens == "all" or pool else 1
-                states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
+                states = self.states(rows, index, width)
                 if pool:  # [B, L, S, H] → [B, L, 1, H]
                     states = torch.stack([mean_pool(states[:, i], batch["attention_mask"]) for i in range(len(index))], 1)[:, :, None]
-                elif states.shape[2] < width:  # the batch is padded (to a multiple of 8) past max_seq_length
-                    states = F.pad(states, (0, 0, 0, width - states.shape[2]))
                 out["teacher_hidden"] = states
-            return {k: v.pin_memory() for k, v in out.items()} if pin else out
+            return pinned(out) if pin else out
 
         return read
+
+    def states(self, rows: np.ndarray, index: np.ndarray, width: int) -> torch.Tensor:
+        """`hidden`'s rows [B, len(index), width, H]: a batch padded (to a multiple of 8) past the stored
+        positions gets zeros there, as the store holds past each row's end."""
+        states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
+        return F.pad(states, (0, 0, 0, width - states.shape[2])) if states.shape[2] < width else states
+
+
+def pinned(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collate's tensors in page-locked memory, so the step's copy to the GPU overlaps compute."""
+    return {k: v.pin_memory() for k, v in out.items()}
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -334,15 +373,19 @@ def _new_sibling_dir(target: Path) -> Path:
 
 class Writer:
     """Builds a store collectively: every rank constructs one, `write`s the rows of its batches and calls
-    `commit`. Rank 0 preallocates the files in a temporary sibling directory and, once every rank has
-    flushed, writes the manifest last and renames the directory into place (replacing an older store).
-    Leaving the `with` block by an exception removes the temporary directory."""
+    `commit`. Rank 0 preallocates the files in a temporary sibling directory (after checking they fit the
+    free disk) and, once every rank has flushed, writes the manifest last and renames the directory into
+    place (replacing an older store). Leaving the `with` block by an exception removes the temporary
+    directory. `write` is the GLUE store's; the masked-LM writer (`pkd_fast.mlm_cache`) brings its own and
+    shares allocation, accounting, checks and publishing."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict, layout: Layout, world):
+    CACHE = TeacherCache
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict, layout, world):
         self.directory, self.fingerprint, self.layout, self.world = Path(directory), fingerprint, layout, world
         self.tmp = Path(_on_main(world, self._allocate))
         self._require_shared_directory()
-        self.arrays = {name: np.load(self.tmp / f"{name}.npy", mmap_mode="r+") for name in layout.shapes}
+        self.arrays = {name: np.load(self.tmp / f"{name}.npy", mmap_mode="r+") for name in layout.arrays}
         self.written = np.zeros(layout.rows, dtype=np.uint8)  # the rows this rank wrote
         self.batches = 0
 
@@ -361,25 +404,41 @@ class Writer:
         target = self.directory
         if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
             raise PkdError(f"--teacher-cache {target}: exists and is not a teacher cache (no {MANIFEST}); refusing to replace it")
-        bad = [l for l in self.layout.layers if not 0 <= l <= self.layout.teacher_layers]
-        if bad or not self.layout.layers:
-            raise PkdError(f"--cache-layers: {bad or 'none'}: the teacher has hidden states 0..{self.layout.teacher_layers} (0 = embeddings)")
+        self.layout.check()
         log.info("teacher cache %s: %d rows, %s", target, self.layout.rows, self.layout.describe())
         leftovers = sorted(str(p) for p in target.parent.glob(f"{target.name}.tmp-*"))
         if leftovers:
             log.warning("teacher cache: %s left by interrupted writes; delete them once no write is running", ", ".join(leftovers))
         target.parent.mkdir(parents=True, exist_ok=True)
+        self._require_free_disk(target)
         tmp = _new_sibling_dir(target)
+        initial = self.initial_contents()
         try:
-            for name, shape in self.layout.shapes.items():
+            for name, (shape, dtype) in self.layout.arrays.items():
                 path = tmp / f"{name}.npy"
-                np.lib.format.open_memmap(path, mode="w+", dtype=_NUMPY[self.layout.dtype], shape=shape).flush()  # header + size
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # header + size
+                if name in initial:
+                    array[:] = initial[name]
+                array.flush()
+                del array
                 with open(path, "r+b") as f:  # reserve the blocks now: a full disk is an error here, not a SIGBUS later
                     os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise PkdError(f"--teacher-cache {target}: cannot allocate {self.layout.describe()} ({err.strerror or err})") from None
         return str(tmp)
+
+    def _require_free_disk(self, target: Path) -> None:
+        """Refuse, before any file is made, a store larger than the free space where it goes (an old store
+        there is replaced only after the new one is complete, so it does not count as free)."""
+        need, free = store_bytes(self.layout.arrays), shutil.disk_usage(target.parent).free
+        if need > free:
+            raise PkdError(f"--teacher-cache {target}: the store needs {_gib(need)} but {target.parent} has {_gib(free)} free; "
+                           "free space, point --teacher-cache at a larger disk, or store less (--cache-layers, --cache-topk)")
+
+    def initial_contents(self) -> dict[str, np.ndarray]:
+        """Arrays rank 0 writes whole at allocation (an index known before any teacher runs); none here."""
+        return {}
 
     def __enter__(self) -> Writer:
         return self
@@ -396,18 +455,31 @@ class Writer:
     def write(self, example_idx: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
         """Store one batch's teacher outputs at rows `example_idx` (a row written twice gets the same values)."""
         rows = example_idx.cpu().numpy()
-        if not (torch.isfinite(logits).all() and all(torch.isfinite(hidden_states[l]).all() for l in self.layout.layers)):
+        self.refuse_nonfinite(rows, [logits, *(hidden_states[l] for l in self.layout.layers)])
+        self.arrays["logits"][rows] = self._numpy(logits)
+        if self.layout.positions == 1 and self.layout.pooled == "mean":
+            states = torch.stack([mean_pool(hidden_states[l], attention_mask) for l in self.layout.layers], 1)[:, :, None]
+            self.arrays["hidden"][rows] = self._numpy(states)
+        else:
+            self.write_states(rows, hidden_states, attention_mask)
+        self.mark_written(rows)
+
+    def refuse_nonfinite(self, rows: np.ndarray, outputs: Sequence[torch.Tensor]) -> None:
+        if not all(torch.isfinite(t).all() for t in outputs):
             raise PkdError(f"teacher cache: the teacher's outputs for training rows {rows.tolist()[:8]} are not finite "
                            "(NaN or inf); a cache must not store them. Check the teacher's weights and --deepspeed precision")
-        self.arrays["logits"][rows] = self._numpy(logits)
+
+    def write_states(self, rows: np.ndarray, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """The stored layers' states of the batch's first `positions` tokens into `hidden` [rows, L', S, H],
+        zero past each row's end: the padding's values depend on the batch, and no loss reads them."""
         width = self.layout.positions
-        if width == 1 and self.layout.pooled == "mean":
-            states = torch.stack([mean_pool(hidden_states[l], attention_mask) for l in self.layout.layers], 1)[:, :, None]
-        else:
-            states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
-        if width > 1:  # zero the padding: its values depend on the batch, and no loss reads them
+        states = torch.stack([hidden_states[l][:, :width] for l in self.layout.layers], 1)  # [B, L', ≤S, H]
+        if width > 1:
             states = states * attention_mask[:, None, :width, None].to(states.dtype)
         self.arrays["hidden"][rows, :, : states.shape[2]] = self._numpy(states)
+
+    def mark_written(self, rows: np.ndarray) -> None:
+        """Account for the rows one batch wrote (`commit` publishes only when every row is)."""
         self.written[rows] = 1
         self.batches += 1
         fault_point("cache-rows", self.batches)
@@ -422,14 +494,14 @@ class Writer:
             dist.all_reduce(written, op=dist.ReduceOp.MAX)  # also the barrier: every rank has flushed
         self.rows_covered = int(written.sum())
         _on_main(self.world, self._publish)
-        return TeacherCache.open(self.directory, self.fingerprint)
+        return self.CACHE.open(self.directory, self.fingerprint)
 
     def _publish(self) -> None:
         if self.rows_covered != self.layout.rows:
             raise PkdError(f"teacher cache: {self.layout.rows - self.rows_covered} of {self.layout.rows} rows were written "
                            "by no rank; the store is not published")
         files = {}
-        for name in self.layout.shapes:
+        for name in self.layout.arrays:
             path = self.tmp / f"{name}.npy"
             _fsync(path)
             size = path.stat().st_size
