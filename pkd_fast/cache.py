@@ -56,7 +56,7 @@ log = logging.getLogger("pkd_fast")
 FORMAT = 2  # 2: rows_covered and full checksums in the manifest
 MANIFEST = "manifest.json"
 SPLIT = "train"
-_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16: its bit pattern
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16: its bit pattern
 # The digest reads at most this many evenly spaced blocks per file (the whole file when smaller).
 _BLOCK, _BLOCKS = 1 << 16, 256
 
@@ -166,7 +166,7 @@ class Layout:
     @property
     def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Each stored file's shape and numpy dtype (the store's whole contents)."""
-        numpy_dtype = np.dtype(_NUMPY[self.dtype])
+        numpy_dtype = np.dtype(NUMPY_DTYPES[self.dtype])
         return {
             "logits": ((self.rows, self.num_labels), numpy_dtype),
             "hidden": ((self.rows, len(self.layers), self.positions, self.hidden_size), numpy_dtype),
@@ -192,11 +192,11 @@ def store_bytes(arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
 
 
 def describe_arrays(arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
-    parts = ", ".join(f"{name} {list(shape)} {_gib(store_bytes({name: (shape, dtype)}))}" for name, (shape, dtype) in arrays.items())
-    return f"{parts}; {_gib(store_bytes(arrays))} in all"
+    parts = ", ".join(f"{name} {list(shape)} {gib(store_bytes({name: (shape, dtype)}))}" for name, (shape, dtype) in arrays.items())
+    return f"{parts}; {gib(store_bytes(arrays))} in all"
 
 
-def _gib(nbytes) -> str:
+def gib(nbytes) -> str:
     return f"{nbytes / 2**30:.3f} GiB"
 
 
@@ -332,6 +332,28 @@ def pinned(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.pin_memory() for k, v in out.items()}
 
 
+def open_or_write(cache_class: type[TeacherCache], directory: str, fingerprint: dict, *, verify: str, reading_only: bool,
+                  overwrite: bool, require: Callable[[TeacherCache], None], write: Callable[[], TeacherCache]) -> TeacherCache:
+    """The store at `directory` for this fingerprint, whatever the objective. Reading only (--stage student):
+    open it, any mismatch an error. Else reuse a matching store that passes `require`, or `write()` one where
+    there is none, or where the store there is of this fingerprint but damaged or short of what `require`
+    asks; a store of another fingerprint is replaced only with `overwrite` (--overwrite-cache)."""
+    try:
+        cache = cache_class.open(directory, fingerprint, verify=verify)
+        if not reading_only:
+            require(cache)
+        log.info("teacher cache %s: matches this run, reusing it", directory)
+        return cache
+    except PkdError as why:
+        if reading_only:
+            raise
+        stored = stored_fingerprint(directory)
+        if stored is not None and stored != fingerprint and not overwrite:
+            raise  # a store of another teacher or data set: its message names --overwrite-cache
+        log.info("teacher cache: writing it (%s)", why)
+    return write()
+
+
 # -- writing -----------------------------------------------------------------------------------------
 
 def _on_main(world, fn):
@@ -433,7 +455,7 @@ class Writer:
         there is replaced only after the new one is complete, so it does not count as free)."""
         need, free = store_bytes(self.layout.arrays), shutil.disk_usage(target.parent).free
         if need > free:
-            raise PkdError(f"--teacher-cache {target}: the store needs {_gib(need)} but {target.parent} has {_gib(free)} free; "
+            raise PkdError(f"--teacher-cache {target}: the store needs {gib(need)} but {target.parent} has {gib(free)} free; "
                            "free space, point --teacher-cache at a larger disk, or store less (--cache-layers, --cache-topk)")
 
     def initial_contents(self) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from pkd_fast.tasks import TASKS
 
 OBJECTIVES = ("glue", "mlm")
 STAGES = ("all", "teacher", "cache", "student")
-MLM_STAGES = ("all", "teacher", "student")
+MLM_STAGES = ("all", "teacher", "cache", "student")
 KD_POSITIONS = ("masked", "all")
 STUDENT_LAYER_CHOICES = ("first", "alternate")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -46,13 +46,14 @@ DEFAULT_DIST_TIMEOUT_S = 600.0
 PT_TOKENS = ("cls", "all", "mean")  # the patient loss's rows: models.pt_rows
 # Flags only one objective reads (None or False when not given); the other objective refuses them.
 GLUE_ONLY = ("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
-             "init_from", "base_model", "student_hidden_size", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset")
+             "init_from", "base_model", "student_hidden_size", "preset")
 MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
-            "kd_positions", "student_layer_choice", "student_layer_list")
+            "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk")
 # What those flags default to under their own objective.
 GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
                  "verify_cache": "sampled", "pt_tokens": "cls"}
-MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all"}
+MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "verify_cache": "sampled",
+                "cache_topk": 64}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZERO2_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"  # the default on a GPU
 CPU_DS_CONFIG = REPO_ROOT / "ds_configs" / "cpu.json"  # the default on a CPU: a step at a plain loop's cost
@@ -120,7 +121,8 @@ class Config:
     pt_tokens: str | None = None  # default cls under glue, all under mlm
     pt_reduction: str = "elementwise_mean"
     teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
-    cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L
+    cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L (glue), the student's PT map (mlm)
+    cache_topk: int | None = None  # default 64 (mlm only): the teacher's top-k logits a masked-LM cache keeps per KD row
     lr: float = 5e-5
     teacher_lr: float | None = None
     epochs: int | None = None  # default 3, unless --max-steps
@@ -137,7 +139,7 @@ class Config:
     loss_impl: str = "auto"
     on_nonfinite: str = "stop"  # stop: end the run at the next check; skip: drop the micro-batch and count it
     overwrite_cache: bool = False  # replace a --teacher-cache written for another teacher or data set
-    verify_cache: str | None = None  # default sampled (GLUE only). sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
+    verify_cache: str | None = None  # default sampled. sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
     log_steps: int = 20
     save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds a rank waits on an unanswering peer before the run fails
@@ -247,7 +249,10 @@ class Config:
         need(self.student_layer_choice is None or self.student_layer_choice in STUDENT_LAYER_CHOICES,
              f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {self.student_layer_choice!r}")
         need(self.student_layer_list is None or bool(self.student_layer_list), "--student-layer-list: no layers given")
+        need(self.cache_topk >= 1, f"--cache-topk must be >= 1, got {self.cache_topk}")
         if self.streaming:
+            need(self.teacher_cache is None, "--teacher-cache needs a map-style corpus: a stream's blocks have no fixed index to "
+                                             "store the teacher's outputs by; drop --streaming or --teacher-cache")
             need(self.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
             need(self.validation_files is not None,
                  "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
@@ -265,7 +270,7 @@ class Config:
             value = getattr(self, name)
             need(value is None or Path(value).exists() or _HUB_ID.fullmatch(value) is not None,
                  f"--{_flag(name)} {value}: no such directory (and not a hub id like bert-base-uncased or org/name)")
-        if self.stage == "student" and self.teacher_cache and self.distilled:
+        if self.stage == "student" and self.teacher_cache and self.reads_teacher:
             need((Path(self.teacher_cache) / "manifest.json").is_file(),
                  f"--teacher-cache {self.teacher_cache}: no teacher cache there; --stage student reads one, "
                  "write it first with --stage cache")
@@ -281,8 +286,9 @@ class Config:
         if self.beta_share is not None:
             need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
         if self.teacher_cache is not None:  # a store no student reads would cost a pass of the teacher for nothing
-            need(self.stage == "cache" or (trains_students and bool(self.distilled)),
-                 "--teacher-cache only applies when a student reads the teacher (--strategy kd, skip or last) or with --stage cache")
+            reads = "--strategy kd, skip or last" if self.objective == "glue" else "--alpha or --beta > 0"
+            need(self.stage == "cache" or (trains_students and self.reads_teacher),
+                 f"--teacher-cache only applies when a student reads the teacher ({reads}) or with --stage cache")
         if self.cache_layers is not None:
             need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
@@ -293,6 +299,12 @@ class Config:
             need(self.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {self.student_hidden_size}")
         if self.objective == "mlm" and self.teacher_lr is not None:
             need(self.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
+
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether a student of this run learns from the teacher: a GLUE strategy other than ft, or a
+        masked-LM student with a soft-label or patient term."""
+        return bool(self.distilled) if self.objective == "glue" else self.alpha > 0 or self.beta > 0
 
     @property
     def distilled(self) -> tuple[str, ...]:
@@ -415,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher's outputs on the training set, stored once (--stage cache or all write it, or reuse a "
                         "matching one); students read their rows from it and load no teacher")
     g.add_argument("--cache-layers", type=_int_list, default=None,
-                   help="teacher layers whose states the cache stores (0 = embeddings; default all). "
-                        "With --pt-tokens all it stores every token's states, not just [CLS] (its size is printed first)")
+                   help="teacher layers whose states the cache stores (0 = embeddings; default glue: all, mlm: the student's PT map). "
+                        "With --pt-tokens all (and always under mlm) it stores every token's states, not just [CLS] (its size is printed first)")
+    g.add_argument("--cache-topk", type=int, default=None,
+                   help="mlm: the teacher's top-k logits kept per KD row (default 64), with the full row's logsumexp at --temperature; "
+                        "students then learn a sparse KL (the rest of the teacher's mass in one bucket)")
     g.add_argument("--overwrite-cache", action="store_true",
                    help="replace a store at --teacher-cache that was written for another teacher or data set (else refused)")
     g.add_argument("--verify-cache", choices=CACHE_CHECKS, default=None,

@@ -47,7 +47,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
 
@@ -388,8 +388,9 @@ def mask_seed(seed: int, epoch: int, example_idx: int) -> int:
 
 class MlmMasker:
     """BERT's 80/10/10 masking of one batch, a pure function of (seed, epoch, example_idx). Call it on a
-    padded batch (input_ids, attention_mask, example_idx): it returns the masked input_ids, mlm_labels and
-    token_type_ids (zeros). `set_epoch` moves every example to a fresh mask."""
+    padded batch (input_ids, attention_mask, example_idx): it returns the masked input_ids, mlm_labels,
+    token_type_ids (zeros) and `epoch` (per row, with example_idx what a masked-LM teacher cache finds the
+    batch's teacher outputs by). `set_epoch` moves every example to a fresh mask."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float = 0.15, seed: int = 0):
         if not 0.0 < mlm_probability < 1.0:
@@ -404,8 +405,12 @@ class MlmMasker:
         self.epoch = epoch
 
     def mask_example(self, input_ids: torch.Tensor, example_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked ids, labels) of one unpadded example."""
-        g = torch.Generator().manual_seed(mask_seed(self.seed, self.epoch, example_idx))
+        """(masked ids, labels) of one unpadded example at the current epoch."""
+        return self.mask_at(self.epoch, input_ids, example_idx)
+
+    def mask_at(self, epoch: int, input_ids: torch.Tensor, example_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked ids, labels) of one unpadded example at `epoch`: what a teacher cache lays out ahead."""
+        g = torch.Generator().manual_seed(mask_seed(self.seed, epoch, example_idx))
         n = input_ids.numel()
         selected = (torch.rand(n, generator=g) < self.mlm_probability) & ~torch.isin(input_ids, self.special_ids)
         choice = torch.rand(n, generator=g)
@@ -420,7 +425,8 @@ class MlmMasker:
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for row, (length, idx) in enumerate(zip(batch["attention_mask"].sum(1).tolist(), batch["example_idx"].tolist())):
             input_ids[row, :length], labels[row, :length] = self.mask_example(input_ids[row, :length], idx)
-        return {"input_ids": input_ids, "mlm_labels": labels, "token_type_ids": torch.zeros_like(input_ids)}
+        return {"input_ids": input_ids, "mlm_labels": labels, "token_type_ids": torch.zeros_like(input_ids),
+                "epoch": torch.full_like(batch["example_idx"], self.epoch)}
 
 
 def masks_any(blocks: datasets.Dataset, masker: MlmMasker) -> bool:
@@ -575,12 +581,24 @@ class MlmLoader:
 
 
 def map_loader(blocks: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, seed: int,
-               mlm_probability: float = 0.15, rank: int = 0, world_size: int = 1) -> MlmLoader:
+               mlm_probability: float = 0.15, rank: int = 0, world_size: int = 1,
+               teacher_lookup: Callable[[dict], dict] | None = None) -> MlmLoader:
     """Shuffled, rank-sharded masked batches of a map-style block dataset (`prepare_blocks`), through
-    `pkd_fast.data.make_loader` with the masking as its per-batch lookup."""
+    `pkd_fast.data.make_loader` with the masking as its per-batch lookup, followed by `teacher_lookup`
+    (a masked-LM teacher cache's reader) on the masked batch: the read happens in the collate, not the step."""
     masker = MlmMasker(tokenizer, mlm_probability, seed)
-    loader = make_loader(blocks, tokenizer, batch_size, train=True, seed=seed, rank=rank, world_size=world_size, lookup=masker)
+    lookup = masker if teacher_lookup is None else _then(masker, teacher_lookup)
+    loader = make_loader(blocks, tokenizer, batch_size, train=True, seed=seed, rank=rank, world_size=world_size, lookup=lookup)
     return MlmLoader(loader, masker)
+
+
+def _then(first: Callable[[dict], dict], second: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """Two collate lookups in order, the second seeing the batch as the first left it."""
+    def both(batch: dict) -> dict:
+        out = first(batch)
+        return {**out, **second({**batch, **out})}
+
+    return both
 
 
 def stream_loader(stream: StreamingBlocks, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, seed: int,

@@ -15,7 +15,7 @@ import functools
 import math
 import shutil
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +331,15 @@ def relation_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
     return (_compiled(relation_loss_reference) if impl == "compile" else relation_loss_reference)(*args, **kwargs)
 
 
+class TopKLogits(NamedTuple):
+    """A teacher's logits in the compressed form a masked-LM cache stores (`topk_kd_loss_reference`): per
+    row the top-k ids [N, k] (int32), their raw logits [N, k] and the full row's logsumexp at T [N] (fp32)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    lse: torch.Tensor
+
+
 @dataclass
 class LossTerms:
     """The step's loss and, when asked for, its detached unweighted parts for logging."""
@@ -343,7 +352,7 @@ class LossTerms:
 
 def pkd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | TopKLogits | None,
     labels: torch.Tensor,
     student_hidden: Sequence[torch.Tensor] = (),
     teacher_hidden: Sequence[torch.Tensor] = (),
@@ -360,7 +369,9 @@ def pkd_loss(
     """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
 
     CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
-    divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero.
+    divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero. The teacher's
+    logits come dense [N, C], or as `TopKLogits` (a masked-LM cache): then the KL is the sparse one of
+    `topk_kd_loss_reference`, the teacher's top k plus one bucket for the rest of its mass.
 
     `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
     loss reads ([CLS] or every real token), so a live teacher and the teacher cache feed it alike.
@@ -371,6 +382,8 @@ def pkd_loss(
     reduce = {} if divisors is None else {"reduction": "sum", "divisors": divisors}
     if regression:
         total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
+    elif isinstance(teacher_logits, TopKLogits):
+        total = topk_kd_loss(student_logits, *teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     else:
         total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     use_pt = beta > 0.0 and len(student_hidden) > 0
@@ -385,7 +398,9 @@ def pkd_loss(
                 terms.kd = regression_kd_loss(s, teacher_logits, labels, 1.0) if teacher_logits is not None else None
             else:
                 terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0, **reduce)
-                if teacher_logits is not None:
+                if isinstance(teacher_logits, TopKLogits):
+                    terms.kd = topk_kd_loss_reference(s, *teacher_logits, temperature, alpha=1.0, **reduce)
+                elif teacher_logits is not None:
                     terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0, **reduce)
             if use_pt:
                 terms.pt = patient_loss_reference(

@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch.distributed as dist
+from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
 from pkd_fast.precision import apply_precision, describe_device, resolve_precision
-from pkd_fast.trainer import STOP, Trainer
+from pkd_fast.trainer import STOP, Stopped, Trainer
 
 log = logging.getLogger("pkd_fast")
 
@@ -102,3 +104,16 @@ def configure_logging(is_main: bool) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+
+
+def teacher_pass(batches: Iterable, n_batches: int, world: ds.Dist, directory: str) -> Iterator:
+    """The batches of a teacher-cache write, with a progress bar on the main rank; a SIGTERM/SIGINT that all
+    ranks agree on stops it between batches (the caller's `Writer` then removes the unpublished store)."""
+    progress = tqdm(batches, total=n_batches, desc="teacher cache", disable=not world.is_main, dynamic_ncols=True)
+    for i, item in enumerate(progress):
+        signalled = STOP.agreed(world)
+        if signalled:
+            progress.close()  # its line ends before the stop's
+            raise Stopped(f"stopped by {signalled} while writing the teacher cache ({i} of {n_batches} batches): "
+                          f"nothing of it was published; run the same command again to write {directory}")
+        yield item

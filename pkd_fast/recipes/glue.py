@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, set_seed
 
 from pkd_fast import cache as teacher_cache
@@ -31,7 +30,7 @@ from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length
                              layer_map, load_classifier, model_config, num_layers, project_rows, pt_rows, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
-from pkd_fast.trainer import STOP, STUDENT, WATCHED, StepOutput, Stopped
+from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
 
@@ -338,20 +337,10 @@ class Context:
         fingerprint = teacher_cache.fingerprint(
             teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
         )
-        try:
-            cache = TeacherCache.open(cfg.teacher_cache, fingerprint, verify=cfg.verify_cache)
-            if cfg.stage != "student":
-                cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), cfg.pt_tokens)
-            log.info("teacher cache %s: matches this run, reusing it", cfg.teacher_cache)
-            return cache
-        except PkdError as why:
-            stored = teacher_cache.stored_fingerprint(cfg.teacher_cache)
-            if cfg.stage == "student":
-                raise
-            if stored is not None and stored != fingerprint and not cfg.overwrite_cache:
-                raise  # a store of another teacher or data set: its message names --overwrite-cache
-            log.info("teacher cache: writing it (%s)", why)
-        return self.write_cache(teacher_path, fingerprint)
+        return teacher_cache.open_or_write(
+            TeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
+            overwrite=cfg.overwrite_cache, write=lambda: self.write_cache(teacher_path, fingerprint),
+            require=lambda cache: cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), cfg.pt_tokens))
 
     @torch.no_grad()
     def write_cache(self, teacher_path: str, fingerprint: dict) -> TeacherCache:
@@ -367,13 +356,7 @@ class Context:
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self._inference_batches(self.train_set)
-            progress = tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True)
-            for i, (batch, counted) in enumerate(progress):
-                signalled = STOP.agreed(self.world)
-                if signalled:  # leaving the `with` removes the unpublished store
-                    progress.close()  # its line ends before the stop's
-                    raise Stopped(f"stopped by {signalled} while writing the teacher cache ({i} of {n_batches} batches): "
-                                  f"nothing of it was published; run the same command again to write {self.cfg.teacher_cache}")
+            for batch, counted in common.teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
                 out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
                 if counted:
                     writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])

@@ -13,6 +13,9 @@ student   The teacher's embeddings, the chosen layers (--student-layer-choice / 
           rows go through either LM head (`models.mlm_rows`); the teacher runs under no_grad. Saved as its
           masked-LM model (+ tokenizer) under <output-dir>/students/<choice>/model, which
           `--objective glue --init-from pretrained --base-model DIR` starts a task distillation from.
+cache     With --teacher-cache DIR, --stage cache (or all) runs the teacher once over every epoch's masked
+          blocks and stores its top-k logits and mapped states (`pkd_fast.mlm_cache`); students then read
+          their rows in the collate and learn a sparse KL (`losses.topk_kd_loss`); no teacher is loaded.
 held out  Masked-LM loss and accuracy on --validation-files, or else on the corpus's last 1% of blocks
           (at least 8; never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
 """
@@ -31,14 +34,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoTokenizer, set_seed
 
+from pkd_fast import cache as teacher_cache
 from pkd_fast import corpus
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
+from pkd_fast import mlm_cache
 from pkd_fast.config import Config
 from pkd_fast.errors import PkdError
-from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.losses import TopKLogits, pkd_loss, resolve_impl
+from pkd_fast.mlm_cache import MlmTeacherCache
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
-                             mlm_row_count, mlm_rows, mlm_student_layers, model_config, pt_rows)
+                             mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config, pt_rows)
 from pkd_fast.recipes import common
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
@@ -60,6 +66,7 @@ class MlmRun:
     pt_map: tuple[int, ...] = ()  # teacher layers the student's layers 1..k-1 learn from
     alpha: float = 0.0
     beta: float = 0.0
+    cached: bool = False  # the teacher's rows come from --teacher-cache (read in the collate), not a live teacher
 
 
 def run(cfg: Config) -> dict:
@@ -67,9 +74,9 @@ def run(cfg: Config) -> dict:
     teacher_config = model_config("--teacher", cfg.teacher)
     check_max_seq_length(cfg.max_seq_length, "--teacher", teacher_config)
     headless = not has_mlm_head(cfg.teacher)
-    if headless and cfg.stage == "student":
-        raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to distil from; fit one first with --stage teacher "
-                       f"(or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
+    if headless and cfg.stage in ("student", "cache"):
+        raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to {'distil from' if cfg.stage == 'student' else 'cache'}; "
+                       f"fit one first with --stage teacher (or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
     if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
         mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
@@ -85,13 +92,17 @@ def run(cfg: Config) -> dict:
         else:
             log.info("--teacher %s has a masked-LM head: used as is", cfg.teacher)
             results["teacher"] = ctx.evaluate_only(teacher_path)
+    cache = None
+    if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.reads_teacher)):
+        cache = ctx.ensure_cache(teacher_path)
     if cfg.stage in ("all", "student"):
-        name, result = ctx.distil(teacher_path)
+        name, result = ctx.distil(teacher_path, cache)
         results[name] = result
 
     summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "device": device, "runs": results}
     if world.is_main:
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main and results:  # --stage cache trains and scores nothing: no table
         table = render_table(summary)
         (out / "results.md").write_text(table + "\n")
         print("\n" + table, flush=True)
@@ -144,15 +155,31 @@ class MlmContext:
             dist.barrier()
         return blocks
 
-    def train_loader(self) -> corpus.MlmLoader:
-        """A fresh loader for one run (a stream starts from its beginning)."""
+    def train_loader(self, teacher_lookup: Callable[[dict], dict] | None = None) -> corpus.MlmLoader:
+        """A fresh loader for one run (a stream starts from its beginning); `teacher_lookup` (a teacher
+        cache's reader, map-style only) adds the teacher's rows to each masked batch."""
         cfg, world = self.cfg, self.world
         if cfg.streaming:
             docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
             stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
             return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability)
         return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed,
-                                 mlm_probability=cfg.mlm_probability, rank=world.rank, world_size=world.world_size)
+                                 mlm_probability=cfg.mlm_probability, rank=world.rank, world_size=world.world_size,
+                                 teacher_lookup=teacher_lookup)
+
+    def student_plan(self, teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The student's teacher layers (1-based) and the PT map its layers 1..k-1 learn from (none without β)."""
+        cfg = self.cfg
+        layers = mlm_student_layers(cfg.student_layer_choice, teacher_layers, cfg.student_layers, cfg.student_layer_list)
+        return layers, layers[:-1] if cfg.beta else ()
+
+    def epochs_needed(self) -> int:
+        """The passes a student of this run makes: --epochs, or the epochs --max-steps reaches (whose masks a
+        teacher cache must hold)."""
+        if self.cfg.epochs is not None:
+            return self.cfg.epochs
+        steps_per_epoch = len(self.train_loader()) // self.trainer.accum
+        return -(-self.cfg.max_steps // steps_per_epoch)
 
     # -- the two runs --------------------------------------------------------------------------------
     def fit_head(self) -> dict:
@@ -165,40 +192,49 @@ class MlmContext:
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
         return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
-    def distil(self, teacher_path: str) -> tuple[str, dict]:
+    def distil(self, teacher_path: str, cache: MlmTeacherCache | None = None) -> tuple[str, dict]:
+        """Distil a student from the teacher at `teacher_path`, or from `cache`'s rows (then the teacher's
+        weights only initialise the student, and nothing of it runs or stays in memory)."""
         cfg = self.cfg
         teacher = load_mlm_teacher(teacher_path)
         n = teacher.config.num_hidden_layers
-        layers = mlm_student_layers(cfg.student_layer_choice, n, cfg.student_layers, cfg.student_layer_list)
+        layers, pt_map = self.student_plan(n)
         name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
-        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, layers[:-1] if cfg.beta else (),
-                      cfg.alpha, cfg.beta)
+        cached = cache is not None and bool(cfg.alpha or pt_map)
+        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta, cached)
         set_seed(cfg.seed)
         student = MaskedLMRows(build_mlm_student(teacher, layers))
-        live = None
-        if spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
+        live = lookup = None
+        if cached:
+            cache.require(pt_map, self.epochs_needed())
+            lookup = cache.reader(pt_map, cfg.kd_positions, pin=self.world.device.type == "cuda")
+            del teacher
+        elif spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
             live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
         step = lambda engine, batch, terms, divisors: self.loss(engine, live, batch, spec, terms, divisors)  # noqa: E731
+        source = f", top-{cache.layout.topk} teacher logits read from {cfg.teacher_cache}" if cached else ""
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
-                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}")
+                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows{source}, loss impl {self.impl}")
         return name, self._fit(student, spec, step, describe, {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
-            "pt_reduction": cfg.pt_reduction,
-        })
+            "pt_reduction": cfg.pt_reduction, "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
+        }, lookup)
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
 
-    def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict) -> dict:
+    def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict,
+             teacher_lookup: Callable[[dict], dict] | None = None) -> dict:
         cfg = self.cfg
         spec.out.mkdir(parents=True, exist_ok=True)
+        source = {"teacher_source": "cache"} if spec.cached else {}  # a cached teacher's top-k KL is another loss
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
-                                 alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
+                                 alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs, **source)
         finished = self.trainer.finished(spec.name, spec.out, run_key)
         if finished is not None:
             return finished
-        result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
+        result = self.trainer.fit(model, self.train_loader(teacher_lookup), step, name=spec.name, out=spec.out, lr=spec.lr,
                                   epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
                                   watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
         return self.trainer.finish(result, spec.out, self.tokenizer, {
@@ -218,24 +254,84 @@ class MlmContext:
         """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
         share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
         cfg = self.cfg
-        rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None else "masked",
+        rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None or spec.cached else "masked",
                         output_hidden_states=bool(spec.pt_map))
+        if spec.cached:  # the collate read them (`mlm_cache.MlmTeacherCache.reader`): top-k logits, states in map order
+            t_logits = TopKLogits(batch["teacher_topk_ids"], batch["teacher_topk_values"], batch["teacher_lse"])
+            t_hidden, t_layers = (batch["teacher_hidden"].unbind(1) if spec.pt_map else None), range(len(spec.pt_map))
+        else:
+            t_logits, t_hidden, t_layers = rows.teacher_logits, rows.teacher_hidden, spec.pt_map
         s_rows, t_rows = [], []
         if spec.pt_map:
             real_rows = rows.row_index if cfg.kd_positions == "all" else glue_data.real_token_index(batch["attention_mask"])
             token_index = real_rows if cfg.pt_tokens == "all" else None
             pool_mask = batch["attention_mask"] if cfg.pt_tokens == "mean" else None
             s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index, pool_mask)
-            t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index, pool_mask)
-        terms = pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows,
+            t_rows = pt_rows(t_hidden, t_layers, token_index, pool_mask)
+        terms = pkd_loss(rows.student_logits, t_logits, rows.labels, s_rows, t_rows,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms, divisors=divisors)
         watched = {STUDENT: rows.student_logits, "loss": terms.total}
         if spec.alpha:
-            watched["teacher logits"] = rows.teacher_logits
+            watched["teacher logits"] = t_logits.values if spec.cached else t_logits
         if t_rows:
             watched["teacher hidden states"] = t_rows
         return StepOutput(terms, watched)
+
+    # -- teacher cache -------------------------------------------------------------------------------
+    def ensure_cache(self, teacher_path: str) -> MlmTeacherCache:
+        """The masked-LM store under --teacher-cache for this teacher, corpus, masking, k and T: opened
+        (--stage student), or reused or written (--stage cache, all) as `cache.open_or_write` rules."""
+        cfg = self.cfg
+        fingerprint = mlm_cache.fingerprint(
+            teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, ds.train_dtype(self.ds_config), mask_seed=cfg.seed,
+            mlm_probability=cfg.mlm_probability, kd_positions=cfg.kd_positions, topk=cfg.cache_topk, temperature=cfg.temperature)
+        return teacher_cache.open_or_write(
+            MlmTeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
+            overwrite=cfg.overwrite_cache, write=lambda: self.write_cache(teacher_path, fingerprint),
+            require=lambda cache: cache.require(self.cache_layers(cache.layout.teacher_layers), self.epochs_needed()))
+
+    def cache_layers(self, teacher_layers: int) -> tuple[int, ...]:
+        """The layers a store keeps states of: --cache-layers, else the PT map of the student these flags describe."""
+        if self.cfg.cache_layers is not None:
+            return tuple(sorted(set(self.cfg.cache_layers)))
+        return tuple(sorted(self.student_plan(teacher_layers)[1]))
+
+    @torch.no_grad()
+    def write_cache(self, teacher_path: str, fingerprint: dict) -> MlmTeacherCache:
+        """One pass of the frozen teacher per epoch over that epoch's masked blocks, each rank over its
+        slice, into the store: the top-k of each KD row and the stored layers' states."""
+        cfg, world = self.cfg, self.world
+        model = load_mlm_teacher(teacher_path)
+        n, vocab = model.config.num_hidden_layers, model.config.vocab_size
+        if cfg.cache_topk > vocab:
+            raise PkdError(f"--cache-topk {cfg.cache_topk}: the teacher's vocabulary has {vocab} entries")
+        layers, epochs = self.cache_layers(n), self.epochs_needed()
+        masker = corpus.MlmMasker(self.tokenizer, cfg.mlm_probability, seed=cfg.seed)
+        offsets = mlm_cache.kd_row_offsets(self.train_set, masker, epochs, cfg.kd_positions)
+        layout = mlm_cache.MlmLayout(
+            blocks=self.train_blocks, epochs=epochs, tokens=int(mlm_cache.block_lengths(self.train_set).sum()),
+            positions=cfg.max_seq_length, kd_rows=int(offsets[-1]), topk=cfg.cache_topk, teacher_layers=n,
+            hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"])
+        with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets, cfg.temperature) as writer:
+            teacher = ds.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
+            per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+                                                    world_size=world.world_size, lookup=masker)[1]
+
+            def batches():
+                for epoch in range(epochs):
+                    masker.set_epoch(epoch)  # the collate masks as each epoch's batches are drawn
+                    yield from glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+                                                           world_size=world.world_size, lookup=masker)[0]
+
+            for batch, counted in common.teacher_pass(batches(), epochs * per_epoch, world, cfg.teacher_cache):
+                units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
+                batch = glue_data.batch_to_device(batch, world.device)
+                logits, hidden = teacher(**glue_data.model_inputs(batch), row_index=mlm_row_index(batch, cfg.kd_positions),
+                                         output_hidden_states=bool(layers))
+                if counted:
+                    writer.write(units, counts, logits, hidden, batch["attention_mask"])
+            return writer.commit()
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
