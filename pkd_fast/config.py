@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glue: distil on a GLUE task; mlm: masked-LM distillation on raw text (--text-files or --dataset)")
     p.add_argument("--stage", choices=STAGES, default="all",
                    help="all: teacher (glue: fine-tuned unless it already is; mlm: an MLM head fitted unless it has one) → "
-                        "teacher cache (glue, with --teacher-cache) → students → table; cache: only write --teacher-cache")
+                        "teacher cache (with --teacher-cache) → students → table; cache: only write --teacher-cache")
     g = p.add_argument_group("data (glue)")
     g.add_argument("--task", default=None, help=f"GLUE task: {', '.join(TASKS)} (default sst2)")
     g.add_argument("--glue-dir", default=None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")

@@ -116,12 +116,9 @@ def kd_row_offsets(blocks, masker: MlmMasker, epochs: int, kd_positions: str) ->
         if kd_positions == "all":
             counts.append(lengths)
             continue
-        ids = blocks["input_ids"]
-        index = blocks["example_idx"]
-        per_block = np.empty(len(ids), dtype=np.int64)
-        for i, (block, idx) in enumerate(zip(ids, index)):
-            per_block[i] = int((masker.mask_at(epoch, torch.tensor(block), idx)[1] != IGNORE_INDEX).sum())
-        counts.append(per_block)
+        per_block = [int((masker.mask_at(epoch, torch.tensor(block), idx)[1] != IGNORE_INDEX).sum())
+                     for chunk in blocks.iter(batch_size=1024) for block, idx in zip(chunk["input_ids"], chunk["example_idx"])]
+        counts.append(np.array(per_block, dtype=np.int64))
     return np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
 
 

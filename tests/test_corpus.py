@@ -292,7 +292,8 @@ def test_map_loader_batches(tok, tmp_path):
     loader.set_epoch(0)
     first = list(loader)
     batch = first[0]
-    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "mlm_labels", "example_idx"}
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "mlm_labels", "example_idx", "epoch"}
+    assert (batch["epoch"] == 0).all()  # with example_idx, where a masked-LM teacher cache finds the batch's rows
     assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] >= 30
     seen = torch.cat([b["example_idx"] for b in first])
     assert len(set(seen.tolist())) == len(seen)

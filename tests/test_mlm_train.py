@@ -50,7 +50,7 @@ BAD = [
     (["--text-files", "{train}", "--validation-files", "/no/v*.txt"], "--validation-files /no/v*.txt: matches no file"),
     (["--text-files", "{train}", "--task", "mrpc"], "--task: not a flag of --objective mlm"),
     (["--text-files", "{train}", "--strategy", "kd"], "--strategy: not a flag of --objective mlm"),
-    (["--text-files", "{train}", "--stage", "cache"], "--stage must be one of ('all', 'teacher', 'student') under --objective mlm"),
+    (["--text-files", "{train}", "--stage", "cache"], "--stage cache needs --teacher-cache DIR"),
     (["--text-files", "{train}", "--streaming"], "--streaming needs --max-steps"),
     (["--text-files", "{train}", "--streaming", "--max-steps", "3"], "--streaming needs --validation-files"),
     (["--text-files", "{train}", "--max-steps", "3", "--epochs", "1"], "--max-steps replaces --epochs"),
