@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--head-steps", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="T of the KL (default 1: benchmarks/results/topk_gap.md finds top-k KD of this teacher useful near T = 1 only)")
     args = p.parse_args()
     device = torch.device("cpu")
     root = Path(tempfile.mkdtemp(prefix="mlm_cache_bench-"))
@@ -94,7 +96,7 @@ def main() -> None:
     (root / "ds.json").write_text(json.dumps(ds))
     corpus = write_corpus(root / "corpus.txt", args.sentences)
     common = ["--objective", "mlm", "--deepspeed", str(root / "ds.json"), "--text-files", corpus, "--max-seq-length", str(args.seq),
-              "--loss-impl", "eager", "--log-steps", "1", "--seed", "1"]
+              "--loss-impl", "eager", "--log-steps", "1", "--seed", "1", "--temperature", str(args.temperature)]
 
     print("fitting the teacher's head ...", flush=True)
     run([*common, "--stage", "teacher", "--teacher", default_teacher(), "--max-steps", str(args.head_steps), "--lr", "1e-3",
@@ -135,7 +137,7 @@ def main() -> None:
         teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     results = {
         "setup": {"teacher": "all-MiniLM-L6-v2 + fitted masked-LM head (6 × 384, vocab 30,522)", "student": "alternate layers 1,3,5, PT on 1,3",
-                  "seq": args.seq, "micro_batch": args.micro_batch, "steps": steps, "topk": args.topk, "kd_positions": "all",
+                  "seq": args.seq, "micro_batch": args.micro_batch, "steps": steps, "topk": args.topk, "temperature": args.temperature, "kd_positions": "all",
                   "pt_tokens": "all", "loss_impl": "eager", "blocks": layout["blocks"], "epochs": layout["epochs"],
                   "real_tokens_per_epoch": layout["tokens"], "store_dtype": layout["dtype"], "stored_layers": layout["layers"],
                   "contended": "2-core CPU shared with other jobs: trust the ratios of interleaved runs, not absolute seconds"},
@@ -163,7 +165,8 @@ def render(r: dict) -> str:
         "",
         f"{r['device']['name']}, {r['device']['date']}, torch {r['device']['torch']}; {s['contended']}.",
         f"Teacher {s['teacher']}; student {s['student']}; {s['blocks']} blocks of {s['seq']} tokens, micro-batch {s['micro_batch']}, "
-        f"{s['steps']} steps ({s['epochs']} epoch(s) of masks stored), KL over every real token, loss impl {s['loss_impl']}.",
+        f"{s['steps']} steps ({s['epochs']} epoch(s) of masks stored), KL over every real token at T = {s['temperature']:g}, "
+        f"loss impl {s['loss_impl']}.",
         "",
         "| | live teacher | from the cache | |",
         "|---|---|---|---|",
