@@ -50,10 +50,8 @@ GLUE_ONLY = ("task", "beta_share", "glue_dir", "max_train_samples", "data_seed",
 MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
             "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk")
 # What those flags default to under their own objective.
-GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
-                 "verify_cache": "sampled", "pt_tokens": "cls"}
-MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "verify_cache": "sampled",
-                "cache_topk": 64}
+GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher", "pt_tokens": "cls"}
+MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZERO2_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"  # the default on a GPU
 CPU_DS_CONFIG = REPO_ROOT / "ds_configs" / "cpu.json"  # the default on a CPU: a step at a plain loop's cost
@@ -139,7 +137,7 @@ class Config:
     loss_impl: str = "auto"
     on_nonfinite: str = "stop"  # stop: end the run at the next check; skip: drop the micro-batch and count it
     overwrite_cache: bool = False  # replace a --teacher-cache written for another teacher or data set
-    verify_cache: str | None = None  # default sampled. sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
+    verify_cache: str = "sampled"  # sampled: digest of spaced blocks (ms); full: every byte (reads the store once)
     log_steps: int = 20
     save_steps: int = 0  # 0: a checkpoint at the end of each epoch only
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds a rank waits on an unanswering peer before the run fails
@@ -206,7 +204,7 @@ class Config:
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
         need(self.init_from in (None, "teacher", "pretrained", "scratch"), "--init-from must be teacher, pretrained or scratch")
         need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
-        need(self.verify_cache is None or self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
+        need(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}")
         need(self.stage != "cache" or bool(self.teacher_cache), "--stage cache needs --teacher-cache DIR (where to write it)")
         need(self.cache_layers is None or (bool(self.cache_layers) and min(self.cache_layers) >= 0),
              f"--cache-layers must list teacher layers >= 0 (0 = embeddings), got {self.cache_layers}")
