@@ -313,9 +313,7 @@ class TeacherCache:
             if len(index):
                 width = batch["input_ids"].shape[1] if pt_tokens == "all" or pool else 1
                 states = self.states(rows, index, width)
-                if pool:  # [B, L, S, H] → [B, L, 1, H]
-                    states = torch.stack([mean_pool(states[:, i], batch["attention_mask"]) for i in range(len(index))], 1)[:, :, None]
-                out["teacher_hidden"] = states
+                out["teacher_hidden"] = pooled_states(states, batch["attention_mask"]) if pool else states
             return pinned(out) if pin else out
 
         return read
@@ -325,6 +323,12 @@ class TeacherCache:
         positions gets zeros there, as the store holds past each row's end."""
         states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
         return F.pad(states, (0, 0, 0, width - states.shape[2])) if states.shape[2] < width else states
+
+
+def pooled_states(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """--pt-tokens mean from a store of every token: [B, L, S, H] → each example's mean over its real tokens
+    [B, L, 1, H] (fp32, `data.mean_pool`), pooled in the collate so the step reads one row per example."""
+    return torch.stack([mean_pool(states[:, i], attention_mask) for i in range(states.shape[1])], 1)[:, :, None]
 
 
 def pinned(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -480,7 +484,7 @@ class Writer:
         self.refuse_nonfinite(rows, [logits, *(hidden_states[l] for l in self.layout.layers)])
         self.arrays["logits"][rows] = self._numpy(logits)
         if self.layout.positions == 1 and self.layout.pooled == "mean":
-            states = torch.stack([mean_pool(hidden_states[l], attention_mask) for l in self.layout.layers], 1)[:, :, None]
+            states = pooled_states(torch.stack([hidden_states[l] for l in self.layout.layers], 1), attention_mask)
             self.arrays["hidden"][rows] = self._numpy(states)
         else:
             self.write_states(rows, hidden_states, attention_mask)

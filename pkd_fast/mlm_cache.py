@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from pkd_fast.cache import (NUMPY_DTYPES, TeacherCache, Writer, check_stored_layers, describe_arrays, pinned, store_bytes,
-                            teacher_fingerprint)
+from pkd_fast.cache import (NUMPY_DTYPES, TeacherCache, Writer, check_stored_layers, describe_arrays, pinned, pooled_states,
+                            store_bytes, teacher_fingerprint)
 from pkd_fast.corpus import IGNORE_INDEX, MlmMasker
 from pkd_fast.errors import PkdError
 
@@ -66,6 +66,7 @@ class MlmLayout:
     hidden_size: int
     layers: tuple[int, ...]  # the stored hidden_states indices, ascending (0 = embeddings; none: KD only)
     dtype: str
+    temperature: float  # the T of the stored logsumexp
     objective: str = "mlm"
 
     @classmethod
@@ -137,6 +138,11 @@ class MlmTeacherCache(TeacherCache):
 
     LAYOUT = MlmLayout
 
+    @property
+    def topk_temperature(self) -> float:
+        """The T its logsumexp is at (the top-k logits' `losses.topk_kd_loss` contract)."""
+        return self.layout.temperature
+
     def require(self, layers: Sequence[int], epochs: int) -> None:
         """Refuse a student that needs a layer's states or an epoch's masks the store lacks."""
         missing = sorted(set(layers) - set(self.layout.layers))
@@ -156,11 +162,12 @@ class MlmTeacherCache(TeacherCache):
                            f"store's {(ends - starts).tolist()}: its masks are not this run's; rewrite it with --stage cache")
         return np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(units) else np.zeros(0, np.int64)
 
-    def reader(self, layers: Sequence[int], kd_positions: str, pin: bool = False) -> Callable[[dict], dict]:
+    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False, *, kd_positions: str) -> Callable[[dict], dict]:
         """The collate-time lookup of one student run, on a masked batch (with `epoch` and `example_idx`):
-        `teacher_topk_ids` [n, k] int32, `teacher_topk_values` [n, k], `teacher_lse` [n] fp32 for the n KD
-        rows in `models.mlm_row_index` order, and for a PT map `teacher_hidden` [B, len(layers), S, H]
-        (S the batch's padded length) in map order: the layout `recipes.mlm.MlmContext.loss` reads."""
+        `teacher_topk_ids` [n, k] int32, `teacher_topk_values` [n, k], `teacher_topk_lse` [n] fp32 for the n
+        KD rows in `models.mlm_row_index` order, and for a PT map `teacher_hidden` [B, len(layers), S, H] in
+        map order: S the batch's padded length, or 1 for --pt-tokens mean (pooled here, as the GLUE store's
+        reader does), the layout `recipes.mlm.MlmContext.loss` reads."""
         index = np.array([self.layout.layers.index(l) for l in layers], dtype=np.int64)
 
         def read(batch: dict) -> dict:
@@ -170,9 +177,10 @@ class MlmTeacherCache(TeacherCache):
             rows = self.kd_rows(units, batch_kd_counts(batch, kd_positions))
             out = {"teacher_topk_ids": torch.from_numpy(self.arrays["topk_ids"][rows]),
                    "teacher_topk_values": self._tensor(self.arrays["topk_values"][rows]),
-                   "teacher_lse": torch.from_numpy(self.arrays["lse"][rows])}
+                   "teacher_topk_lse": torch.from_numpy(self.arrays["lse"][rows])}
             if len(index):
-                out["teacher_hidden"] = self.states(units, index, batch["input_ids"].shape[1])
+                states = self.states(units, index, batch["input_ids"].shape[1])
+                out["teacher_hidden"] = pooled_states(states, batch["attention_mask"]) if pt_tokens == "mean" else states
             return pinned(out) if pin else out
 
         return read
@@ -184,8 +192,8 @@ class MlmWriter(Writer):
 
     CACHE = MlmTeacherCache
 
-    def __init__(self, directory, fingerprint: dict, layout: MlmLayout, world, offsets: np.ndarray, temperature: float):
-        self.offsets, self.temperature = offsets, temperature
+    def __init__(self, directory, fingerprint: dict, layout: MlmLayout, world, offsets: np.ndarray):
+        self.offsets = offsets
         super().__init__(directory, fingerprint, layout, world)
 
     def initial_contents(self) -> dict[str, np.ndarray]:
@@ -196,7 +204,7 @@ class MlmWriter(Writer):
         """Store one batch: `logits` [n, V] are its KD rows in gather order (`counts` [B] per row), `units`
         [B] its rows' epoch·B + block."""
         values, ids = logits.topk(self.layout.topk, dim=-1)
-        lse = torch.logsumexp(logits.float() / self.temperature, dim=-1)
+        lse = torch.logsumexp(logits.float() / self.layout.temperature, dim=-1)
         states = [hidden_states[l] for l in self.layout.layers] if self.layout.layers else []
         self.refuse_nonfinite(units, [values, lse, *states])
         starts, ends = self.offsets[units], self.offsets[units + 1]

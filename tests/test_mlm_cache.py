@@ -35,12 +35,12 @@ def synthetic_store(path, epochs=2, blocks=3, width=6, vocab=20, topk=4, layers=
     lengths = torch.tensor([6, 3, 5])[:blocks]
     offsets = np.concatenate([[0], np.cumsum(np.tile(lengths.numpy(), epochs))])
     layout = MlmLayout(blocks=blocks, epochs=epochs, tokens=int(lengths.sum()), positions=width, kd_rows=int(offsets[-1]), topk=topk,
-                       teacher_layers=2, hidden_size=8, layers=layers, dtype="float32")
+                       teacher_layers=2, hidden_size=8, layers=layers, dtype="float32", temperature=2.0)
     units = epochs * blocks
     logits = [torch.randn(int(lengths[u % blocks]), vocab, generator=g) for u in range(units)]
     states = [torch.randn(units, width, 8, generator=g) for _ in range(3)]  # hidden_states 0..2
     mask = (torch.arange(width)[None] < lengths.repeat(epochs)[:, None]).long()
-    with MlmWriter(path, FINGERPRINT, layout, ONE_RANK, offsets, temperature=2.0) as writer:
+    with MlmWriter(path, FINGERPRINT, layout, ONE_RANK, offsets) as writer:
         for batch in torch.randperm(units, generator=g).split(4):
             writer.write(batch.numpy(), mask[batch].sum(1), torch.cat([logits[u] for u in batch]), [h[batch] for h in states], mask[batch])
         store = writer.commit()
@@ -51,17 +51,20 @@ def test_store_round_trip_gives_each_kd_row_its_top_k_and_lse_and_every_token_it
     store, logits, states, mask = synthetic_store(tmp_path / "c")
     units = torch.tensor([4, 0, 5])  # epoch 1 block 1, epoch 0 block 0, epoch 1 block 2
     batch = {"epoch": units // 3, "example_idx": units % 3, "attention_mask": F_pad(mask[units], 8), "input_ids": torch.zeros(3, 8)}
-    out = store.reader([2], "all")(batch)
+    out = store.reader([2], "all", kd_positions="all")(batch)
     rows = torch.cat([logits[u] for u in units])
     values, ids = rows.topk(4)
     assert torch.equal(out["teacher_topk_ids"], ids.int()) and torch.equal(out["teacher_topk_values"], values)
-    torch.testing.assert_close(out["teacher_lse"], torch.logsumexp(rows / 2.0, -1))
+    torch.testing.assert_close(out["teacher_topk_lse"], torch.logsumexp(rows / 2.0, -1))
+    assert store.topk_temperature == 2.0
     assert out["teacher_hidden"].shape == (3, 1, 8, 8)  # [B, layers, the batch's width (past the stored 6), H]
     expected = states[2][units] * mask[units][..., None]
     assert torch.equal(out["teacher_hidden"][:, 0, :6], expected) and not out["teacher_hidden"][:, :, 6:].any()
+    mean = store.reader([2], "mean", kd_positions="all")(batch)["teacher_hidden"]  # --pt-tokens mean: pooled in the collate
+    torch.testing.assert_close(mean[:, 0, 0], expected.sum(1) / mask[units].sum(1, keepdim=True))
     bad = {**batch, "attention_mask": F_pad(mask[units][:, :-1], 8)}  # a batch whose KD rows differ from the store's
     with pytest.raises(PkdError, match="its masks are not this run's"):
-        store.reader([2], "all")(bad)
+        store.reader([2], "all", kd_positions="all")(bad)
 
 
 def F_pad(mask, width):

@@ -207,7 +207,7 @@ class MlmContext:
         live = lookup = None
         if cached:
             cache.require(pt_map, self.epochs_needed())
-            lookup = cache.reader(pt_map, cfg.kd_positions, pin=self.world.device.type == "cuda")
+            lookup = cache.reader(pt_map, cfg.pt_tokens, pin=self.world.device.type == "cuda", kd_positions=cfg.kd_positions)
             del teacher
         elif spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
             live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
@@ -257,7 +257,7 @@ class MlmContext:
         rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None or spec.cached else "masked",
                         output_hidden_states=bool(spec.pt_map))
         if spec.cached:  # the collate read them (`mlm_cache.MlmTeacherCache.reader`): top-k logits, states in map order
-            t_logits = TopKLogits(batch["teacher_topk_ids"], batch["teacher_topk_values"], batch["teacher_lse"])
+            t_logits = TopKLogits(batch["teacher_topk_ids"], batch["teacher_topk_values"], batch["teacher_topk_lse"])
             t_hidden, t_layers = (batch["teacher_hidden"].unbind(1) if spec.pt_map else None), range(len(spec.pt_map))
         else:
             t_logits, t_hidden, t_layers = rows.teacher_logits, rows.teacher_hidden, spec.pt_map
@@ -267,7 +267,7 @@ class MlmContext:
             token_index = real_rows if cfg.pt_tokens == "all" else None
             pool_mask = batch["attention_mask"] if cfg.pt_tokens == "mean" else None
             s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index, pool_mask)
-            t_rows = pt_rows(t_hidden, t_layers, token_index, pool_mask)
+            t_rows = pt_rows(t_hidden, t_layers, token_index, None if spec.cached else pool_mask)  # the cache pools in the collate
         terms = pkd_loss(rows.student_logits, t_logits, rows.labels, s_rows, t_rows,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms, divisors=divisors)
@@ -312,8 +312,8 @@ class MlmContext:
         layout = mlm_cache.MlmLayout(
             blocks=self.train_blocks, epochs=epochs, tokens=int(mlm_cache.block_lengths(self.train_set).sum()),
             positions=cfg.max_seq_length, kd_rows=int(offsets[-1]), topk=cfg.cache_topk, teacher_layers=n,
-            hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"])
-        with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets, cfg.temperature) as writer:
+            hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature)
+        with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
             teacher = ds.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
             per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
