@@ -123,6 +123,15 @@ def kd_row_offsets(blocks, masker: MlmMasker, epochs: int, kd_positions: str) ->
     return np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
 
 
+def unit_rows(offsets: np.ndarray, units: np.ndarray, counts: torch.Tensor) -> np.ndarray | None:
+    """The store rows of a batch's KD rows in its gather order (each unit's [offsets[u], offsets[u+1]) in
+    turn), or None when a unit's count differs from the batch's (`counts` [B]): masks other than the store's."""
+    starts, ends = offsets[units], offsets[units + 1]
+    if not np.array_equal(ends - starts, counts.cpu().numpy()):
+        return None
+    return np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(units) else np.zeros(0, np.int64)
+
+
 def batch_units(batch: dict, blocks: int) -> np.ndarray:
     """Each row's store unit, epoch·B + block: masked batches carry both (`corpus.MlmMasker`)."""
     return (batch["epoch"] * blocks + batch["example_idx"]).numpy()
@@ -153,15 +162,6 @@ class MlmTeacherCache(TeacherCache):
             raise PkdError(f"--teacher-cache {self.directory}: holds the masks of {self.layout.epochs} epoch(s), this run trains "
                            f"{epochs}; rewrite it with --stage cache for {epochs} epochs (or train fewer)")
 
-    def kd_rows(self, units: np.ndarray, counts: torch.Tensor) -> np.ndarray:
-        """The store rows of a batch's KD rows, in the batch's gather order; a row whose count differs from
-        the store's (its mask differs: another masker than the fingerprint says) is refused."""
-        starts, ends = self.arrays["row_offsets"][units], self.arrays["row_offsets"][units + 1]
-        if not np.array_equal(ends - starts, counts.numpy()):
-            raise PkdError(f"--teacher-cache {self.directory}: the batch's KD rows per block {counts.tolist()} differ from the "
-                           f"store's {(ends - starts).tolist()}: its masks are not this run's; rewrite it with --stage cache")
-        return np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(units) else np.zeros(0, np.int64)
-
     def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False, *, kd_positions: str) -> Callable[[dict], dict]:
         """The collate-time lookup of one student run, on a masked batch (with `epoch` and `example_idx`):
         `teacher_topk_ids` [n, k] int32, `teacher_topk_values` [n, k], `teacher_topk_lse` [n] fp32 for the n
@@ -174,7 +174,11 @@ class MlmTeacherCache(TeacherCache):
             units = batch_units(batch, self.layout.blocks)
             if units.size and (batch["epoch"].max() >= self.layout.epochs):
                 raise PkdError(f"--teacher-cache {self.directory}: epoch {int(batch['epoch'].max())} is past the {self.layout.epochs} stored")
-            rows = self.kd_rows(units, batch_kd_counts(batch, kd_positions))
+            counts = batch_kd_counts(batch, kd_positions)
+            rows = unit_rows(self.arrays["row_offsets"], units, counts)
+            if rows is None:  # a check the fingerprint makes redundant, unless the masking code itself changed
+                raise PkdError(f"--teacher-cache {self.directory}: the batch's KD rows per block {counts.tolist()} differ from the "
+                               "store's: its masks are not this run's; rewrite it with --stage cache")
             out = {"teacher_topk_ids": torch.from_numpy(self.arrays["topk_ids"][rows]),
                    "teacher_topk_values": self._tensor(self.arrays["topk_values"][rows]),
                    "teacher_topk_lse": torch.from_numpy(self.arrays["lse"][rows])}
@@ -207,11 +211,9 @@ class MlmWriter(Writer):
         lse = torch.logsumexp(logits.float() / self.layout.temperature, dim=-1)
         states = [hidden_states[l] for l in self.layout.layers] if self.layout.layers else []
         self.refuse_nonfinite(units, [values, lse, *states])
-        starts, ends = self.offsets[units], self.offsets[units + 1]
-        if not np.array_equal(ends - starts, counts.cpu().numpy()):
-            raise PkdError(f"teacher cache: KD rows per block {counts.tolist()} differ from the layout's {(ends - starts).tolist()} "
-                           "(the masks changed while writing)")
-        rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+        rows = unit_rows(self.offsets, units, counts)
+        if rows is None:
+            raise PkdError(f"teacher cache: KD rows per block {counts.tolist()} differ from the layout's (the masks changed while writing)")
         self.arrays["topk_ids"][rows] = ids.to("cpu", torch.int32).numpy()
         self.arrays["topk_values"][rows] = self._numpy(values)
         self.arrays["lse"][rows] = lse.cpu().numpy()
