@@ -487,6 +487,40 @@ def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def one_cpu_rank_config(config: dict, world: Dist) -> dict:
+    """The JSON as one CPU rank runs it fastest with the same results (up to round-off), said in one log
+    line: ZeRO-1/2 on fp32 weights become stage 0, and torch's AdamW is asked to be `fused` where the JSON
+    leaves that open. The optimizer, scheduler, clipping and precision stay the JSON's; the run key holds
+    what runs, so --resume refuses a checkpoint of the JSON's own stage rather than load it into another layout.
+
+    Why: ZeRO-1/2 on one rank partition nothing, yet DeepSpeed still copies every gradient into its flat
+    partition buffers and back each step, and torch's AdamW on CPU tensors makes a pass over memory per
+    operation unless `fused` is given (its foreach/fused default is for CUDA tensors only). The 3-layer
+    MiniLM student's step as an AVX2 CPU runs zero2.json (fp32) cost 1.35× the stage-0 fused step; in bf16,
+    ZeRO-2's step cost 1.2× the same with fused AdamW (2-core EPYC, benchmarks/results/cpu_step.md).
+    16-bit weights keep their ZeRO stage: at stage 0 DeepSpeed 0.19.8 wraps them in FP16_UnfusedOptimizer,
+    whose zero-gradient Adam step at start shifts Adam's bias correction (the first update 0.74× ZeRO's)
+    and decays the weights once. Stage 3 (it decides how the teacher is held), offload (it names its own
+    optimizer) and every multi-rank or GPU run keep the JSON as written."""
+    zero = config.get("zero_optimization", {})
+    offload = any((zero.get(key) or {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
+    if world.world_size != 1 or world.device.type != "cpu" or zero_stage(config) == 3 or offload:
+        return config
+    config, changes = json.loads(json.dumps(config)), []
+    sixteen_bit_weights = any((config.get(section) or {}).get("enabled") for section in ("bf16", "fp16"))
+    if zero_stage(config) != 0 and not sixteen_bit_weights:
+        changes.append(f"ZeRO stage {zero_stage(config)} → 0 (one rank has nothing to partition)")
+        config["zero_optimization"] = {"stage": 0}
+    optimizer = config["optimizer"]
+    params = optimizer.setdefault("params", {})
+    if str(optimizer["type"]).lower() in ("adam", "adamw") and params.get("torch_adam") and not {"fused", "foreach"} & set(params):
+        changes.append("torch's AdamW fused (one pass over memory; unfused, one per operation)")
+        params["fused"] = True
+    if changes:
+        log.info("one CPU rank: running %s; optimizer, scheduler, clipping and precision as the JSON says", ", ".join(changes))
+    return config
+
+
 def train_dtype(config: dict) -> torch.dtype:
     """The dtype the forward computes in: the frozen teacher is cast to it and the teacher cache stores it.
     Under torch_autocast the student keeps fp32 weights but its matmuls run in the autocast dtype, so the

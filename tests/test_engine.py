@@ -77,6 +77,76 @@ def test_zero_stages_keep_their_gradient_reduction():
     assert engine.enable_backward_allreduce is True
 
 
+def zero2_config(**overrides) -> dict:
+    """ds_configs/zero2.json at a constant lr without TensorBoard, resolved as a run does."""
+    config = ds.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    config.pop("scheduler")
+    config.update(tensorboard={"enabled": False}, train_micro_batch_size_per_gpu=4, **overrides)
+    return ds.resolve_ds_config(config, lr=1e-2, total_steps=10, warmup_steps=0, tensorboard_dir=Path("unused"))
+
+
+ONE_CPU_RANK = ds.Dist(0, 1, torch.device("cpu"))
+
+
+def test_one_cpu_rank_runs_fp32_zero2_at_stage_0_with_fused_adamw(caplog):
+    """On one CPU rank ZeRO-2 partitions nothing: an fp32 run (zero2.json as an AVX2 CPU runs it) goes to
+    stage 0, bf16 weights keep ZeRO-2 (stage 0 would wrap them in DeepSpeed's FP16_UnfusedOptimizer), both
+    with torch's fused AdamW, said in one line; the JSON's optimizer, scheduler, clipping and precision stay.
+    Several ranks, a GPU, ZeRO-3, offload and an AdamW the JSON configures itself keep the JSON as written."""
+    bf16 = ds.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    fp32 = {**bf16, "bf16": {"enabled": False}}
+    for config, stage in ((fp32, 0), (bf16, 2)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pkd_fast"):
+            runs = ds.one_cpu_rank_config(config, ONE_CPU_RANK)
+        assert runs["zero_optimization"] == ({"stage": 0} if stage == 0 else config["zero_optimization"])
+        assert runs["optimizer"]["params"] == {**config["optimizer"]["params"], "fused": True}
+        assert {k: v for k, v in runs.items() if k not in ("zero_optimization", "optimizer")} == {
+            k: v for k, v in config.items() if k not in ("zero_optimization", "optimizer")}
+        assert config["zero_optimization"]["stage"] == 2 and "fused" not in config["optimizer"]["params"]  # a copy
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("one CPU rank")]
+        assert len(lines) == 1 and ("ZeRO stage 2 → 0" in lines[0]) == (stage == 0) and "fused" in lines[0]
+    as_written = [
+        (fp32, ds.Dist(0, 2, torch.device("cpu"))),
+        (fp32, ds.Dist(0, 1, torch.device("cuda", 0))),
+        ({**fp32, "zero_optimization": {"stage": 3}}, ONE_CPU_RANK),
+        ({**fp32, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ONE_CPU_RANK),
+        ({**fp32, "zero_optimization": {"stage": 0}, "optimizer": {**fp32["optimizer"], "params": {
+            **fp32["optimizer"]["params"], "fused": False}}}, ONE_CPU_RANK),
+    ]
+    for config, world in as_written:
+        assert ds.one_cpu_rank_config(config, world) == config
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_cpu_rank_trains_as_the_json_as_written(precision):
+    """Three steps of what one CPU rank runs for zero2.json (fp32: stage 0, fused AdamW; bf16: ZeRO-2, fused
+    AdamW) equal those of the JSON as written on the same model and data, losses and weights, up to round-off
+    (bf16: one step of its weights' resolution), clipping included."""
+    ds.init_distributed()
+    as_written = zero2_config(bf16={"enabled": precision == "bf16"})
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model = Tiny()
+    engines = [ds.student_engine(copy.deepcopy(model), c) for c in (as_written, ds.one_cpu_rank_config(as_written, ONE_CPU_RANK))]
+    assert type(engines[0].optimizer).__name__ == "DeepSpeedZeroOptimizer"
+    assert engines[1].basic_optimizer.defaults["fused"] is True
+    assert (engines[1].optimizer is engines[1].basic_optimizer) == (precision == "fp32")  # stage 0: no ZeRO wrapper
+    gen = torch.Generator().manual_seed(1)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 0, "atol": 4e-3}
+    for _ in range(3):
+        x, y = 10 * torch.randn(4, 8, generator=gen).to(dtype), torch.randint(0, 3, (4,), generator=gen)
+        losses = []
+        for engine in engines:
+            losses.append(engine(x, y))
+            engine.backward(losses[-1])
+            engine.step()
+        torch.testing.assert_close(losses[1], losses[0], **tolerance)
+    moved = [(after - before.to(dtype)).abs().max() for after, before in zip(engines[0].module.parameters(), model.parameters())]
+    assert min(moved) > 1e-2  # three updates of lr 1e-2: the weights compared below were trained
+    for got, want in zip(engines[1].module.parameters(), engines[0].module.parameters()):
+        torch.testing.assert_close(got, want, **tolerance)
+
 def test_autocast_config_gives_the_teacher_its_dtype(tmp_path):
     assert ds.train_dtype(ds.read_ds_config(str(CPU_CONFIG))) == torch.bfloat16
     config = json.loads(CPU_CONFIG.read_text())

@@ -40,6 +40,7 @@ def start(cfg: Config) -> tuple[ds.Dist, Path, dict, dict]:
         _held.callback(lock.release)
     ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     ds_config, device = resolve_device_precision(cfg, world, ds_config)
+    ds_config = ds.one_cpu_rank_config(ds_config, world)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json", device=device)
         lr = f"--lr {cfg.lr:g}" + (f" (the teacher's: --teacher-lr {cfg.teacher_lr:g})" if cfg.teacher_lr is not None else "")
