@@ -178,9 +178,11 @@ def make_loader(
     lookup: Callable[[dict], dict] | None = None,
 ) -> DataLoader:
     """Batches padded to their own longest row (a multiple of 8, for tensor cores). Training batches are
-    shuffled by (seed, epoch) and sharded over ranks; evaluation batches are sharded in order without
-    padding rows, so each rank scores a disjoint slice. `lookup(batch)` adds columns found by the batch's
-    example_idx (the teacher cache's rows), read in the collate rather than in the training step."""
+    shuffled by (seed, epoch) and sharded over ranks; evaluation rows are sharded without padding rows, so
+    each rank scores a disjoint slice, and batched longest first, so rows of like length share a batch:
+    SST-2's dev set in file order was 54% padding at 64 rows a batch, sorted 17%. Its scores are put back
+    in row order by example_idx. `lookup(batch)` adds columns found by the batch's example_idx (the teacher
+    cache's rows), read in the collate rather than in the training step."""
     pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
 
     def collator(rows):
@@ -192,7 +194,8 @@ def make_loader(
     if train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:
-        sampler = list(range(rank, len(ds), world_size))
+        lengths = [len(ids) for ids in ds["input_ids"]] if len(ds) else []
+        sampler = sorted(range(rank, len(ds), world_size), key=lambda row: -lengths[row])  # stable: ties in order
     # Its own generator: a DataLoader draws a seed per iterator, and drawing it from the global RNG would
     # shift the dropout stream of a resumed run (whose iterator starts after the RNG is restored).
     generator = torch.Generator().manual_seed(seed)
@@ -208,7 +211,7 @@ def inference_batches(
     world_size: int,
     lookup: Callable[[dict], dict] | None = None,
 ) -> tuple[Iterator[tuple[dict, bool]], int]:
-    """(batch, counted) pairs of this rank's in-order slice of `ds` (`make_loader`'s evaluation sharding),
+    """(batch, counted) pairs of this rank's slice of `ds` (`make_loader`'s evaluation sharding and order),
     and their number, which is the same on every rank: under ZeRO-3 each forward gathers parameters with
     every rank, so a rank with fewer batches (or none: fewer rows than ranks) pads its share with filler
     batches of the first row, marked not counted, which its caller runs but scores and stores nothing of."""
