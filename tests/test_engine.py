@@ -356,3 +356,43 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path, 
     with pytest.raises(PkdError, match=f"held by the run of pid 4242 on host node-7 .*if it has ended, delete {lock}$"):
         ds.OutputLock.take(tmp_path, ONE_RANK)
     assert lock.exists()
+
+
+def test_the_teacher_runs_a_cpu_batch_by_length_with_the_outputs_of_one_forward():
+    """`teacher_forward` runs a padded batch's rows sorted by length, TEACHER_ROWS_PER_FORWARD at a time,
+    each cut to its longest row: logits and every layer's states at the real tokens equal one forward of
+    the whole batch up to round-off, in the batch's row order."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=48, num_labels=2, attn_implementation="sdpa")
+    teacher = BertForSequenceClassification(config).eval()
+    rows, width = 2 * ds.TEACHER_ROWS_PER_FORWARD + 3, 40  # three forwards, the last of 3 rows
+    lengths = torch.randint(2, width + 1, (rows,), generator=torch.Generator().manual_seed(1))
+    lengths[5] = width
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    inputs = {"input_ids": torch.randint(1, 64, (rows, width)) * mask, "attention_mask": mask,
+              "token_type_ids": torch.zeros(rows, width, dtype=torch.long)}
+    forwards = []
+    counting = teacher.register_forward_hook(lambda module, args, output: forwards.append(1))
+    with torch.no_grad():
+        whole = teacher(**inputs, output_hidden_states=True)
+        by_length = ds.teacher_forward(teacher, inputs, output_hidden_states=True)
+        logits_only = ds.teacher_forward(teacher, inputs)
+    counting.remove()
+    assert len(forwards) == 1 + 2 * 3
+    torch.testing.assert_close(by_length.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits_only.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    assert logits_only.hidden_states is None and len(by_length.hidden_states) == len(whole.hidden_states) == 3
+    left_padded = {name: value.flip(1) for name, value in inputs.items()}
+    forwards.clear()
+    counting = teacher.register_forward_hook(lambda module, args, output: forwards.append(1))
+    with torch.no_grad():
+        ds.teacher_forward(teacher, left_padded)
+    counting.remove()
+    assert len(forwards) == 1  # no cut through a left-padded row's tokens
+    real = mask.bool()
+    for got, want in zip(by_length.hidden_states, whole.hidden_states):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)

@@ -271,7 +271,7 @@ class Context:
         student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
         if teacher is not None:
             with torch.no_grad():
-                t_out = teacher(**model_inputs(teacher, batch), output_hidden_states=need_hidden)
+                t_out = ds.teacher_forward(teacher, model_inputs(teacher, batch), output_hidden_states=need_hidden)
             t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
         else:
             t_logits = batch.get("teacher_logits")
