@@ -396,3 +396,26 @@ def test_the_teacher_runs_a_cpu_batch_by_length_with_the_outputs_of_one_forward(
     for got, want in zip(by_length.hidden_states, whole.hidden_states):
         assert got.shape == want.shape
         torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_the_teacher_by_length_gives_every_familys_outputs():
+    """Each supported family's classifier (tiny, random) gives the same logits and real-token states by
+    length as in one forward: no family reads the right padding that the cut removes."""
+    from tiny_families import SHAPES, char_tokenizer, tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = char_tokenizer()
+    rows, width = 2 * ds.TEACHER_ROWS_PER_FORWARD + 3, 24
+    lengths = torch.randint(2, width + 1, (rows,), generator=torch.Generator().manual_seed(1))
+    lengths[3] = width
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    inputs = {"input_ids": torch.randint(5, 30, (rows, width)) * mask + (1 - mask) * tokenizer.pad_token_id, "attention_mask": mask}
+    for model_type in SHAPES:
+        torch.manual_seed(0)
+        teacher = AutoModelForSequenceClassification.from_config(tiny_config(model_type, tokenizer, num_labels=2)).eval()
+        with torch.no_grad():
+            whole = teacher(**inputs, output_hidden_states=True)
+            by_length = ds.teacher_forward(teacher, inputs, output_hidden_states=True)
+        torch.testing.assert_close(by_length.logits, whole.logits, rtol=1e-5, atol=1e-5, msg=model_type)
+        for got, want in zip(by_length.hidden_states, whole.hidden_states, strict=True):
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5, msg=model_type)
