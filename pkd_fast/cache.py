@@ -207,6 +207,8 @@ def _digest(path: Path, size: int) -> str:
 class TeacherCache:
     """An opened, verified store: memory maps of its arrays and the per-batch row reader."""
 
+    topk_temperature = None  # dense logits: no top-k form (`teacher.CachedTeacher` reads this)
+
     def __init__(self, directory: Path, layout: Layout):
         self.directory, self.layout = directory, layout
         self.arrays = {}

@@ -332,6 +332,38 @@ def relation_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
 
 
 @dataclass
+class TopkLogits:
+    """A teacher's logits of N rows compressed to its top k (a masked-LM teacher cache stores this form):
+    `ids` [N, k] int32 (distinct per row), `values` [N, k] the teacher's raw logits at those ids (training
+    dtype), `lse` [N] fp32 = logsumexp(t / T) of the teacher's FULL row at `temperature` (the top k alone
+    cannot give it, see `topk_kd_loss_reference`). `pkd_loss` takes it wherever it takes dense [N, V]
+    teacher logits and computes the sparse KD; a `temperature` other than the loss's is refused."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    lse: torch.Tensor
+    temperature: float
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the non-finite guard watches (ids are integers: always finite)."""
+        return [self.values, self.lse]
+
+
+TeacherLogits = torch.Tensor | TopkLogits  # dense [N, C] rows, or their top-k form
+
+
+def _kd_term(student_logits, teacher_logits: TeacherLogits | None, temperature, labels, *, alpha, impl="eager", reference=False, **reduce):
+    """The (1-α)·CE + α·T²·KL term from either teacher form (`reference`: the eager spec, for logging)."""
+    if isinstance(teacher_logits, TopkLogits):
+        if teacher_logits.temperature != temperature:
+            raise ValueError(f"top-k teacher logits hold the lse at T={teacher_logits.temperature:g}, the loss runs at T={temperature:g}")
+        args = (student_logits, teacher_logits.ids, teacher_logits.values, teacher_logits.lse, temperature, labels)
+        return topk_kd_loss_reference(*args, alpha=alpha, **reduce) if reference else topk_kd_loss(*args, alpha=alpha, impl=impl, **reduce)
+    args = (student_logits, teacher_logits, temperature, labels)
+    return kd_loss_reference(*args, alpha=alpha, **reduce) if reference else kd_loss(*args, alpha=alpha, impl=impl, **reduce)
+
+
+@dataclass
 class LossTerms:
     """The step's loss and, when asked for, its detached unweighted parts for logging."""
 
@@ -343,7 +375,7 @@ class LossTerms:
 
 def pkd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: TeacherLogits | None,
     labels: torch.Tensor,
     student_hidden: Sequence[torch.Tensor] = (),
     teacher_hidden: Sequence[torch.Tensor] = (),
@@ -359,7 +391,8 @@ def pkd_loss(
 ) -> LossTerms:
     """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
 
-    CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
+    `teacher_logits`: dense rows, or a `TopkLogits` (sparse KD from the teacher's top k; not for
+    regression). CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
     divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero.
 
     `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
@@ -372,7 +405,7 @@ def pkd_loss(
     if regression:
         total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
     else:
-        total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
+        total = _kd_term(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     use_pt = beta > 0.0 and len(student_hidden) > 0
     if use_pt:
         total = total + beta * patient_loss(student_hidden, teacher_hidden, reduction=pt_reduction, impl=impl)
@@ -386,7 +419,7 @@ def pkd_loss(
             else:
                 terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0, **reduce)
                 if teacher_logits is not None:
-                    terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0, **reduce)
+                    terms.kd = _kd_term(s, teacher_logits, temperature, None, alpha=1.0, reference=True, **reduce)
             if use_pt:
                 terms.pt = patient_loss_reference(
                     [h.detach() for h in student_hidden], teacher_hidden, reduction=pt_reduction

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel, set_seed
+from transformers import AutoTokenizer, set_seed
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
@@ -26,9 +26,10 @@ from pkd_fast.config import PRESETS, Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import build_student, check_max_seq_length, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers, pt_rows
+from pkd_fast.models import build_student, check_max_seq_length, check_student_depth, is_finetuned, layer_map, load_classifier, model_config, num_layers
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
+from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STOP, STUDENT, WATCHED, StepOutput, Stopped
 
 log = logging.getLogger("pkd_fast")
@@ -88,7 +89,7 @@ def run(cfg: Config) -> dict:
     if not finetuned and cfg.stage in ("all", "teacher"):
         teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
         set_seed(cfg.seed)
-        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), None, teacher_run)
+        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), teacher_run)
         teacher_path = str(teacher_run.out / "model")
     elif not finetuned and (cfg.distilled or cfg.stage == "cache"):
         raise PkdError(f"--stage {cfg.stage} needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
@@ -96,14 +97,14 @@ def run(cfg: Config) -> dict:
         results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
 
     # -- teacher cache: run the teacher once over the training set (or reuse a matching store) ---------
-    cache = None
+    ctx.teacher_path = teacher_path
     if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.distilled)):
-        cache = ctx.ensure_cache(teacher_path)
+        ctx.cache = ctx.ensure_cache(teacher_path)
 
     # -- students ------------------------------------------------------------------------------------
     if cfg.stage in ("all", "student"):
-        if cache is not None:
-            cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
+        if ctx.cache is not None:
+            ctx.cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
         # their teacher, and with a cache nothing else of it is loaded.
         init_path = teacher_path if cfg.init_from == "teacher" else _base_model(cfg, teacher_path)
@@ -114,10 +115,7 @@ def run(cfg: Config) -> dict:
             student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
             set_seed(cfg.seed)  # the same fresh head for every strategy
             student = build_student(init_source, k, task)
-            # What the student learns from: the cache, or a fresh live teacher (frozen_teacher casts, moves or
-            # partitions the module it is given, so one run's teacher is never handed to the next).
-            teacher = None if strategy == "ft" else cache if cache is not None else load_classifier(teacher_path, task)
-            results[strategy] = ctx.fit(student, teacher, student_run)
+            results[strategy] = ctx.fit(student, student_run)
 
     # -- table ---------------------------------------------------------------------------------------
     summary = {
@@ -155,7 +153,7 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
 
 
 def _with_token_index(lookup):
-    """The collate-time lookup, plus the flattened positions of the batch's real tokens (models.pt_rows)."""
+    """The collate-time lookup, plus the flattened positions of the batch's real tokens (`Rows.tokens`)."""
     def read(batch: dict) -> dict:
         extra = lookup(batch) if lookup is not None else {}
         return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
@@ -171,10 +169,31 @@ class Context:
         self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
         self.trainer = common.make_trainer(cfg, world, ds_config)
         self.micro_batch = self.trainer.micro_batch
+        self.teacher_path = cfg.teacher  # the fine-tuned teacher, once there is one (`run`)
+        self.cache: TeacherCache | None = None  # the teacher cache, when the students read it (`run`)
 
     # -- one training run ----------------------------------------------------------------------------
-    def fit(self, model, teacher: PreTrainedModel | TeacherCache | None, spec: Run) -> dict:
-        """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
+    def teacher_source(self, spec: Run) -> TeacherSource:
+        """What `spec` learns from: nothing (FT), the cache's rows, or a fresh live teacher (frozen_teacher
+        casts, moves or partitions the module it is given, so one run's teacher is never handed to the next)."""
+        if not (spec.alpha or spec.layer_map):
+            return NoTeacher()
+        layers, logits = spec.layer_map, spec.alpha > 0
+        if self.cache is not None:
+            return CachedTeacher(self.cache, layers, self.cfg.pt_tokens, logits=logits, pin=self.world.device.type == "cuda")
+        return LiveTeacher(load_classifier(self.teacher_path, self.task), self.ds_config, self.world.device, layers, logits=logits)
+
+    def train_loader(self, teacher: TeacherSource, spec: Run):
+        """The run's shuffled, rank-sharded batches; the collate adds the teacher source's rows and, for
+        --pt-tokens all, the real tokens' positions, so the step finds them without a sync."""
+        lookup = teacher.lookup()
+        if self.cfg.pt_tokens == "all" and spec.layer_map:
+            lookup = _with_token_index(lookup)
+        return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
+                                     rank=self.world.rank, world_size=self.world.world_size, lookup=lookup)
+
+    def fit(self, model, spec: Run) -> dict:
+        """Train `model` on `spec`, distilling from its `teacher_source`."""
         cfg, world = self.cfg, self.world
         spec.out.mkdir(parents=True, exist_ok=True)
         key = self._run_key(spec)  # before --beta-share picks β: that β is a function of this key
@@ -182,27 +201,17 @@ class Context:
         if finished is not None:
             return finished
 
-        lookup = None
-        source = "no teacher" if teacher is None else "live teacher"
-        if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
-            lookup = teacher.reader(spec.layer_map, cfg.pt_tokens, pin=world.device.type == "cuda")
-            teacher, source = None, f"teacher outputs read from {cfg.teacher_cache}"
-        if cfg.pt_tokens == "all" and spec.layer_map:  # real-token positions, found in the collate: no sync later
-            lookup = _with_token_index(lookup)
-        loader = glue_data.make_loader(
-            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank,
-            world_size=world.world_size, lookup=lookup,
-        )
-        live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
+        teacher = self.teacher_source(spec)
+        loader = self.train_loader(teacher, spec)
         impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
         if cfg.beta_share is not None and spec.layer_map:
-            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, live_teacher, loader, spec, impl))
+            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl))
         result = self.trainer.fit(
-            model, loader, lambda engine, batch, terms, _divisors: self.loss(engine, live_teacher, batch, spec, impl, terms),
+            model, loader, lambda engine, batch, terms, _divisors: self.loss(engine, teacher, batch, spec, impl, terms),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
             evaluate=self.evaluate, watch=WATCHED,
             describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
-                     f"loss impl {impl}, {source}",
+                     f"loss impl {impl}, {teacher.description}",
         )
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
@@ -245,39 +254,20 @@ class Context:
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
                               beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
 
-    def loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
-        """One forward of the student (and the live teacher) → the PKD loss terms, and what the non-finite
-        guard watches. Without a live teacher the batch may carry the cache's rows: `teacher_logits` and
-        `teacher_hidden` (the mapped layers)."""
-        inputs = glue_data.model_inputs(batch)
+    def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
+        """One forward of the student, the teacher's outputs for the batch → the PKD loss terms, and what the
+        non-finite guard watches."""
         need_hidden = bool(spec.layer_map)
-        student = engine(**inputs, output_hidden_states=need_hidden)
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(**inputs, output_hidden_states=need_hidden)
-            t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
-        else:
-            t_logits = batch.get("teacher_logits")
-            t_states = batch["teacher_hidden"].unbind(1) if need_hidden else ()
-            t_layers = range(len(t_states))
-        s_rows, t_rows = [], []
-        if need_hidden:
-            token_index = batch.get("token_index")
-            pool_mask = batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None
-            s_rows = pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index, pool_mask)
-            # the cache's mean rows come pooled already ([B, 1, H] per layer, read as row 0)
-            t_rows = pt_rows(t_states, t_layers, token_index, pool_mask if teacher is not None else None)
+        student = engine(**glue_data.model_inputs(batch), output_hidden_states=need_hidden)
+        rows = Rows(tokens=batch.get("token_index"), pool_mask=batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None)
+        t = teacher(batch, rows)
+        s_rows = rows.states(student.hidden_states, range(1, len(spec.layer_map) + 1)) if need_hidden else []
         terms = pkd_loss(
-            student.logits, t_logits, batch["labels"], s_rows, t_rows,
+            student.logits, t.logits, batch["labels"], s_rows, t.hidden,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
             pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
         )
-        watched = {STUDENT: student.logits, "loss": terms.total}
-        if spec.alpha:
-            watched["teacher logits"] = t_logits
-        if t_rows:
-            watched["teacher hidden states"] = t_rows
-        return StepOutput(terms, watched)
+        return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,8 +38,9 @@ from pkd_fast.config import Config
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
-                             mlm_row_count, mlm_rows, mlm_student_layers, model_config, pt_rows)
+                             mlm_row_count, mlm_rows, mlm_student_layers, model_config)
 from pkd_fast.recipes import common
+from pkd_fast.teacher import LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
@@ -161,7 +162,8 @@ class MlmContext:
         spec = MlmRun("teacher", cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, self._out("teacher"))
         set_seed(cfg.seed)
         model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
-        step = lambda engine, batch, terms, divisors: self.loss(engine, None, batch, spec, terms, divisors)  # noqa: E731
+        teacher = NoTeacher()
+        step = lambda engine, batch, terms, divisors: self.loss(engine, teacher, batch, spec, terms, divisors)  # noqa: E731
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
         return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
@@ -175,17 +177,23 @@ class MlmContext:
                       cfg.alpha, cfg.beta)
         set_seed(cfg.seed)
         student = MaskedLMRows(build_mlm_student(teacher, layers))
-        live = None
-        if spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
-            live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
-        step = lambda engine, batch, terms, divisors: self.loss(engine, live, batch, spec, terms, divisors)  # noqa: E731
+        source = self.teacher_source(teacher, spec)  # after the student: a live teacher is cast and moved
+        step = lambda engine, batch, terms, divisors: self.loss(engine, source, batch, spec, terms, divisors)  # noqa: E731
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
-                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}")
+                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
+                    f"{source.description}")
         return name, self._fit(student, spec, step, describe, {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
             "pt_reduction": cfg.pt_reduction,
         })
+
+    def teacher_source(self, teacher, spec: MlmRun) -> TeacherSource:
+        """What the student learns from: its teacher run live (only the rows and layers the loss reads), or
+        nothing when neither KL nor PT reads it."""
+        if not (spec.alpha or spec.pt_map):
+            return NoTeacher()
+        return LiveTeacher(MaskedLMRows(teacher), self.ds_config, self.world.device, spec.pt_map, logits=spec.alpha > 0)
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
@@ -214,28 +222,23 @@ class MlmContext:
         kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
         return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows)])
 
-    def loss(self, engine, teacher, batch: dict, spec: MlmRun, return_terms: bool, divisors: torch.Tensor) -> StepOutput:
+    def loss(self, engine, teacher: TeacherSource, batch: dict, spec: MlmRun, return_terms: bool,
+             divisors: torch.Tensor) -> StepOutput:
         """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
         share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
         cfg = self.cfg
-        rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None else "masked",
-                        output_hidden_states=bool(spec.pt_map))
-        s_rows, t_rows = [], []
-        if spec.pt_map:
-            real_rows = rows.row_index if cfg.kd_positions == "all" else glue_data.real_token_index(batch["attention_mask"])
-            token_index = real_rows if cfg.pt_tokens == "all" else None
-            pool_mask = batch["attention_mask"] if cfg.pt_tokens == "mean" else None
-            s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index, pool_mask)
-            t_rows = pt_rows(rows.teacher_hidden, spec.pt_map, token_index, pool_mask)
-        terms = pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows,
+        student = mlm_rows(engine, None, batch, rows=cfg.kd_positions if spec.alpha else "masked",
+                           output_hidden_states=bool(spec.pt_map))
+        tokens = None
+        if cfg.pt_tokens == "all" and spec.pt_map:
+            tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
+        rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
+        t = teacher(batch, rows)
+        s_rows = rows.states(student.student_hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
+        terms = pkd_loss(student.student_logits, t.logits, student.labels, s_rows, t.hidden,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms, divisors=divisors)
-        watched = {STUDENT: rows.student_logits, "loss": terms.total}
-        if spec.alpha:
-            watched["teacher logits"] = rows.teacher_logits
-        if t_rows:
-            watched["teacher hidden states"] = t_rows
-        return StepOutput(terms, watched)
+        return StepOutput(terms, {STUDENT: student.student_logits, "loss": terms.total, **t.watched()})
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
