@@ -9,7 +9,7 @@ CPU, so load from other processes falls on each alike), and each alone in a fres
   ft     fine-tuning: CE only, no teacher
   live   PKD-Skip with the frozen teacher run on every batch (engine.frozen_teacher)
   cache  PKD-Skip reading the teacher's logits and [CLS] states from a store written once by
-         train.Context.write_cache (the data loader's collate reads the rows)
+         glue.Context.write_cache (the data loader's collate reads the rows)
 
 A step is the trainer's own: the loader's next batch (with the cache's rows), `batch_to_device`,
 `Context.loss`, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
@@ -47,7 +47,7 @@ from pkd_fast import engine as ds
 from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
 from pkd_fast.models import build_student, layer_map, load_classifier
 from pkd_fast.tasks import get_task
-from pkd_fast.train import Context, Run
+from pkd_fast.recipes.glue import Context, Run
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = get_task("sst2")

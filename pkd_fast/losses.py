@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-KD_REDUCTIONS = ("batchmean", "sum", "none", "mean")
-PT_REDUCTIONS = ("elementwise_mean", "mean", "sum")
+from pkd_fast.kernels._common import KD_REDUCTIONS, PT_REDUCTIONS, check_kd_reduction, check_layer_pairs  # noqa: F401 (re-exported)
+
 LOSS_IMPLS = ("auto", "triton", "eager", "compile")
 
 Hidden = Sequence[torch.Tensor] | torch.Tensor
@@ -55,10 +55,7 @@ def kd_loss_reference(
     tokens and KL rows (`pkd_fast.trainer`), so every token of the step weighs the same; a tensor, not a
     number, so that count never syncs with the host.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    if divisors is not None and reduction != "sum":
-        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
@@ -145,10 +142,7 @@ def topk_kd_loss_reference(
     (softmax(s/T) - p̃)/T, p̃ = p_i on the top-k and p_rest·q_j/q_rest elsewhere: the rest bucket's target
     spread over the non-top-k columns in proportion to the student's own mass there.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    if divisors is not None and reduction != "sum":
-        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
@@ -172,15 +166,6 @@ def topk_kd_loss_reference(
     if alpha != 1.0:
         loss = loss + (1.0 - alpha) * _ce_term(s, labels, ignore_index, reduction, divisors)
     return loss
-
-
-def check_layer_pairs(student_hidden: Hidden, teacher_hidden: Hidden, reduction: str) -> int:
-    """Validate a patient-loss call (shared with the fused kernel); the number of layer pairs."""
-    if reduction not in PT_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
-    if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
-    return len(student_hidden)
 
 
 def patient_loss_reference(

@@ -7,8 +7,8 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
-from pkd_fast.config import PRESETS, Config
+from pkd_fast.config import PRESETS, Config, Objective, register
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
@@ -128,13 +128,23 @@ def run(cfg: Config) -> dict:
         "device": device,
         "runs": results,
     }
-    if world.is_main:
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if world.is_main and results:  # --stage cache trains and scores nothing: no table
-        table = render_table(summary, task)
-        (out / "results.md").write_text(table + "\n")
-        print("\n" + table, flush=True)
+    common.write_results(world, out, summary, render_table(summary, task) if results else None)  # --stage cache: no table
     return summary
+
+
+def _resolve_flags(cfg: Config) -> None:
+    if cfg.glue_dir is None:
+        cfg.glue_dir = os.environ.get("GLUE_DIR") or None
+
+
+OBJECTIVE = register(Objective(
+    "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"),
+    flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
+           "init_from", "base_model", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "preset"),
+    defaults={"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
+              "verify_cache": "sampled", "pt_tokens": "cls"},
+    resolve=_resolve_flags, output_name=lambda cfg: cfg.task, default=True,
+))
 
 
 _PT_SCALES = {
@@ -161,14 +171,12 @@ def _with_token_index(lookup):
     return read
 
 
-class Context:
-    """What every run of one invocation shares: config, data, process group, tokenizer, training loop."""
+class Context(common.RecipeContext):
+    """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
     def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
-        self.cfg, self.task, self.world, self.ds_config = cfg, task, world, ds_config
-        self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
-        self.trainer = common.make_trainer(cfg, world, ds_config)
-        self.micro_batch = self.trainer.micro_batch
+        super().__init__(cfg, world, ds_config, tokenizer)
+        self.task, self.train_set, self.dev_sets = task, train_set, dev_sets
         self.teacher_path = cfg.teacher  # the fine-tuned teacher, once there is one (`run`)
         self.cache: TeacherCache | None = None  # the teacher cache, when the students read it (`run`)
 
@@ -195,9 +203,8 @@ class Context:
     def fit(self, model, spec: Run) -> dict:
         """Train `model` on `spec`, distilling from its `teacher_source`."""
         cfg, world = self.cfg, self.world
-        spec.out.mkdir(parents=True, exist_ok=True)
         key = self._run_key(spec)  # before --beta-share picks β: that β is a function of this key
-        finished = self.trainer.finished(spec.name, spec.out, key)
+        finished = self.finished(spec.name, spec.out, key)
         if finished is not None:
             return finished
 
@@ -278,7 +285,7 @@ class Context:
         model.eval()
         results = {}
         for split, dev in self.dev_sets.items():
-            batches, _ = self._inference_batches(dev)
+            batches, _ = self.inference_batches(dev)
             rows = []
             for batch, counted in batches:
                 logits = model(**glue_data.model_inputs(batch)).logits.float()
@@ -291,14 +298,6 @@ class Context:
             results[split] = glue_metrics_with_halves(logits.numpy()[order], labels.numpy()[order], self.task)
         model.train(was_training)
         return results if len(results) > 1 else next(iter(results.values()))
-
-    def _inference_batches(self, dataset):
-        """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
-        same on every rank (`data.inference_batches`), whose uncounted filler is run but not used."""
-        batches, n_batches = glue_data.inference_batches(  # no gradients: twice the training batch fits
-            dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank, world_size=self.world.world_size
-        )
-        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> TeacherCache:
@@ -338,7 +337,7 @@ class Context:
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
-            batches, n_batches = self._inference_batches(self.train_set)
+            batches, n_batches = self.inference_batches(self.train_set)
             progress = tqdm(batches, total=n_batches, desc="teacher cache", disable=not self.world.is_main, dynamic_ncols=True)
             for i, (batch, counted) in enumerate(progress):
                 signalled = STOP.agreed(self.world)
@@ -360,25 +359,16 @@ class Context:
 
 def render_table(summary: dict, task: Task) -> str:
     """Markdown: one row per model, the task's metrics in percent."""
-    rows = summary["runs"]
+    runs = summary["runs"]
     note = f"{summary['train_rows']:,} of {summary['train_rows_available']:,} training rows"
     if summary["preset"]:
         note += f" (--preset {summary['preset']}: {PRESETS[summary['preset']]})"
     names = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
     metric_cols = _metric_columns(task)
-    lines = [
-        f"**{task.name}** dev, {note}",
-        "",
-        "| model | layers | layer map | " + " | ".join(metric_cols) + " | train s |",
-        "|---|---|---|" + "---|" * len(metric_cols) + "---|",
-    ]
-    for name, r in rows.items():
-        dev = r["dev"]
-        values = [_metric_value(dev, col) for col in metric_cols]
-        layers = r.get("student_layers") or r.get("layers") or "-"
-        lmap = ",".join(map(str, r.get("layer_map") or [])) or "-"
-        lines.append(f"| {names.get(name, name)} | {layers} | {lmap} | " + " | ".join(values) + f" | {r.get('train_seconds', '-')} |")
-    return "\n".join(lines)
+    rows = [[names.get(name, name), str(r.get("student_layers") or r.get("layers") or "-"),
+             ",".join(map(str, r.get("layer_map") or [])) or "-", *(_metric_value(r["dev"], col) for col in metric_cols)]
+            for name, r in runs.items()]
+    return common.results_table(f"**{task.name}** dev, {note}", ["model", "layers", "layer map", *metric_cols], rows, list(runs.values()))
 
 
 def _metric_columns(task: Task) -> list[str]:

@@ -19,7 +19,6 @@ held out  Masked-LM loss and accuracy on --validation-files, or else on the corp
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from transformers import AutoTokenizer, set_seed
 from pkd_fast import corpus
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
-from pkd_fast.config import Config
+from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
@@ -91,21 +90,50 @@ def run(cfg: Config) -> dict:
         results[name] = result
 
     summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "device": device, "runs": results}
-    if world.is_main:
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = render_table(summary)
-        (out / "results.md").write_text(table + "\n")
-        print("\n" + table, flush=True)
+    common.write_results(world, out, summary, render_table(summary))
     return summary
 
 
-class MlmContext:
+def _resolve_flags(cfg: Config) -> None:
+    if cfg.student_layer_choice is None and cfg.student_layer_list is None:
+        cfg.student_layer_choice = "alternate"
+
+
+def _validate_flags(cfg: Config, need: Need) -> None:
+    need((cfg.text_files is None) != (cfg.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
+    need(cfg.dataset_config is None or cfg.dataset is not None, "--dataset-config only applies with --dataset")
+    need(0.0 < cfg.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {cfg.mlm_probability}")
+    need(cfg.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {cfg.kd_positions!r}")
+    need(cfg.student_layer_choice is None or cfg.student_layer_list is None,
+         "--student-layer-choice and --student-layer-list both pick the student's layers; give one")
+    need(cfg.student_layer_choice is None or cfg.student_layer_choice in STUDENT_LAYER_CHOICES,
+         f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {cfg.student_layer_choice!r}")
+    need(cfg.student_layer_list is None or bool(cfg.student_layer_list), "--student-layer-list: no layers given")
+    if cfg.streaming:
+        need(cfg.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
+        need(cfg.validation_files is not None,
+             "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
+    for flag, globs in (("--text-files", cfg.text_files), ("--validation-files", cfg.validation_files)):
+        if globs is not None:
+            corpus.resolve_text_files(globs, flag)  # each glob must match a file of a known format
+    if cfg.teacher_lr is not None:
+        need(cfg.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
+
+
+OBJECTIVE = register(Objective(
+    "mlm", run, "masked-LM distillation on raw text (--text-files or --dataset)", stages=("all", "teacher", "student"),
+    flags=("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
+           "kd_positions", "student_layer_choice", "student_layer_list"),
+    defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all"},
+    resolve=_resolve_flags, validate=_validate_flags,
+))
+
+
+class MlmContext(common.RecipeContext):
     """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
 
     def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path):
-        self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
-        self.trainer = common.make_trainer(cfg, world, ds_config)
-        self.micro_batch = self.trainer.micro_batch
+        super().__init__(cfg, world, ds_config, tokenizer)
         self.impl = resolve_impl(cfg.loss_impl, world.device, wide=True)  # vocabulary-sized logits
         source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                   "text_column": cfg.text_column}
@@ -200,10 +228,9 @@ class MlmContext:
 
     def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict) -> dict:
         cfg = self.cfg
-        spec.out.mkdir(parents=True, exist_ok=True)
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
                                  alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
-        finished = self.trainer.finished(spec.name, spec.out, run_key)
+        finished = self.finished(spec.name, spec.out, run_key)
         if finished is not None:
             return finished
         result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
@@ -248,11 +275,10 @@ class MlmContext:
         a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`)."""
         was_training = model.training
         model.eval()
-        batches, _ = glue_data.inference_batches(self.held_out, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
-                                                 world_size=self.world.world_size, lookup=self.held_out_masker)
+        batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
         sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
         for batch, counted in batches:
-            rows = mlm_rows(model, None, glue_data.batch_to_device(batch, self.world.device), rows="masked")
+            rows = mlm_rows(model, None, batch, rows="masked")
             if counted:
                 logits = rows.student_logits.float()
                 correct = (logits.argmax(-1) == rows.labels).sum()
@@ -273,11 +299,8 @@ class MlmContext:
 
 def render_table(summary: dict) -> str:
     """Markdown: one row per model, held-out masked-LM loss and accuracy."""
-    blocks = summary["train_blocks"]
-    lines = [f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens",
-             "", "| model | layers | MLM loss | MLM accuracy | train s |", "|---|---|---|---|---|"]
-    for name, r in summary["runs"].items():
-        dev = r["dev"]
-        layers = ",".join(map(str, r["layers"])) if r.get("layers") else r["student_layers"]
-        lines.append(f"| {name} | {layers} | {dev['mlm_loss']:.4f} | {dev['mlm_accuracy']:.2f} | {r.get('train_seconds', '-')} |")
-    return "\n".join(lines)
+    blocks, runs = summary["train_blocks"], summary["runs"]
+    rows = [[name, ",".join(map(str, r["layers"])) if r.get("layers") else str(r["student_layers"]),
+             f"{r['dev']['mlm_loss']:.4f}", f"{r['dev']['mlm_accuracy']:.2f}"] for name, r in runs.items()]
+    title = f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens"
+    return common.results_table(title, ["model", "layers", "MLM loss", "MLM accuracy"], rows, list(runs.values()))
