@@ -214,7 +214,7 @@ class Context(common.RecipeContext):
         if cfg.beta_share is not None and spec.layer_map:
             spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl))
         result = self.trainer.fit(
-            model, loader, lambda engine, batch, terms, _divisors: self.loss(engine, teacher, batch, spec, impl, terms),
+            model, loader, self.step_fn(teacher, spec, impl),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
             evaluate=self.evaluate, watch=WATCHED,
             describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
@@ -260,6 +260,10 @@ class Context(common.RecipeContext):
     def _run_key(self, spec: Run) -> dict:
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
                               beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
+
+    def step_fn(self, teacher: TeacherSource, spec: Run, impl: str):
+        """The run's `Trainer` step function (GLUE losses are means per micro-batch: no divisors)."""
+        return lambda engine, batch, return_terms, _divisors: self.loss(engine, teacher, batch, spec, impl, return_terms)
 
     def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
         """One forward of the student, the teacher's outputs for the batch → the PKD loss terms, and what the
