@@ -288,32 +288,22 @@ def _cpp_compiler() -> str | None:
     return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
 
 
-def kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_kd_loss(*args, **kwargs)
-    return (_compiled(kd_loss_reference) if impl == "compile" else kd_loss_reference)(*args, **kwargs)
+def _by_impl(reference, fused: str):
+    """`reference`'s contract, computed by `impl`: the eager reference itself, it under torch.compile, or the
+    fused Triton kernel `pkd_fast.kernels.<fused>`."""
+    def loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+        if impl == "triton":
+            return getattr(_fused(), fused)(*args, **kwargs)
+        return (_compiled(reference) if impl == "compile" else reference)(*args, **kwargs)
+
+    loss.__doc__ = f"`{reference.__name__}`'s contract, computed by `impl` (eager, compile or triton)."
+    return loss
 
 
-def topk_kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`topk_kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_topk_kd_loss(*args, **kwargs)
-    return (_compiled(topk_kd_loss_reference) if impl == "compile" else topk_kd_loss_reference)(*args, **kwargs)
-
-
-def patient_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`patient_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_patient_loss(*args, **kwargs)
-    return (_compiled(patient_loss_reference) if impl == "compile" else patient_loss_reference)(*args, **kwargs)
-
-
-def relation_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`relation_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_relation_loss(*args, **kwargs)
-    return (_compiled(relation_loss_reference) if impl == "compile" else relation_loss_reference)(*args, **kwargs)
+kd_loss = _by_impl(kd_loss_reference, "fused_kd_loss")
+topk_kd_loss = _by_impl(topk_kd_loss_reference, "fused_topk_kd_loss")
+patient_loss = _by_impl(patient_loss_reference, "fused_patient_loss")
+relation_loss = _by_impl(relation_loss_reference, "fused_relation_loss")
 
 
 @dataclass
