@@ -134,14 +134,17 @@ class LiveTeacher(TeacherSource):
 
 
 class CachedTeacher(TeacherSource):
-    """The teacher's outputs read from a store (`cache.TeacherCache`, or any store with its `reader` and
-    `topk_temperature`): the loader's collate reads this batch's rows by example index (`lookup`), so the
-    step only picks them up, with no sync and no teacher on the device. The store pools --pt-tokens mean
-    rows at collate time, so here they arrive as one row per example."""
+    """The teacher's outputs read from a store (`cache.TeacherCache`, or any store with its `directory`,
+    `topk_temperature` (None: dense logits) and `reader(layers, pt_tokens, pin=..., **read_options)`, which
+    returns the collate-time lookup adding the columns named above: LOGITS or the TOPK_* three for the rows
+    the loss reads, and HIDDEN): the loader's collate reads this batch's rows (`lookup`), so the step only
+    picks them up, with no sync and no teacher on the device. The store pools --pt-tokens mean rows at
+    collate time, so here they arrive as one row per example. `read_options` go to the store's reader (a
+    masked-LM store's: which rows, --kd-positions)."""
 
-    def __init__(self, store, layers: Sequence[int], pt_tokens: str, *, logits: bool = True, pin: bool = False):
+    def __init__(self, store, layers: Sequence[int], pt_tokens: str, *, logits: bool = True, pin: bool = False, **read_options):
         super().__init__(layers, logits=logits)
-        self.store, self.read = store, store.reader(self.layers, pt_tokens, pin=pin)
+        self.store, self.read = store, store.reader(self.layers, pt_tokens, pin=pin, **read_options)
         self.description = f"teacher outputs read from {store.directory}"
 
     def lookup(self) -> Callable[[dict], dict]:

@@ -173,15 +173,17 @@ class MlmContext(common.RecipeContext):
             dist.barrier()
         return blocks
 
-    def train_loader(self) -> corpus.MlmLoader:
-        """A fresh loader for one run (a stream starts from its beginning)."""
+    def train_loader(self, teacher: TeacherSource) -> corpus.MlmLoader:
+        """A fresh loader for one run (a stream starts from its beginning); its collate masks each batch, then
+        adds the teacher source's rows for it (`TeacherSource.lookup`)."""
         cfg, world = self.cfg, self.world
         if cfg.streaming:
             docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
             stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
-            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability)
-        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed,
-                                 mlm_probability=cfg.mlm_probability, rank=world.rank, world_size=world.world_size)
+            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+                                        lookup=teacher.lookup())
+        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+                                 rank=world.rank, world_size=world.world_size, lookup=teacher.lookup())
 
     # -- the two runs --------------------------------------------------------------------------------
     def fit_head(self) -> dict:
@@ -190,10 +192,8 @@ class MlmContext(common.RecipeContext):
         spec = MlmRun("teacher", cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, self._out("teacher"))
         set_seed(cfg.seed)
         model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
-        teacher = NoTeacher()
-        step = lambda engine, batch, terms, divisors: self.loss(engine, teacher, batch, spec, terms, divisors)  # noqa: E731
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
-        return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
+        return self._fit(model, spec, NoTeacher(), f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
     def distil(self, teacher_path: str) -> tuple[str, dict]:
         cfg = self.cfg
@@ -206,11 +206,10 @@ class MlmContext(common.RecipeContext):
         set_seed(cfg.seed)
         student = MaskedLMRows(build_mlm_student(teacher, layers))
         source = self.teacher_source(teacher, spec)  # after the student: a live teacher is cast and moved
-        step = lambda engine, batch, terms, divisors: self.loss(engine, source, batch, spec, terms, divisors)  # noqa: E731
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
                     f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
                     f"{source.description}")
-        return name, self._fit(student, spec, step, describe, {
+        return name, self._fit(student, spec, source, describe, {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
             "pt_reduction": cfg.pt_reduction,
@@ -226,14 +225,14 @@ class MlmContext(common.RecipeContext):
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
 
-    def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict) -> dict:
+    def _fit(self, model: MaskedLMRows, spec: MlmRun, teacher: TeacherSource, describe: str, summary: dict) -> dict:
         cfg = self.cfg
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
                                  alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
         finished = self.finished(spec.name, spec.out, run_key)
         if finished is not None:
             return finished
-        result = self.trainer.fit(model, self.train_loader(), step, name=spec.name, out=spec.out, lr=spec.lr,
+        result = self.trainer.fit(model, self.train_loader(teacher), self.step_fn(teacher, spec), name=spec.name, out=spec.out, lr=spec.lr,
                                   epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
                                   watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
         return self.trainer.finish(result, spec.out, self.tokenizer, {
@@ -248,6 +247,10 @@ class MlmContext(common.RecipeContext):
         its CE and KL sums are divided by over the whole optimizer step (`pkd_fast.trainer`)."""
         kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
         return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows)])
+
+    def step_fn(self, teacher: TeacherSource, spec: MlmRun) -> Callable:
+        """The run's `Trainer` step function."""
+        return lambda engine, batch, return_terms, divisors: self.loss(engine, teacher, batch, spec, return_terms, divisors)
 
     def loss(self, engine, teacher: TeacherSource, batch: dict, spec: MlmRun, return_terms: bool,
              divisors: torch.Tensor) -> StepOutput:
