@@ -5,12 +5,13 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from pkd_fast.cache import Layout, Writer
 from pkd_fast.data import real_token_index
 from pkd_fast.engine import Dist
 from pkd_fast.losses import TopkLogits, pkd_loss
+from pkd_fast.models import MaskedLMRows, mlm_row_index
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows
 
 ROWS, WIDTH, LAYERS = 12, 16, (3, 1)  # a PT map out of order: outputs come in map order
@@ -71,6 +72,26 @@ def test_a_source_returns_only_what_the_loss_reads(setup):
     assert out.logits is None and len(out.hidden) == 2 and out.watched().keys() == {"teacher hidden states"}
     none = NoTeacher()
     assert none.lookup() is None and none(batch, rows).watched() == {}
+
+
+def test_a_live_masked_lm_teacher_runs_its_head_on_the_gathered_rows_only(setup):
+    """Masked LM: `Rows.logits` picks the rows, whose logits equal the full head's at those positions; with
+    α = 0 the head runs on no row at all and the states still come."""
+    _, batch, _ = setup
+    torch.manual_seed(2)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=WIDTH)).eval()
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.flatten(0, 1)
+    mlm = {**batch, "mlm_labels": torch.where(torch.rand(ROWS, WIDTH) < 0.3, batch["input_ids"], -100)}
+    rows = Rows(logits=mlm_row_index(mlm, "masked"), tokens=real_token_index(batch["attention_mask"]))
+    kd = LiveTeacher(MaskedLMRows(copy.deepcopy(model)), FP32, torch.device("cpu"), LAYERS, logits=True)(mlm, rows)
+    torch.testing.assert_close(kd.logits, full[rows.logits], rtol=1e-5, atol=1e-5)
+    pt = LiveTeacher(MaskedLMRows(copy.deepcopy(model)), FP32, torch.device("cpu"), LAYERS, logits=False)
+    heads = []
+    pt.model.model.cls.predictions.register_forward_hook(lambda _m, inputs, _o: heads.append(inputs[0].shape[0]))
+    out = pt(mlm, rows)
+    assert out.logits is None and heads == [0] and [h.shape for h in out.hidden] == [h.shape for h in kd.hidden]
 
 
 def test_topk_logits_reach_the_sparse_kd(setup):
