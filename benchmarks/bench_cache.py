@@ -9,10 +9,11 @@ CPU, so load from other processes falls on each alike), and each alone in a fres
   ft     fine-tuning: CE only, no teacher
   live   PKD-Skip with the frozen teacher run on every batch (engine.frozen_teacher)
   cache  PKD-Skip reading the teacher's logits and [CLS] states from a store written once by
-         train.Context.write_cache (the data loader's collate reads the rows)
+         glue.Context.write_cache (the data loader's collate reads the rows)
 
-A step is the trainer's own: the loader's next batch (with the cache's rows), `batch_to_device`,
-`Context.loss`, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
+A step is the trainer's own (`Trainer.train_micro_batch` on the run's `Context.teacher_source`,
+`Context.train_loader` and `Context.step_fn`): the loader's next batch (with the cache's rows), on the
+device, the loss, the non-finite guard's look, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
 not depend on them); every token is real. On CUDA a BERT-base-sized teacher (12 × 768) in bf16 ZeRO-2
 (ds_configs/zero2.json), timed with device events; on the CPU a 12 × 384 teacher in fp32, small enough for
 a 2-core run, on one thread and timed in CPU time (the step's cost, even when others share the machine).
@@ -24,7 +25,6 @@ Results go to benchmarks/results/cache_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -42,12 +42,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from benchmarks import harness
 from pkd_fast import cache as teacher_cache
-from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
 from pkd_fast.models import build_student, layer_map, load_classifier
 from pkd_fast.tasks import get_task
-from pkd_fast.train import Context, Run
+from pkd_fast.recipes.glue import Context, Run
+from pkd_fast.trainer import WATCHED, NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = get_task("sst2")
@@ -147,26 +147,21 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
     lmap = () if mode == "ft" else layer_map("skip", setup["layers"], STUDENT_LAYERS)
     spec = Run(mode, "ft" if mode == "ft" else "skip", lmap, 0.0 if mode == "ft" else ctx.cfg.alpha,
                ctx.cfg.beta if lmap else 0.0, 5e-5, 1, workdir / mode)
-    config = ds.resolve_ds_config(ctx.ds_config, lr=spec.lr, total_steps=10**6, warmup_steps=10, tensorboard_dir=workdir)
-    engine = ds.student_engine(load_classifier(str(workdir / "student"), TASK), config)
-    teacher, lookup = None, None
-    if mode == "live":
-        teacher = ds.frozen_teacher(load_classifier(ctx.cfg.teacher, TASK), config, device)
-    elif mode == "cache":
-        lookup = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)).reader(lmap, "cls", pin=device.type == "cuda")
-    loader = glue_data.make_loader(ctx.train_set, ctx.tokenizer, setup["micro_batch"], train=True, seed=0, lookup=lookup)
-    batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch: the timer decides how many
-    impl = "triton" if device.type == "cuda" else "eager"
+    ctx.cache = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)) if mode == "cache" else None
+    teacher = ctx.teacher_source(spec)
+    micro_batches = ctx.trainer.micro_batches(ctx.train_loader(teacher, spec))  # the timer decides how many
+    engine = ctx.trainer.engine(load_classifier(str(workdir / "student"), TASK), spec.lr, total_steps=10**6, out=workdir)
+    step_fn = ctx.step_fn(teacher, spec, "triton" if device.type == "cuda" else "eager")
+    guard = NonFiniteGuard(WATCHED, device, world)
 
     def step():
-        batch = glue_data.batch_to_device(next(batches), device)
-        engine.backward(ctx.loss(engine, teacher, batch, spec, impl, False).terms.total)
-        engine.step()
+        batch, divisors = next(micro_batches)
+        ctx.trainer.train_micro_batch(engine, step_fn, batch, divisors, guard, engine.global_steps + 1, False)
 
     for _ in range(2):  # warm-up: optimizer state, allocator pools, first touch of memory-mapped weights
         step()
     harness.synchronize(device)
-    return step, sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+    return step, sum(p.numel() for p in teacher.model.parameters()) if mode == "live" else 0
 
 
 def timings(setup: dict, workdir: Path, world: ds.Dist) -> dict:

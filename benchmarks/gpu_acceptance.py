@@ -50,14 +50,14 @@ import torch
 
 from benchmarks import bench_losses, bench_mlm_step, bench_step, harness, report
 from benchmarks.bench_losses import VOCAB, Case
-from pkd_fast.config import MLM_DEFAULTS
+from pkd_fast.recipes import mlm as mlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_BUDGET_S = 450  # 8 minutes of device time less interpreter start-up and imports
 MIN_STAGE_S = 5  # a stage is not started with less than this left of the run's budget
 OUTPUT_TAIL = 3000  # characters of pytest's output kept in the results
 STAGES = ("kernel-tests", "losses", "steps", "precision")
-MLM_KD_DEFAULT = MLM_DEFAULTS["kd_positions"]  # the recipe's default KL rows: the loss-share target's
+MLM_KD_DEFAULT = mlm_recipe.OBJECTIVE.defaults["kd_positions"]  # the recipe's default KL rows: the loss-share target's
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 From the repository root (`python -m pytest`, `python -m benchmarks...`) this folder is also found as a bare
 `kernels`, which would shadow the PyPI package of that name that transformers (5.25 and later) imports. When
-imported under that name, this module hands the name over to the installed package and defines nothing."""
+imported under that name, this module hands the name over to the installed package and defines nothing.
+Each file here is kernels + host wrapper + autograd Function and imports nothing of pkd_fast (`_common` holds
+what the kernels share with their eager references in `pkd_fast.losses`)."""
 
 if __name__ == "kernels":
     import importlib.machinery
@@ -19,9 +21,15 @@ if __name__ == "kernels":
     sys.modules["kernels"] = _module  # the import system returns what sys.modules holds once this body ends
     _spec.loader.exec_module(_module)
 else:
-    from .kd_loss import fused_kd_loss
-    from .patient_loss import fused_patient_loss
-    from .relation_loss import fused_relation_loss
-    from .topk_kd_loss import fused_topk_kd_loss
+    import importlib
 
-    __all__ = ["fused_kd_loss", "fused_patient_loss", "fused_relation_loss", "fused_topk_kd_loss"]
+    # Each kernel loads (and imports Triton) at its first use: `pkd_fast.losses` imports `_common` from here
+    # on every path, the eager one included, and must not need Triton for it.
+    _HOMES = {"fused_kd_loss": ".kd_loss", "fused_patient_loss": ".patient_loss",
+              "fused_relation_loss": ".relation_loss", "fused_topk_kd_loss": ".topk_kd_loss"}
+    __all__ = list(_HOMES)
+
+    def __getattr__(name: str):
+        if name not in _HOMES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)

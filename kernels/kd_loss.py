@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkd_fast.losses import KD_REDUCTIONS
+from ._common import check_kd_reduction
 
 LN2 = tl.constexpr(math.log(2.0))
 F32_MIN = tl.constexpr(-3.4028234663852886e38)
@@ -405,13 +405,10 @@ def fused_kd_loss(
     grad_output lifts it (`grad_buffer_dtype`): there forward keeps it in a separate fp32 buffer, leaving
     the logits intact, and backward writes the final fp16 gradient over the logits.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     if student_logits.dim() != 2 or student_logits.shape[1] == 0:
         raise ValueError(f"student_logits must be an [N, V] tensor with V > 0, got shape {tuple(student_logits.shape)}")
     if divisors is not None:
-        if reduction != "sum":
-            raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
         if divisors.shape != (2,) or divisors.device != student_logits.device:
             raise ValueError(f"divisors must be a [2] tensor on the logits' device, got {tuple(divisors.shape)} on {divisors.device}")
         divisors = divisors.float().contiguous()

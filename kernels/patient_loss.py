@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkd_fast.losses import check_layer_pairs
-
+from ._common import check_layer_pairs
 from .kd_loss import arrival_counter, finish_sum, grad_buffer_dtype, take_scaled_grad
 
 MAX_HIDDEN = 16384  # a row lives in registers

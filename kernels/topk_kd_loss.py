@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import check_kd_reduction
 from .kd_loss import (
     F32_MIN,
-    KD_REDUCTIONS,
     LN2,
     LOG2E,
     _check_label_range,
@@ -257,15 +257,12 @@ def fused_topk_kd_loss(
     [0, V): out-of-range ids are refused (asserted on device on CUDA, as labels are); duplicates are the
     caller's contract (a top-k never has them) and are not checked, as that would cost a sort per step.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     if student_logits.dim() != 2 or student_logits.shape[1] == 0:
         raise ValueError(f"student_logits must be an [N, V] tensor with V > 0, got shape {tuple(student_logits.shape)}")
     n_rows, n_cols = student_logits.shape
     device = student_logits.device
     if divisors is not None:
-        if reduction != "sum":
-            raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
         if divisors.shape != (2,) or divisors.device != device:
             raise ValueError(f"divisors must be a [2] tensor on the logits' device, got {tuple(divisors.shape)} on {divisors.device}")
         divisors = divisors.float().contiguous()

@@ -236,6 +236,7 @@ class TeacherCache:
     (the masked-LM store, `pkd_fast.mlm_cache`) bring their own `LAYOUT` and reader and share the rest."""
 
     LAYOUT = Layout
+    topk_temperature = None  # dense logits: no top-k form (`teacher.CachedTeacher` reads this)
 
     def __init__(self, directory: Path, layout):
         self.directory, self.layout = directory, layout

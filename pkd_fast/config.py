@@ -1,9 +1,11 @@
 """Every flag of `pkd_fast/train.py` in one dataclass, parsed and validated in one place.
 
 Batch size, gradient accumulation, precision and ZeRO stage come from the DeepSpeed JSON (`--deepspeed`);
-the flags here are the distillation's own. `--objective` picks the recipe (GLUE task distillation or
-masked-LM distillation on raw text); a flag only the other objective reads is refused, so the defaults
-of objective-specific flags are filled in (`_resolve_defaults`) only after that check.
+the flags here are the distillation's own. `--objective` picks a recipe from `OBJECTIVES`, a registry the
+recipes fill (`register`; `pkd_fast/train.py` imports them), so this file knows no objective by name: each
+registration says which stages and flags its objective has, what those default to and what else it checks.
+A flag only another objective reads is refused, so the defaults of objective-specific flags are filled in
+(`_resolve_defaults`) only after that check.
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pkd_fast.engine import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.precision import PRECISIONS
 from pkd_fast.tasks import TASKS
 
-OBJECTIVES = ("glue", "mlm")
-STAGES = ("all", "teacher", "cache", "student")
-MLM_STAGES = ("all", "teacher", "cache", "student")
 KD_POSITIONS = ("masked", "all")
 STUDENT_LAYER_CHOICES = ("first", "alternate")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -40,18 +41,7 @@ RESULT_NEUTRAL = frozenset({
     "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "keep_checkpoints", "dist_timeout",
     "precision",  # what it resolves to is in the run key, through the DeepSpeed JSON's precision sections
 })
-# --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
-# the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
-DEFAULT_DIST_TIMEOUT_S = 600.0
 PT_TOKENS = ("cls", "all", "mean")  # the patient loss's rows: models.pt_rows
-# Flags only one objective reads (None or False when not given); the other objective refuses them.
-GLUE_ONLY = ("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
-             "init_from", "base_model", "student_hidden_size", "preset")
-MLM_ONLY = ("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
-            "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk")
-# What those flags default to under their own objective.
-GLUE_DEFAULTS = {"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher", "pt_tokens": "cls"}
-MLM_DEFAULTS = {"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZERO2_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"  # the default on a GPU
 CPU_DS_CONFIG = REPO_ROOT / "ds_configs" / "cpu.json"  # the default on a CPU: a step at a plain loop's cost
@@ -97,11 +87,53 @@ def _strategies(text: str) -> tuple[str, ...]:
     return names
 
 
+Need = Callable[[bool, str], None]  # a check: need(ok, message) raises PkdError(message) unless ok
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective as the flags see it, registered by its recipe (`register`)."""
+
+    name: str  # the --objective value
+    run: Callable[[Config], dict]  # the recipe: train.py runs it
+    help: str  # what it does, for --objective's help
+    stages: tuple[str, ...]  # its --stage values
+    flags: tuple[str, ...] = ()  # Config fields only it reads (None or False when not given); the others refuse them
+    defaults: Mapping[str, object] = field(default_factory=dict)  # what fields default to under it (given flags win)
+    resolve: Callable[[Config], None] | None = None  # defaults that depend on other flags or the environment
+    validate: Callable[[Config, Need], None] | None = None  # its own checks of the flags
+    output_name: Callable[[Config], str] = lambda cfg: cfg.objective  # --output-dir's default: outputs/<this>
+    default: bool = False  # --objective's default (one registration says so)
+    # Whether a student of the run learns from the teacher (a --teacher-cache no student reads is refused),
+    # and the flags that make it so, for that refusal's message.
+    reads_teacher: Callable[[Config], bool] = lambda cfg: False
+    teacher_flags: str = ""
+
+
+OBJECTIVES: dict[str, Objective] = {}  # name → registration
+
+
+def register(objective: Objective) -> Objective:
+    """Make `objective` a value of --objective (each recipe module calls this when imported)."""
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def _objective(name: str | None) -> Objective:
+    if not OBJECTIVES:
+        raise PkdError("no objective is registered: import pkd_fast.train (or a recipe) before building a Config")
+    if name is None:
+        return next(o for o in OBJECTIVES.values() if o.default)
+    if name not in OBJECTIVES:
+        raise PkdError(f"--objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]
+
+
 @dataclass
 class Config:
     deepspeed: str = field(default_factory=default_ds_config)
     precision: str = "auto"  # auto: the JSON's precision where the hardware computes it natively (pkd_fast.precision)
-    objective: str = "glue"
+    objective: str | None = None  # default: the registered one marked default (OBJECTIVES)
     stage: str = "all"
     task: str | None = None  # default sst2 (GLUE only)
     glue_dir: str | None = None
@@ -132,7 +164,7 @@ class Config:
     max_train_samples: int | None = None
     data_seed: int | None = None  # default 42 (GLUE only); picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
     max_eval_samples: int | None = None
-    output_dir: str = "outputs"
+    output_dir: str | None = None  # default outputs/<the objective's output_name>
     resume: bool = False
     loss_impl: str = "auto"
     on_nonfinite: str = "stop"  # stop: end the run at the next check; skip: drop the micro-batch and count it
@@ -162,26 +194,29 @@ class Config:
         self._resolve_defaults()
         self.validate()
 
+    @property
+    def recipe(self) -> Objective:
+        """The registered objective this run is."""
+        return OBJECTIVES[self.objective]
+
     def _check_objective(self) -> None:
-        """Refuse a flag of the other objective (checked before the defaults fill those fields in)."""
-        if self.objective not in OBJECTIVES:
-            raise PkdError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        foreign = MLM_ONLY if self.objective == "glue" else GLUE_ONLY
+        """Refuse a flag of another objective (checked before the defaults fill those fields in)."""
+        self.objective = _objective(self.objective).name
+        foreign = dict.fromkeys(name for other in OBJECTIVES.values() for name in other.flags if name not in self.recipe.flags)
         given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) not in (None, False)]
         if given:
             raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
 
     def _resolve_defaults(self) -> None:
-        defaults = GLUE_DEFAULTS if self.objective == "glue" else MLM_DEFAULTS
-        for name, value in defaults.items():
+        for name, value in self.recipe.defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.objective == "glue" and self.glue_dir is None:
-            self.glue_dir = os.environ.get("GLUE_DIR") or None
-        if self.objective == "mlm" and self.student_layer_choice is None and self.student_layer_list is None:
-            self.student_layer_choice = "alternate"
+        if self.recipe.resolve is not None:
+            self.recipe.resolve(self)
         if self.epochs is None and self.max_steps is None:
             self.epochs = 3
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", self.recipe.output_name(self))
 
     def validate(self) -> None:
         """Every check that needs only the flags; checks that need a model or the world size run later."""
@@ -189,7 +224,7 @@ class Config:
             if not ok:
                 raise PkdError(msg)
 
-        stages = STAGES if self.objective == "glue" else MLM_STAGES
+        stages = self.recipe.stages
         need(self.stage in stages, f"--stage must be one of {stages} under --objective {self.objective}, got {self.stage!r}")
         need(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
         for name in ("temperature", "alpha", "beta", "lr", "teacher_lr", "warmup_ratio"):
@@ -232,34 +267,10 @@ class Config:
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"--{_flag(name)} must be >= 1, got {v}")
-        if self.objective == "mlm":
-            self._validate_mlm(need)
+        if self.recipe.validate is not None:
+            self.recipe.validate(self, need)
         self._validate_paths(need)
         self._validate_flag_use(need)
-
-    def _validate_mlm(self, need) -> None:
-        need((self.text_files is None) != (self.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
-        need(self.dataset_config is None or self.dataset is not None, "--dataset-config only applies with --dataset")
-        need(0.0 < self.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {self.mlm_probability}")
-        need(self.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {self.kd_positions!r}")
-        need(self.student_layer_choice is None or self.student_layer_list is None,
-             "--student-layer-choice and --student-layer-list both pick the student's layers; give one")
-        need(self.student_layer_choice is None or self.student_layer_choice in STUDENT_LAYER_CHOICES,
-             f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {self.student_layer_choice!r}")
-        need(self.student_layer_list is None or bool(self.student_layer_list), "--student-layer-list: no layers given")
-        need(self.cache_topk >= 1, f"--cache-topk must be >= 1, got {self.cache_topk}")
-        if self.streaming:
-            need(self.teacher_cache is None, "--teacher-cache needs a map-style corpus: a stream's blocks have no fixed index to "
-                                             "store the teacher's outputs by; drop --streaming or --teacher-cache")
-            need(self.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
-            need(self.validation_files is not None,
-                 "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
-        if self.text_files is not None or self.validation_files is not None:
-            from pkd_fast.corpus import resolve_text_files  # each glob must match a file of a known format
-
-            for flag, globs in (("--text-files", self.text_files), ("--validation-files", self.validation_files)):
-                if globs is not None:
-                    resolve_text_files(globs, flag)
 
     def _validate_paths(self, need) -> None:
         need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
@@ -284,9 +295,8 @@ class Config:
         if self.beta_share is not None:
             need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
         if self.teacher_cache is not None:  # a store no student reads would cost a pass of the teacher for nothing
-            reads = "--strategy kd, skip or last" if self.objective == "glue" else "--alpha or --beta > 0"
             need(self.stage == "cache" or (trains_students and self.reads_teacher),
-                 f"--teacher-cache only applies when a student reads the teacher ({reads}) or with --stage cache")
+                 f"--teacher-cache only applies when a student reads the teacher ({self.recipe.teacher_flags}) or with --stage cache")
         if self.cache_layers is not None:
             need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
@@ -295,14 +305,11 @@ class Config:
         if self.student_hidden_size is not None:
             need(self.init_from == "scratch" and trains_students, "--student-hidden-size only applies with --init-from scratch")
             need(self.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {self.student_hidden_size}")
-        if self.objective == "mlm" and self.teacher_lr is not None:
-            need(self.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
 
     @property
     def reads_teacher(self) -> bool:
-        """Whether a student of this run learns from the teacher: a GLUE strategy other than ft, or a
-        masked-LM student with a soft-label or patient term."""
-        return bool(self.distilled) if self.objective == "glue" else self.alpha > 0 or self.beta > 0
+        """Whether a student of this run learns from the teacher (its objective says when: `Objective.reads_teacher`)."""
+        return self.recipe.reads_teacher(self)
 
     @property
     def distilled(self) -> tuple[str, ...]:
@@ -364,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeepSpeed supports it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
-    p.add_argument("--objective", choices=OBJECTIVES, default="glue",
-                   help="glue: distil on a GLUE task; mlm: masked-LM distillation on raw text (--text-files or --dataset)")
-    p.add_argument("--stage", choices=STAGES, default="all",
+    objectives = list(OBJECTIVES.values())
+    p.add_argument("--objective", choices=[o.name for o in objectives], default=_objective(None).name,
+                   help="; ".join(f"{o.name}: {o.help}" for o in objectives))
+    p.add_argument("--stage", choices=list(dict.fromkeys(s for o in objectives for s in o.stages)), default="all",
                    help="all: teacher (glue: fine-tuned unless it already is; mlm: an MLM head fitted unless it has one) → "
                         "teacher cache (with --teacher-cache) → students → table; cache: only write --teacher-cache")
     g = p.add_argument_group("data (glue)")
@@ -463,6 +471,4 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if v is not None}
-    values.setdefault("output_dir", os.path.join("outputs", "mlm" if args.objective == "mlm" else args.task or GLUE_DEFAULTS["task"]))
-    return Config(**values)
+    return Config(**{k: v for k, v in vars(args).items() if v is not None})

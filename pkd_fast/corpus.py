@@ -439,17 +439,30 @@ def masks_any(blocks: datasets.Dataset, masker: MlmMasker) -> bool:
     return False
 
 
-def mlm_collator(tokenizer: PreTrainedTokenizerBase, masker: MlmMasker):
+def mlm_collator(tokenizer: PreTrainedTokenizerBase, masker: MlmMasker, lookup: Callable[[dict], dict] | None = None):
     """Rows (input_ids, example_idx) → a padded (multiple of 8), masked batch: input_ids, attention_mask,
-    token_type_ids, mlm_labels, example_idx. `pkd_fast.data.make_loader` composes the same two steps."""
+    token_type_ids, mlm_labels, example_idx, and what `lookup` reads for the masked batch (a teacher
+    source's rows). `pkd_fast.data.make_loader` composes the same steps."""
     pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
 
     def collate(rows: list[dict]) -> dict:
         batch = pad(rows)
-        batch.update(masker(batch))
+        batch.update(_masked_then(masker, lookup)(batch))
         return batch
 
     return collate
+
+
+def _masked_then(masker: MlmMasker, lookup: Callable[[dict], dict] | None) -> Callable[[dict], dict]:
+    """The batch's masking, then `lookup` of the masked batch (the rows it reads depend on the masks)."""
+    if lookup is None:
+        return masker
+
+    def read(batch: dict) -> dict:
+        masked = masker(batch)
+        return {**masked, **lookup({**batch, **masked})}
+
+    return read
 
 
 # -- streaming ---------------------------------------------------------------------------------------
@@ -582,32 +595,22 @@ class MlmLoader:
 
 def map_loader(blocks: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, seed: int,
                mlm_probability: float = 0.15, rank: int = 0, world_size: int = 1,
-               teacher_lookup: Callable[[dict], dict] | None = None) -> MlmLoader:
+               lookup: Callable[[dict], dict] | None = None) -> MlmLoader:
     """Shuffled, rank-sharded masked batches of a map-style block dataset (`prepare_blocks`), through
-    `pkd_fast.data.make_loader` with the masking as its per-batch lookup, followed by `teacher_lookup`
-    (a masked-LM teacher cache's reader) on the masked batch: the read happens in the collate, not the step."""
+    `pkd_fast.data.make_loader` with the masking (then `lookup`, a teacher source's rows) as its per-batch lookup."""
     masker = MlmMasker(tokenizer, mlm_probability, seed)
-    lookup = masker if teacher_lookup is None else _then(masker, teacher_lookup)
-    loader = make_loader(blocks, tokenizer, batch_size, train=True, seed=seed, rank=rank, world_size=world_size, lookup=lookup)
+    loader = make_loader(blocks, tokenizer, batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
+                         lookup=_masked_then(masker, lookup))
     return MlmLoader(loader, masker)
 
 
-def _then(first: Callable[[dict], dict], second: Callable[[dict], dict]) -> Callable[[dict], dict]:
-    """Two collate lookups in order, the second seeing the batch as the first left it."""
-    def both(batch: dict) -> dict:
-        out = first(batch)
-        return {**out, **second({**batch, **out})}
-
-    return both
-
-
 def stream_loader(stream: StreamingBlocks, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, seed: int,
-                  mlm_probability: float = 0.15) -> MlmLoader:
+                  mlm_probability: float = 0.15, lookup: Callable[[dict], dict] | None = None) -> MlmLoader:
     """Masked batches of a block stream, in stream order (the last batch may be short)."""
     masker = MlmMasker(tokenizer, mlm_probability, seed)
     # Its own generator, as in `make_loader`: each pass makes a new iterator, which draws a seed; from the
     # global RNG that draw would shift the dropout stream of a run resumed mid-pass.
-    loader = DataLoader(stream, batch_size=batch_size, collate_fn=mlm_collator(tokenizer, masker), num_workers=0,
+    loader = DataLoader(stream, batch_size=batch_size, collate_fn=mlm_collator(tokenizer, masker, lookup), num_workers=0,
                         generator=torch.Generator().manual_seed(seed))
     return MlmLoader(loader, masker, stream)
 

@@ -34,10 +34,12 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DtypeEnum, get_torch_autocast_dtype  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from pkd_fast.config import DEFAULT_DIST_TIMEOUT_S  # noqa: E402
 from pkd_fast.errors import PkdError, write_failure  # noqa: E402
 
 log = logging.getLogger("pkd_fast")
+# --dist-timeout's default, in seconds: DeepSpeed's own for the world group, now for every group (torch gives
+# the groups DeepSpeed makes later 30 minutes); it outlasts any collective of a healthy run.
+DEFAULT_DIST_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ import functools
 import math
 import shutil
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-KD_REDUCTIONS = ("batchmean", "sum", "none", "mean")
-PT_REDUCTIONS = ("elementwise_mean", "mean", "sum")
+from pkd_fast.kernels._common import KD_REDUCTIONS, PT_REDUCTIONS, check_kd_reduction, check_layer_pairs  # noqa: F401 (re-exported)
+
 LOSS_IMPLS = ("auto", "triton", "eager", "compile")
 
 Hidden = Sequence[torch.Tensor] | torch.Tensor
@@ -55,10 +55,7 @@ def kd_loss_reference(
     tokens and KL rows (`pkd_fast.trainer`), so every token of the step weighs the same; a tensor, not a
     number, so that count never syncs with the host.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    if divisors is not None and reduction != "sum":
-        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
@@ -145,10 +142,7 @@ def topk_kd_loss_reference(
     (softmax(s/T) - p̃)/T, p̃ = p_i on the top-k and p_rest·q_j/q_rest elsewhere: the rest bucket's target
     spread over the non-top-k columns in proportion to the student's own mass there.
     """
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    if divisors is not None and reduction != "sum":
-        raise ValueError(f"divisors divide the sums: they need reduction 'sum', got {reduction!r}")
+    check_kd_reduction(reduction, divisors)
     s = _acc(student_logits)
     n_rows, vocab = s.shape
     loss = s.new_zeros(n_rows if reduction == "none" else ())
@@ -172,15 +166,6 @@ def topk_kd_loss_reference(
     if alpha != 1.0:
         loss = loss + (1.0 - alpha) * _ce_term(s, labels, ignore_index, reduction, divisors)
     return loss
-
-
-def check_layer_pairs(student_hidden: Hidden, teacher_hidden: Hidden, reduction: str) -> int:
-    """Validate a patient-loss call (shared with the fused kernel); the number of layer pairs."""
-    if reduction not in PT_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {PT_REDUCTIONS}, got {reduction!r}")
-    if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
-    return len(student_hidden)
 
 
 def patient_loss_reference(
@@ -303,41 +288,54 @@ def _cpp_compiler() -> str | None:
     return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
 
 
-def kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_kd_loss(*args, **kwargs)
-    return (_compiled(kd_loss_reference) if impl == "compile" else kd_loss_reference)(*args, **kwargs)
+def _by_impl(reference, fused: str):
+    """`reference`'s contract, computed by `impl`: the eager reference itself, it under torch.compile, or the
+    fused Triton kernel `pkd_fast.kernels.<fused>`."""
+    def loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+        if impl == "triton":
+            return getattr(_fused(), fused)(*args, **kwargs)
+        return (_compiled(reference) if impl == "compile" else reference)(*args, **kwargs)
+
+    loss.__doc__ = f"`{reference.__name__}`'s contract, computed by `impl` (eager, compile or triton)."
+    return loss
 
 
-def topk_kd_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`topk_kd_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_topk_kd_loss(*args, **kwargs)
-    return (_compiled(topk_kd_loss_reference) if impl == "compile" else topk_kd_loss_reference)(*args, **kwargs)
+kd_loss = _by_impl(kd_loss_reference, "fused_kd_loss")
+topk_kd_loss = _by_impl(topk_kd_loss_reference, "fused_topk_kd_loss")
+patient_loss = _by_impl(patient_loss_reference, "fused_patient_loss")
+relation_loss = _by_impl(relation_loss_reference, "fused_relation_loss")
 
 
-def patient_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`patient_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_patient_loss(*args, **kwargs)
-    return (_compiled(patient_loss_reference) if impl == "compile" else patient_loss_reference)(*args, **kwargs)
-
-
-def relation_loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
-    """`relation_loss_reference`'s contract, computed by `impl` (eager, compile or triton)."""
-    if impl == "triton":
-        return _fused().fused_relation_loss(*args, **kwargs)
-    return (_compiled(relation_loss_reference) if impl == "compile" else relation_loss_reference)(*args, **kwargs)
-
-
-class TopKLogits(NamedTuple):
-    """A teacher's logits in the compressed form a masked-LM cache stores (`topk_kd_loss_reference`): per
-    row the top-k ids [N, k] (int32), their raw logits [N, k] and the full row's logsumexp at T [N] (fp32)."""
+@dataclass
+class TopkLogits:
+    """A teacher's logits of N rows compressed to its top k (a masked-LM teacher cache stores this form):
+    `ids` [N, k] int32 (distinct per row), `values` [N, k] the teacher's raw logits at those ids (training
+    dtype), `lse` [N] fp32 = logsumexp(t / T) of the teacher's FULL row at `temperature` (the top k alone
+    cannot give it, see `topk_kd_loss_reference`). `pkd_loss` takes it wherever it takes dense [N, V]
+    teacher logits and computes the sparse KD; a `temperature` other than the loss's is refused."""
 
     ids: torch.Tensor
     values: torch.Tensor
     lse: torch.Tensor
+    temperature: float
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the non-finite guard watches (ids are integers: always finite)."""
+        return [self.values, self.lse]
+
+
+TeacherLogits = torch.Tensor | TopkLogits  # dense [N, C] rows, or their top-k form
+
+
+def _kd_term(student_logits, teacher_logits: TeacherLogits | None, temperature, labels, *, alpha, impl="eager", reference=False, **reduce):
+    """The (1-α)·CE + α·T²·KL term from either teacher form (`reference`: the eager spec, for logging)."""
+    if isinstance(teacher_logits, TopkLogits):
+        if teacher_logits.temperature != temperature:
+            raise ValueError(f"top-k teacher logits hold the lse at T={teacher_logits.temperature:g}, the loss runs at T={temperature:g}")
+        args = (student_logits, teacher_logits.ids, teacher_logits.values, teacher_logits.lse, temperature, labels)
+        return topk_kd_loss_reference(*args, alpha=alpha, **reduce) if reference else topk_kd_loss(*args, alpha=alpha, impl=impl, **reduce)
+    args = (student_logits, teacher_logits, temperature, labels)
+    return kd_loss_reference(*args, alpha=alpha, **reduce) if reference else kd_loss(*args, alpha=alpha, impl=impl, **reduce)
 
 
 @dataclass
@@ -352,7 +350,7 @@ class LossTerms:
 
 def pkd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | TopKLogits | None,
+    teacher_logits: TeacherLogits | None,
     labels: torch.Tensor,
     student_hidden: Sequence[torch.Tensor] = (),
     teacher_hidden: Sequence[torch.Tensor] = (),
@@ -368,10 +366,9 @@ def pkd_loss(
 ) -> LossTerms:
     """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
 
-    CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
-    divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero. The teacher's
-    logits come dense [N, C], or as `TopKLogits` (a masked-LM cache): then the KL is the sparse one of
-    `topk_kd_loss_reference`, the teacher's top k plus one bucket for the rest of its mass.
+    `teacher_logits`: dense rows, or a `TopkLogits` (sparse KD from the teacher's top k; not for
+    regression). CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
+    divided by them (`kd_loss_reference`): then a batch with no rows adds exactly zero.
 
     `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
     loss reads ([CLS] or every real token), so a live teacher and the teacher cache feed it alike.
@@ -382,10 +379,8 @@ def pkd_loss(
     reduce = {} if divisors is None else {"reduction": "sum", "divisors": divisors}
     if regression:
         total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
-    elif isinstance(teacher_logits, TopKLogits):
-        total = topk_kd_loss(student_logits, *teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     else:
-        total = kd_loss(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
+        total = _kd_term(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
     use_pt = beta > 0.0 and len(student_hidden) > 0
     if use_pt:
         total = total + beta * patient_loss(student_hidden, teacher_hidden, reduction=pt_reduction, impl=impl)
@@ -398,10 +393,8 @@ def pkd_loss(
                 terms.kd = regression_kd_loss(s, teacher_logits, labels, 1.0) if teacher_logits is not None else None
             else:
                 terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0, **reduce)
-                if isinstance(teacher_logits, TopKLogits):
-                    terms.kd = topk_kd_loss_reference(s, *teacher_logits, temperature, alpha=1.0, **reduce)
-                elif teacher_logits is not None:
-                    terms.kd = kd_loss_reference(s, teacher_logits, temperature, alpha=1.0, **reduce)
+                if teacher_logits is not None:
+                    terms.kd = _kd_term(s, teacher_logits, temperature, None, alpha=1.0, reference=True, **reduce)
             if use_pt:
                 terms.pt = patient_loss_reference(
                     [h.detach() for h in student_hidden], teacher_hidden, reduction=pt_reduction

@@ -2,24 +2,34 @@
 
     deepspeed pkd_fast/train.py --deepspeed ds_configs/zero2.json [flags]      (or plain `python`)
 
-parse the flags → pick the objective's recipe (`pkd_fast/recipes/`: glue or mlm) → run it. Every recipe
-trains through the one loop in `pkd_fast/trainer.py`.
+load the recipes (each file of `pkd_fast/recipes/` registers its objective) → parse the flags → run the
+recipe --objective names. Every recipe trains through the one loop in `pkd_fast/trainer.py`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 
 import torch.distributed as dist
 
 from pkd_fast import engine as ds
+from pkd_fast import recipes
 from pkd_fast.config import Config, parse_config
 from pkd_fast.errors import PkdError
+from pkd_fast.recipes import common
 from pkd_fast.trainer import Stopped
-from pkd_fast.recipes import common, glue, mlm
-from pkd_fast.recipes.glue import Context, Run  # noqa: F401  (the GLUE recipe's pieces, used by benchmarks and tests)
 
-RECIPES = {"glue": glue.run, "mlm": mlm.run}
+
+def load_recipes() -> None:
+    """Import every module of `pkd_fast/recipes/`: each recipe registers its objective (`config.register`),
+    so a new objective is one new file there."""
+    for module in pkgutil.iter_modules(recipes.__path__):
+        importlib.import_module(f"{recipes.__name__}.{module.name}")
+
+
+load_recipes()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    return RECIPES[cfg.objective](cfg)
+    return cfg.recipe.run(cfg)
 
 
 if __name__ == "__main__":

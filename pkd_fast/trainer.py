@@ -240,13 +240,7 @@ class Trainer:
         if steps_per_epoch == 0:  # the recipes check before any work; this keeps the loop from training 0 steps
             self.require_full_step(len(loader.dataset), "training rows", "give more training data")
         total_steps = max_steps or steps_per_epoch * epochs
-        config = ds.resolve_ds_config(
-            self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),
-            tensorboard_dir=out / "tensorboard",
-        )
-        if self.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
-        engine = ds.student_engine(model, config)
+        engine = self.engine(model, lr, total_steps, out)
         run_key = self._full_key(run_key)
         ckpt_dir = out / "checkpoints"
         if not self.resume and world.is_main:  # another run's checkpoints would outlive this one's in pruning
@@ -263,7 +257,6 @@ class Trainer:
             log.info("%s: %d steps (%s), %d rows × %d ranks per step%s%s", name, total_steps, length,
                      self.micro_batch * self.accum, world.world_size, describe, f", resumed at step {start}" if start else "")
         guard = NonFiniteGuard(watch, world.device, world)
-        skip_mode = self.on_nonfinite == "skip"
         t0 = time.time()
         throughput = Throughput(world)
         bar = tqdm(total=total_steps, initial=start, desc=name, disable=not world.is_main, dynamic_ncols=True)
@@ -278,12 +271,7 @@ class Trainer:
                     step = engine.global_steps + 1
                     # step 1 too: the terms at the initial weights (the share β·PT starts from, glue_table reads it)
                     log_now = step == 1 or step % self.log_steps == 0
-                    output = step_fn(engine, batch, log_now, divisors)
-                    _inject_nonfinite(output, step)
-                    bad = guard.observe(step, output.watched)
-                    dropped = skip_mode and guard.skip(bad, step)
-                    engine.backward(_no_gradient(output) if dropped else output.terms.total)
-                    engine.step()
+                    output, dropped = self.train_micro_batch(engine, step_fn, batch, divisors, guard, step, log_now)
                     if log_now:
                         step_terms = _add_terms(step_terms, output.terms, dropped)
                     if not boundary:
@@ -320,6 +308,34 @@ class Trainer:
             dev = evaluate(engine)
         return FitResult(engine, dev, total_steps, round(time.time() - t0, 1), guard.skipped_total(),
                          int(getattr(engine, "skipped_steps", 0)))
+
+    def engine(self, model: torch.nn.Module, lr: float, total_steps: int, out: Path):
+        """The student's DeepSpeed engine for a run of `total_steps` at `lr` (warm-up, TensorBoard under `out`)."""
+        config = ds.resolve_ds_config(
+            self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),
+            tensorboard_dir=out / "tensorboard",
+        )
+        if self.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        return ds.student_engine(model, config)
+
+    def train_micro_batch(self, engine, step_fn: Callable, batch: dict, divisors: torch.Tensor | None, guard: NonFiniteGuard,
+                          step: int, return_terms: bool) -> tuple[StepOutput, bool]:
+        """One micro-batch as `fit` trains it (and the benchmarks time it): the recipe's `step_fn`, the guard's
+        look at what it watches, backward and step. Returns the step's output and whether --on-nonfinite skip
+        dropped it (its gradient is then exactly zero)."""
+        output = step_fn(engine, batch, return_terms, divisors)
+        _inject_nonfinite(output, step)
+        bad = guard.observe(step, output.watched)
+        dropped = self.on_nonfinite == "skip" and guard.skip(bad, step)
+        engine.backward(_no_gradient(output) if dropped else output.terms.total)
+        engine.step()
+        return output, dropped
+
+    def micro_batches(self, loader, count_fn: Callable[[dict], torch.Tensor] | None = None):
+        """(micro-batch on device, divisors) of `loader`, epoch after epoch without end, as `fit` reads them
+        (for the benchmarks, which time as many steps as they need)."""
+        return self._counted_steps((batch for _ in itertools.count() for batch in loader), count_fn)
 
     def _full_key(self, run_key: dict) -> dict:
         """A recipe's run key plus the batch layout, which the results depend on too."""

@@ -1,18 +1,21 @@
 """What every recipe does the same way: join the process group, read the DeepSpeed JSON and settle its
-precision, write the resolved config, build the one `Trainer` from the flags, and key a run for --resume."""
+precision, write the resolved config, build the one `Trainer` from the flags, key a run for --resume and
+find it finished, batch the inference passes alike on every rank, and write the results files and table.
+A recipe's context derives from `RecipeContext`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
 from pkd_fast.precision import apply_precision, describe_device, resolve_precision
@@ -86,6 +89,49 @@ def make_trainer(cfg: Config, world: ds.Dist, ds_config: dict) -> Trainer:
     return Trainer(world, ds_config, log_steps=cfg.log_steps, save_steps=cfg.save_steps, warmup_ratio=cfg.warmup_ratio,
                    resume=cfg.resume, on_nonfinite=cfg.on_nonfinite, keep_checkpoints=cfg.keep_checkpoints,
                    gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+class RecipeContext:
+    """What every run of one invocation shares, whatever the objective: flags, process group, DeepSpeed
+    JSON, tokenizer and the one training loop."""
+
+    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer):
+        self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
+        self.trainer = make_trainer(cfg, world, ds_config)
+        self.micro_batch = self.trainer.micro_batch
+
+    def finished(self, name: str, out: Path, key: dict) -> dict | None:
+        """Make the run's directory; with --resume, the results of the run `key` that already finished there
+        (`Trainer.finished`: one of other settings is refused), else None."""
+        out.mkdir(parents=True, exist_ok=True)
+        return self.trainer.finished(name, out, key)
+
+    def inference_batches(self, dataset, lookup: Callable[[dict], dict] | None = None) -> tuple[Iterator[tuple[dict, bool]], int]:
+        """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
+        same on every rank (`data.inference_batches`: ZeRO-3 gathers parameters with every rank at each
+        forward), whose uncounted filler is run but not used. No gradients: twice the training batch fits."""
+        batches, n_batches = glue_data.inference_batches(dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
+                                                         world_size=self.world.world_size, lookup=lookup)
+        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
+
+
+def write_results(world: ds.Dist, out: Path, summary: dict, table: str | None) -> None:
+    """On the main rank: `summary` as results.json and, where a run trained or scored something, its
+    `table` as results.md, printed too."""
+    if not world.is_main:
+        return
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if table is not None:
+        (out / "results.md").write_text(table + "\n")
+        print("\n" + table, flush=True)
+
+
+def results_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], runs: Sequence[dict]) -> str:
+    """The results table of every recipe, in Markdown: `title`, then a row per run of its `columns` cells
+    and the run's training seconds."""
+    lines = [title, "", "| " + " | ".join([*columns, "train s"]) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([*cells, str(run.get("train_seconds", "-"))]) + " |" for cells, run in zip(rows, runs)]
+    return "\n".join(lines)
 
 
 def run_key(cfg: Config, ds_config: dict, **run) -> dict:

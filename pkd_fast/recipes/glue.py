@@ -7,8 +7,8 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +21,16 @@ from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
-from pkd_fast.config import PRESETS, Config
+from pkd_fast.config import PRESETS, Config, Objective, register
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
-                             layer_map, load_classifier, model_config, num_layers, project_rows, pt_rows, scratch_student)
+                             layer_map, load_classifier, model_config, num_layers, project_rows, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.tasks import Task, get_task
+from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
@@ -94,7 +95,7 @@ def run(cfg: Config) -> dict:
     if not finetuned and cfg.stage in ("all", "teacher"):
         teacher_run = Run("teacher", "ft", (), 0.0, 0.0, cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, out / "teacher")
         set_seed(cfg.seed)
-        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), None, teacher_run)
+        results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), teacher_run)
         teacher_path = str(teacher_run.out / "model")
     elif not finetuned and (cfg.distilled or cfg.stage == "cache"):
         raise PkdError(f"--stage {cfg.stage} needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
@@ -102,14 +103,14 @@ def run(cfg: Config) -> dict:
         results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
 
     # -- teacher cache: run the teacher once over the training set (or reuse a matching store) ---------
-    cache = None
+    ctx.teacher_path = teacher_path
     if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.distilled)):
-        cache = ctx.ensure_cache(teacher_path)
+        ctx.cache = ctx.ensure_cache(teacher_path)
 
     # -- students ------------------------------------------------------------------------------------
     if cfg.stage in ("all", "student"):
-        if cache is not None:
-            cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
+        if ctx.cache is not None:
+            ctx.cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
         # their teacher, and with a cache nothing else of it is loaded.
         init_source = _student_source(cfg, teacher_path, configs["--teacher"], k, task)
@@ -122,10 +123,7 @@ def run(cfg: Config) -> dict:
             student = build_student(init_source, k, task)
             if lmap and student.config.hidden_size != teacher_width:  # PT through a learned map (TinyBERT's W_h)
                 student = WidthProjected(student, teacher_width, len(lmap))
-            # What the student learns from: the cache, or a fresh live teacher (frozen_teacher casts, moves or
-            # partitions the module it is given, so one run's teacher is never handed to the next).
-            teacher = None if strategy == "ft" else cache if cache is not None else load_classifier(teacher_path, task)
-            results[strategy] = ctx.fit(student, teacher, student_run)
+            results[strategy] = ctx.fit(student, student_run)
 
     # -- table ---------------------------------------------------------------------------------------
     summary = {
@@ -138,13 +136,23 @@ def run(cfg: Config) -> dict:
         "device": device,
         "runs": results,
     }
-    if world.is_main:
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if world.is_main and results:  # --stage cache trains and scores nothing: no table
-        table = render_table(summary, task)
-        (out / "results.md").write_text(table + "\n")
-        print("\n" + table, flush=True)
+    common.write_results(world, out, summary, render_table(summary, task) if results else None)  # --stage cache: no table
     return summary
+
+
+def _resolve_flags(cfg: Config) -> None:
+    if cfg.glue_dir is None:
+        cfg.glue_dir = os.environ.get("GLUE_DIR") or None
+
+
+OBJECTIVE = register(Objective(
+    "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"),
+    flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
+           "init_from", "base_model", "student_hidden_size", "preset"),
+    defaults={"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher", "pt_tokens": "cls"},
+    resolve=_resolve_flags, output_name=lambda cfg: cfg.task, default=True,
+    reads_teacher=lambda cfg: bool(cfg.distilled), teacher_flags="--strategy kd, skip or last",
+))
 
 
 _PT_SCALES = {
@@ -173,7 +181,7 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
 
 
 def _with_token_index(lookup):
-    """The collate-time lookup, plus the flattened positions of the batch's real tokens (models.pt_rows)."""
+    """The collate-time lookup, plus the flattened positions of the batch's real tokens (`Rows.tokens`)."""
     def read(batch: dict) -> dict:
         extra = lookup(batch) if lookup is not None else {}
         return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
@@ -181,46 +189,54 @@ def _with_token_index(lookup):
     return read
 
 
-class Context:
-    """What every run of one invocation shares: config, data, process group, tokenizer, training loop."""
+class Context(common.RecipeContext):
+    """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
     def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
-        self.cfg, self.task, self.world, self.ds_config = cfg, task, world, ds_config
-        self.tokenizer, self.train_set, self.dev_sets = tokenizer, train_set, dev_sets
-        self.trainer = common.make_trainer(cfg, world, ds_config)
-        self.micro_batch = self.trainer.micro_batch
+        super().__init__(cfg, world, ds_config, tokenizer)
+        self.task, self.train_set, self.dev_sets = task, train_set, dev_sets
+        self.teacher_path = cfg.teacher  # the fine-tuned teacher, once there is one (`run`)
+        self.cache: TeacherCache | None = None  # the teacher cache, when the students read it (`run`)
 
     # -- one training run ----------------------------------------------------------------------------
-    def fit(self, model, teacher: PreTrainedModel | TeacherCache | None, spec: Run) -> dict:
-        """Train `model` on `spec`, distilling from a live teacher, from the cache's rows, or (FT) neither."""
+    def teacher_source(self, spec: Run) -> TeacherSource:
+        """What `spec` learns from: nothing (FT), the cache's rows, or a fresh live teacher (frozen_teacher
+        casts, moves or partitions the module it is given, so one run's teacher is never handed to the next)."""
+        if not (spec.alpha or spec.layer_map):
+            return NoTeacher()
+        layers, logits = spec.layer_map, spec.alpha > 0
+        if self.cache is not None:
+            return CachedTeacher(self.cache, layers, self.cfg.pt_tokens, logits=logits, pin=self.world.device.type == "cuda")
+        return LiveTeacher(load_classifier(self.teacher_path, self.task), self.ds_config, self.world.device, layers, logits=logits)
+
+    def train_loader(self, teacher: TeacherSource, spec: Run):
+        """The run's shuffled, rank-sharded batches; the collate adds the teacher source's rows and, for
+        --pt-tokens all, the real tokens' positions, so the step finds them without a sync."""
+        lookup = teacher.lookup()
+        if self.cfg.pt_tokens == "all" and spec.layer_map:
+            lookup = _with_token_index(lookup)
+        return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
+                                     rank=self.world.rank, world_size=self.world.world_size, lookup=lookup)
+
+    def fit(self, model, spec: Run) -> dict:
+        """Train `model` on `spec`, distilling from its `teacher_source`."""
         cfg, world = self.cfg, self.world
-        spec.out.mkdir(parents=True, exist_ok=True)
         key = self._run_key(spec)  # before --beta-share picks β: that β is a function of this key
-        finished = self.trainer.finished(spec.name, spec.out, key)
+        finished = self.finished(spec.name, spec.out, key)
         if finished is not None:
             return finished
 
-        lookup = None
-        source = "no teacher" if teacher is None else "live teacher"
-        if isinstance(teacher, TeacherCache):  # the loader reads the teacher's rows; no teacher runs
-            lookup = teacher.reader(spec.layer_map, cfg.pt_tokens, pin=world.device.type == "cuda")
-            teacher, source = None, f"teacher outputs read from {cfg.teacher_cache}"
-        if cfg.pt_tokens == "all" and spec.layer_map:  # real-token positions, found in the collate: no sync later
-            lookup = _with_token_index(lookup)
-        loader = glue_data.make_loader(
-            self.train_set, self.tokenizer, self.micro_batch, train=True, seed=cfg.seed, rank=world.rank,
-            world_size=world.world_size, lookup=lookup,
-        )
-        live_teacher = ds.frozen_teacher(teacher, self.ds_config, world.device) if teacher is not None else None
+        teacher = self.teacher_source(spec)
+        loader = self.train_loader(teacher, spec)
         impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
         if cfg.beta_share is not None and spec.layer_map:
-            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, live_teacher, loader, spec, impl))
+            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl))
         result = self.trainer.fit(
-            model, loader, lambda engine, batch, terms, _divisors: self.loss(engine, live_teacher, batch, spec, impl, terms),
+            model, loader, self.step_fn(teacher, spec, impl),
             name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
             evaluate=self.evaluate, watch=WATCHED,
             describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
-                     f"loss impl {impl}, {source}",
+                     f"loss impl {impl}, {teacher.description}",
         )
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
@@ -263,38 +279,25 @@ class Context:
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
                               beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
 
-    def loss(self, engine, teacher, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
-        """One forward of the student (and the live teacher) → the PKD loss terms, and what the non-finite
-        guard watches. Without a live teacher the batch may carry the cache's rows: `teacher_logits` and
-        `teacher_hidden` (the mapped layers)."""
+    def step_fn(self, teacher: TeacherSource, spec: Run, impl: str):
+        """The run's `Trainer` step function (GLUE losses are means per micro-batch: no divisors)."""
+        return lambda engine, batch, return_terms, _divisors: self.loss(engine, teacher, batch, spec, impl, return_terms)
+
+    def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
+        """One forward of the student, the teacher's outputs for the batch → the PKD loss terms, and what the
+        non-finite guard watches. A student of another width than the teacher's reads its PT rows through
+        its learned projection (`models.project_rows`)."""
         need_hidden = bool(spec.layer_map)
         student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = ds.teacher_forward(teacher, model_inputs(teacher, batch), output_hidden_states=need_hidden)
-            t_logits, t_states, t_layers = t_out.logits, t_out.hidden_states, spec.layer_map
-        else:
-            t_logits = batch.get("teacher_logits")
-            t_states = batch["teacher_hidden"].unbind(1) if need_hidden else ()
-            t_layers = range(len(t_states))
-        s_rows, t_rows = [], []
-        if need_hidden:
-            token_index = batch.get("token_index")
-            pool_mask = batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None
-            s_rows = project_rows(engine, pt_rows(student.hidden_states, range(1, len(spec.layer_map) + 1), token_index, pool_mask))
-            # the cache's mean rows come pooled already ([B, 1, H] per layer, read as row 0)
-            t_rows = pt_rows(t_states, t_layers, token_index, pool_mask if teacher is not None else None)
+        rows = Rows(tokens=batch.get("token_index"), pool_mask=batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None)
+        t = teacher(batch, rows)
+        s_rows = project_rows(engine, rows.states(student.hidden_states, range(1, len(spec.layer_map) + 1))) if need_hidden else []
         terms = pkd_loss(
-            student.logits, t_logits, batch["labels"], s_rows, t_rows,
+            student.logits, t.logits, batch["labels"], s_rows, t.hidden,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
             pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
         )
-        watched = {STUDENT: student.logits, "loss": terms.total}
-        if spec.alpha:
-            watched["teacher logits"] = t_logits
-        if t_rows:
-            watched["teacher hidden states"] = t_rows
-        return StepOutput(terms, watched)
+        return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -305,7 +308,7 @@ class Context:
         model.eval()
         results = {}
         for split, dev in self.dev_sets.items():
-            batches, _ = self._inference_batches(dev)
+            batches, _ = self.inference_batches(dev)
             rows = []
             for batch, counted in batches:
                 logits = model(**model_inputs(model, batch)).logits.float()
@@ -318,14 +321,6 @@ class Context:
             results[split] = glue_metrics_with_halves(logits.numpy()[order], labels.numpy()[order], self.task)
         model.train(was_training)
         return results if len(results) > 1 else next(iter(results.values()))
-
-    def _inference_batches(self, dataset):
-        """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
-        same on every rank (`data.inference_batches`), whose uncounted filler is run but not used."""
-        batches, n_batches = glue_data.inference_batches(  # no gradients: twice the training batch fits
-            dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank, world_size=self.world.world_size
-        )
-        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> TeacherCache:
@@ -355,7 +350,7 @@ class Context:
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
-            batches, n_batches = self._inference_batches(self.train_set)
+            batches, n_batches = self.inference_batches(self.train_set)
             for batch, counted in common.teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
                 out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
                 if counted:
@@ -371,25 +366,16 @@ class Context:
 
 def render_table(summary: dict, task: Task) -> str:
     """Markdown: one row per model, the task's metrics in percent."""
-    rows = summary["runs"]
+    runs = summary["runs"]
     note = f"{summary['train_rows']:,} of {summary['train_rows_available']:,} training rows"
     if summary["preset"]:
         note += f" (--preset {summary['preset']}: {PRESETS[summary['preset']]})"
     names = {"teacher": "Teacher", "ft": "FT", "kd": "KD", "skip": "PKD-Skip", "last": "PKD-Last"}
     metric_cols = _metric_columns(task)
-    lines = [
-        f"**{task.name}** dev, {note}",
-        "",
-        "| model | layers | layer map | " + " | ".join(metric_cols) + " | train s |",
-        "|---|---|---|" + "---|" * len(metric_cols) + "---|",
-    ]
-    for name, r in rows.items():
-        dev = r["dev"]
-        values = [_metric_value(dev, col) for col in metric_cols]
-        layers = r.get("student_layers") or r.get("layers") or "-"
-        lmap = ",".join(map(str, r.get("layer_map") or [])) or "-"
-        lines.append(f"| {names.get(name, name)} | {layers} | {lmap} | " + " | ".join(values) + f" | {r.get('train_seconds', '-')} |")
-    return "\n".join(lines)
+    rows = [[names.get(name, name), str(r.get("student_layers") or r.get("layers") or "-"),
+             ",".join(map(str, r.get("layer_map") or [])) or "-", *(_metric_value(r["dev"], col) for col in metric_cols)]
+            for name, r in runs.items()]
+    return common.results_table(f"**{task.name}** dev, {note}", ["model", "layers", "layer map", *metric_cols], rows, list(runs.values()))
 
 
 def _metric_columns(task: Task) -> list[str]:

@@ -22,7 +22,6 @@ held out  Masked-LM loss and accuracy on --validation-files, or else on the corp
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,13 +38,14 @@ from pkd_fast import corpus
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast import mlm_cache
-from pkd_fast.config import Config
+from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
-from pkd_fast.losses import TopKLogits, pkd_loss, resolve_impl
+from pkd_fast.losses import pkd_loss, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
-                             mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config, pt_rows)
+                             mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config)
 from pkd_fast.recipes import common
+from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
@@ -66,7 +66,6 @@ class MlmRun:
     pt_map: tuple[int, ...] = ()  # teacher layers the student's layers 1..k-1 learn from
     alpha: float = 0.0
     beta: float = 0.0
-    cached: bool = False  # the teacher's rows come from --teacher-cache (read in the collate), not a live teacher
 
 
 def run(cfg: Config) -> dict:
@@ -100,22 +99,54 @@ def run(cfg: Config) -> dict:
         results[name] = result
 
     summary = {"objective": "mlm", "teacher": cfg.teacher, "train_blocks": ctx.train_blocks, "device": device, "runs": results}
-    if world.is_main:
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if world.is_main and results:  # --stage cache trains and scores nothing: no table
-        table = render_table(summary)
-        (out / "results.md").write_text(table + "\n")
-        print("\n" + table, flush=True)
+    common.write_results(world, out, summary, render_table(summary) if results else None)  # --stage cache: no table
     return summary
 
 
-class MlmContext:
+def _resolve_flags(cfg: Config) -> None:
+    if cfg.student_layer_choice is None and cfg.student_layer_list is None:
+        cfg.student_layer_choice = "alternate"
+
+
+def _validate_flags(cfg: Config, need: Need) -> None:
+    need((cfg.text_files is None) != (cfg.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
+    need(cfg.dataset_config is None or cfg.dataset is not None, "--dataset-config only applies with --dataset")
+    need(0.0 < cfg.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {cfg.mlm_probability}")
+    need(cfg.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {cfg.kd_positions!r}")
+    need(cfg.student_layer_choice is None or cfg.student_layer_list is None,
+         "--student-layer-choice and --student-layer-list both pick the student's layers; give one")
+    need(cfg.student_layer_choice is None or cfg.student_layer_choice in STUDENT_LAYER_CHOICES,
+         f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {cfg.student_layer_choice!r}")
+    need(cfg.student_layer_list is None or bool(cfg.student_layer_list), "--student-layer-list: no layers given")
+    need(cfg.cache_topk >= 1, f"--cache-topk must be >= 1, got {cfg.cache_topk}")
+    if cfg.streaming:
+        need(cfg.teacher_cache is None, "--teacher-cache needs a map-style corpus: a stream's blocks have no fixed index to "
+                                        "store the teacher's outputs by; drop --streaming or --teacher-cache")
+        need(cfg.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
+        need(cfg.validation_files is not None,
+             "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
+    for flag, globs in (("--text-files", cfg.text_files), ("--validation-files", cfg.validation_files)):
+        if globs is not None:
+            corpus.resolve_text_files(globs, flag)  # each glob must match a file of a known format
+    if cfg.teacher_lr is not None:
+        need(cfg.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
+
+
+OBJECTIVE = register(Objective(
+    "mlm", run, "masked-LM distillation on raw text (--text-files or --dataset)", stages=("all", "teacher", "cache", "student"),
+    flags=("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
+           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk"),
+    defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64},
+    resolve=_resolve_flags, validate=_validate_flags,
+    reads_teacher=lambda cfg: cfg.alpha > 0 or cfg.beta > 0, teacher_flags="--alpha or --beta > 0",
+))
+
+
+class MlmContext(common.RecipeContext):
     """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
 
     def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path):
-        self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
-        self.trainer = common.make_trainer(cfg, world, ds_config)
-        self.micro_batch = self.trainer.micro_batch
+        super().__init__(cfg, world, ds_config, tokenizer)
         self.impl = resolve_impl(cfg.loss_impl, world.device, wide=True)  # vocabulary-sized logits
         source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                   "text_column": cfg.text_column}
@@ -155,17 +186,17 @@ class MlmContext:
             dist.barrier()
         return blocks
 
-    def train_loader(self, teacher_lookup: Callable[[dict], dict] | None = None) -> corpus.MlmLoader:
-        """A fresh loader for one run (a stream starts from its beginning); `teacher_lookup` (a teacher
-        cache's reader, map-style only) adds the teacher's rows to each masked batch."""
+    def train_loader(self, teacher: TeacherSource) -> corpus.MlmLoader:
+        """A fresh loader for one run (a stream starts from its beginning); its collate masks each batch, then
+        adds the teacher source's rows for it (`TeacherSource.lookup`)."""
         cfg, world = self.cfg, self.world
         if cfg.streaming:
             docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
             stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
-            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability)
-        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed,
-                                 mlm_probability=cfg.mlm_probability, rank=world.rank, world_size=world.world_size,
-                                 teacher_lookup=teacher_lookup)
+            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+                                        lookup=teacher.lookup())
+        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+                                 rank=world.rank, world_size=world.world_size, lookup=teacher.lookup())
 
     def student_plan(self, teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The student's teacher layers (1-based) and the PT map its layers 1..k-1 learn from (none without β)."""
@@ -178,7 +209,7 @@ class MlmContext:
         teacher cache must hold)."""
         if self.cfg.epochs is not None:
             return self.cfg.epochs
-        steps_per_epoch = len(self.train_loader()) // self.trainer.accum
+        steps_per_epoch = len(self.train_loader(NoTeacher())) // self.trainer.accum
         return -(-self.cfg.max_steps // steps_per_epoch)
 
     # -- the two runs --------------------------------------------------------------------------------
@@ -188,9 +219,8 @@ class MlmContext:
         spec = MlmRun("teacher", cfg.teacher_lr or cfg.lr, cfg.teacher_epochs or cfg.epochs, self._out("teacher"))
         set_seed(cfg.seed)
         model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
-        step = lambda engine, batch, terms, divisors: self.loss(engine, None, batch, spec, terms, divisors)  # noqa: E731
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
-        return self._fit(model, spec, step, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
+        return self._fit(model, spec, NoTeacher(), f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
     def distil(self, teacher_path: str, cache: MlmTeacherCache | None = None) -> tuple[str, dict]:
         """Distil a student from the teacher at `teacher_path`, or from `cache`'s rows (then the teacher's
@@ -200,41 +230,47 @@ class MlmContext:
         n = teacher.config.num_hidden_layers
         layers, pt_map = self.student_plan(n)
         name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
-        cached = cache is not None and bool(cfg.alpha or pt_map)
-        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta, cached)
+        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta)
         set_seed(cfg.seed)
         student = MaskedLMRows(build_mlm_student(teacher, layers))
-        live = lookup = None
-        if cached:
-            cache.require(pt_map, self.epochs_needed())
-            lookup = cache.reader(pt_map, cfg.pt_tokens, pin=self.world.device.type == "cuda", kd_positions=cfg.kd_positions)
-            del teacher
-        elif spec.alpha or spec.pt_map:  # frozen_teacher casts and moves the module: the student is built first
-            live = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
-        step = lambda engine, batch, terms, divisors: self.loss(engine, live, batch, spec, terms, divisors)  # noqa: E731
-        source = f", top-{cache.layout.topk} teacher logits read from {cfg.teacher_cache}" if cached else ""
+        source = self.teacher_source(teacher, spec, cache)  # after the student: a live teacher is cast and moved
+        del teacher  # a live source holds what it runs; a cached one needs nothing of it
+        cached = cache is not None and bool(spec.alpha or spec.pt_map)
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
-                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows{source}, loss impl {self.impl}")
-        return name, self._fit(student, spec, step, describe, {
+                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
+                    f"{source.description}")
+        # A cached teacher's top-k KL is another loss than a live teacher's: its runs are keyed apart.
+        return name, self._fit(student, spec, source, describe, {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
             "pt_reduction": cfg.pt_reduction, "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
-        }, lookup)
+        }, {"teacher_source": "cache"} if cached else {})
+
+    def teacher_source(self, teacher, spec: MlmRun, cache: MlmTeacherCache | None = None) -> TeacherSource:
+        """What the student learns from: nothing when neither KL nor PT reads the teacher; else `cache`'s rows,
+        read at collate time (its top-k logits, at the T the store was written for: the fingerprint holds
+        it), or the teacher run live (only the rows and layers the loss reads)."""
+        if not (spec.alpha or spec.pt_map):
+            return NoTeacher()
+        if cache is not None:
+            cache.require(spec.pt_map, self.epochs_needed())
+            return CachedTeacher(cache, spec.pt_map, self.cfg.pt_tokens, logits=spec.alpha > 0, pin=self.world.device.type == "cuda",
+                                 kd_positions=self.cfg.kd_positions)
+        return LiveTeacher(MaskedLMRows(teacher), self.ds_config, self.world.device, spec.pt_map, logits=spec.alpha > 0)
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
 
-    def _fit(self, model: MaskedLMRows, spec: MlmRun, step: Callable, describe: str, summary: dict,
-             teacher_lookup: Callable[[dict], dict] | None = None) -> dict:
+    def _fit(self, model: MaskedLMRows, spec: MlmRun, teacher: TeacherSource, describe: str, summary: dict,
+             key: dict | None = None) -> dict:
+        """Train `model` on `spec` from `teacher`; `key`: what else the run's results depend on (its run key)."""
         cfg = self.cfg
-        spec.out.mkdir(parents=True, exist_ok=True)
-        source = {"teacher_source": "cache"} if spec.cached else {}  # a cached teacher's top-k KL is another loss
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
-                                 alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs, **source)
-        finished = self.trainer.finished(spec.name, spec.out, run_key)
+                                 alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs, **(key or {}))
+        finished = self.finished(spec.name, spec.out, run_key)
         if finished is not None:
             return finished
-        result = self.trainer.fit(model, self.train_loader(teacher_lookup), step, name=spec.name, out=spec.out, lr=spec.lr,
+        result = self.trainer.fit(model, self.train_loader(teacher), self.step_fn(teacher, spec), name=spec.name, out=spec.out, lr=spec.lr,
                                   epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
                                   watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
         return self.trainer.finish(result, spec.out, self.tokenizer, {
@@ -250,33 +286,27 @@ class MlmContext:
         kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
         return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows)])
 
-    def loss(self, engine, teacher, batch: dict, spec: MlmRun, return_terms: bool, divisors: torch.Tensor) -> StepOutput:
+    def step_fn(self, teacher: TeacherSource, spec: MlmRun) -> Callable:
+        """The run's `Trainer` step function."""
+        return lambda engine, batch, return_terms, divisors: self.loss(engine, teacher, batch, spec, return_terms, divisors)
+
+    def loss(self, engine, teacher: TeacherSource, batch: dict, spec: MlmRun, return_terms: bool,
+             divisors: torch.Tensor) -> StepOutput:
         """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
         share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
         cfg = self.cfg
-        rows = mlm_rows(engine, teacher, batch, rows=cfg.kd_positions if teacher is not None or spec.cached else "masked",
-                        output_hidden_states=bool(spec.pt_map))
-        if spec.cached:  # the collate read them (`mlm_cache.MlmTeacherCache.reader`): top-k logits, states in map order
-            t_logits = TopKLogits(batch["teacher_topk_ids"], batch["teacher_topk_values"], batch["teacher_topk_lse"])
-            t_hidden, t_layers = (batch["teacher_hidden"].unbind(1) if spec.pt_map else None), range(len(spec.pt_map))
-        else:
-            t_logits, t_hidden, t_layers = rows.teacher_logits, rows.teacher_hidden, spec.pt_map
-        s_rows, t_rows = [], []
-        if spec.pt_map:
-            real_rows = rows.row_index if cfg.kd_positions == "all" else glue_data.real_token_index(batch["attention_mask"])
-            token_index = real_rows if cfg.pt_tokens == "all" else None
-            pool_mask = batch["attention_mask"] if cfg.pt_tokens == "mean" else None
-            s_rows = pt_rows(rows.student_hidden, range(1, len(spec.pt_map) + 1), token_index, pool_mask)
-            t_rows = pt_rows(t_hidden, t_layers, token_index, None if spec.cached else pool_mask)  # the cache pools in the collate
-        terms = pkd_loss(rows.student_logits, t_logits, rows.labels, s_rows, t_rows,
+        student = mlm_rows(engine, None, batch, rows=cfg.kd_positions if spec.alpha else "masked",
+                           output_hidden_states=bool(spec.pt_map))
+        tokens = None
+        if cfg.pt_tokens == "all" and spec.pt_map:
+            tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
+        rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
+        t = teacher(batch, rows)
+        s_rows = rows.states(student.student_hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
+        terms = pkd_loss(student.student_logits, t.logits, student.labels, s_rows, t.hidden,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms, divisors=divisors)
-        watched = {STUDENT: rows.student_logits, "loss": terms.total}
-        if spec.alpha:
-            watched["teacher logits"] = t_logits.values if spec.cached else t_logits
-        if t_rows:
-            watched["teacher hidden states"] = t_rows
-        return StepOutput(terms, watched)
+        return StepOutput(terms, {STUDENT: student.student_logits, "loss": terms.total, **t.watched()})
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> MlmTeacherCache:
@@ -341,11 +371,10 @@ class MlmContext:
         a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`)."""
         was_training = model.training
         model.eval()
-        batches, _ = glue_data.inference_batches(self.held_out, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
-                                                 world_size=self.world.world_size, lookup=self.held_out_masker)
+        batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
         sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
         for batch, counted in batches:
-            rows = mlm_rows(model, None, glue_data.batch_to_device(batch, self.world.device), rows="masked")
+            rows = mlm_rows(model, None, batch, rows="masked")
             if counted:
                 logits = rows.student_logits.float()
                 correct = (logits.argmax(-1) == rows.labels).sum()
@@ -366,11 +395,8 @@ class MlmContext:
 
 def render_table(summary: dict) -> str:
     """Markdown: one row per model, held-out masked-LM loss and accuracy."""
-    blocks = summary["train_blocks"]
-    lines = [f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens",
-             "", "| model | layers | MLM loss | MLM accuracy | train s |", "|---|---|---|---|---|"]
-    for name, r in summary["runs"].items():
-        dev = r["dev"]
-        layers = ",".join(map(str, r["layers"])) if r.get("layers") else r["student_layers"]
-        lines.append(f"| {name} | {layers} | {dev['mlm_loss']:.4f} | {dev['mlm_accuracy']:.2f} | {r.get('train_seconds', '-')} |")
-    return "\n".join(lines)
+    blocks, runs = summary["train_blocks"], summary["runs"]
+    rows = [[name, ",".join(map(str, r["layers"])) if r.get("layers") else str(r["student_layers"]),
+             f"{r['dev']['mlm_loss']:.4f}", f"{r['dev']['mlm_accuracy']:.2f}"] for name, r in runs.items()]
+    title = f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens"
+    return common.results_table(title, ["model", "layers", "MLM loss", "MLM accuracy"], rows, list(runs.values()))
