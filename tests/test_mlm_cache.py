@@ -153,11 +153,13 @@ MISMATCHES = [
     (["--mlm-probability", "0.2", "--cache-topk", "{vocab}"], "was written for a different run (mlm_probability: cache 0.15 ≠ now 0.2); point --teacher-cache elsewhere"),
     (["--cache-topk", "8"], "was written for a different run (topk: cache {vocab} ≠ now 8)"),
     (["--seed", "7", "--cache-topk", "{vocab}"], "was written for a different run (mask_seed: cache 42 ≠ now 7)"),
+    # the stored logsumexp is at T: a student at another T is refused at open, not at its first step
+    (["--temperature", "4", "--cache-topk", "{vocab}"], "was written for a different run (temperature: cache 10.0 ≠ now 4.0)"),
     (["--max-steps", "12", "--cache-topk", "{vocab}"], "holds the masks of 2 epoch(s), this run trains 4; rewrite it with --stage cache"),
 ]
 
 
-@pytest.mark.parametrize("argv, message", MISMATCHES, ids=["probability", "k", "masking seed", "epochs"])
+@pytest.mark.parametrize("argv, message", MISMATCHES, ids=["probability", "k", "masking seed", "temperature", "epochs"])
 def test_a_student_whose_masking_k_or_epochs_differ_from_the_store_is_refused_in_one_line(capsys, tiny, tmp_path, argv, message):
     argv = [a.format(vocab=tiny["vocab"]) for a in argv]
     assert_one_line_error(capsys, [*tiny["common"], "--stage", "student", "--teacher-cache", str(tiny["store"]), *argv,

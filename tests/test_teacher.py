@@ -94,6 +94,23 @@ def test_a_live_masked_lm_teacher_runs_its_head_on_the_gathered_rows_only(setup)
     assert out.logits is None and heads == [0] and [h.shape for h in out.hidden] == [h.shape for h in kd.hidden]
 
 
+def test_a_live_teacher_passes_only_the_inputs_its_family_takes(setup):
+    """A pair task's batch carries segment ids 0/1; a RoBERTa teacher has one type embedding (its segment
+    ids would index past it), and the live source hands it the rest: its logits are the model's own on those."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    _, batch, _ = setup
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=WIDTH + 2, type_vocab_size=1, num_labels=2)  # positions start after the pad id
+    model = RobertaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    pair = {**batch, "token_type_ids": (torch.arange(WIDTH) >= WIDTH // 2).long().expand(ROWS, WIDTH)}
+    out = LiveTeacher(copy.deepcopy(model), FP32, torch.device("cpu"), (), logits=True)(pair, Rows())
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_logits_reach_the_sparse_kd(setup):
     """The loss branches on the logits' form only: the top-k form with k = V is dense KD; a top-k whose lse
     was taken at another temperature is refused rather than read at the wrong T."""
