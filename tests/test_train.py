@@ -232,7 +232,8 @@ def test_a_kill_at_any_phase_of_a_save_resumes_to_the_uninterrupted_result(tmp_p
     """SIGKILL inside the step-6 checkpoint save, then --resume: model, optimizer, schedule, data order and
     dropout RNG all come back from the newest published checkpoint, so the loss curve and the final metric
     match a run never stopped. One chain of runs: each --resume is killed at the next phase (its redone
-    steps checked against the uninterrupted log), and the last one runs to the end; 4 processes, not 6."""
+    steps checked against the uninterrupted log), and the last one runs to the end; 4 processes, not 6.
+    Before that last one, a copy of the killed run is resumed with another run's settings: refused."""
     common, whole = uninterrupted
     killed = tmp_path / "killed"
     run = killed / "students" / "skip"
