@@ -49,12 +49,18 @@ def zero3_json(tmp_path, name="z3.json", **overrides) -> str:
     return str(tmp_path / name)
 
 
+# What train.main run in this process (by a test, before it starts a run in a fresh one) leaves in os.environ
+# of its one-process group: a child that inherited them would try to join that group.
+PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def train(args, *, ranks=1, env=None, check=True):
     """Run the CLI in a fresh process (1 rank: plain python; more: the deepspeed launcher)."""
     cmd = [sys.executable, str(TRAIN)] if ranks == 1 else [
         "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN)
     ]
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**inherited, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
