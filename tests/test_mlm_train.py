@@ -246,8 +246,8 @@ def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_p
     AutoTokenizer.from_pretrained(out / "teacher" / "model").save_pretrained(tmp_path / "teacher")
     common = [*TINY, "--stage", "student", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2",
               "--text-files", texts["small"], "--validation-files", texts["valid"], "--max-steps", "3", "--lr", "1e-3"]
-    main([*common, "--deepspeed", ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=8),
-          "--output-dir", str(tmp_path / "one")])  # in this process: a process start saved
+    train([*common, "--deepspeed", ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=8),
+           "--output-dir", str(tmp_path / "one")])  # a fresh process like the 2 ranks': in pytest's, KD moved 2e-5
     train([*common, "--deepspeed", ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
            "--output-dir", str(tmp_path / "two")], ranks=2)
     runs = [tmp_path / d / "students" / "alternate" for d in ("one", "two")]

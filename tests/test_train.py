@@ -153,7 +153,7 @@ def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, teacher_withou
     common = ["--stage", "student", "--teacher", teacher_without_dropout, "--strategy", "skip", "--max-train-samples", "128",
               "--epochs", "1", "--temperature", "1", *SMALL]
     one, two = tmp_path / "one", tmp_path / "two"
-    main(["--deepspeed", ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16), "--output-dir", str(one), *common])
+    train(["--deepspeed", ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16), "--output-dir", str(one), *common])
     train(["--deepspeed", ds_json(tmp_path, "m8.json", train_micro_batch_size_per_gpu=8), "--output-dir", str(two), *common], ranks=2)
     log1, log2 = train_log(one / "students" / "skip"), train_log(two / "students" / "skip")
     assert [r["step"] for r in log1] == [r["step"] for r in log2] == list(range(1, 9))
