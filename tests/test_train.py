@@ -232,7 +232,7 @@ def assert_log_so_far_is_the_uninterrupted_one(whole: Path, run: Path, steps: in
 KILL_PHASES = [
     ("ckpt-engine-saved", 6, 3),  # DeepSpeed wrote step 6's files, no RNG file, not published: step 3 stays latest
     ("ckpt-published", 6, 6),  # published, the old checkpoint not yet removed
-    ("ckpt-files-written", 9, 6),  # every file of step 9 written, not yet published
+    ("ckpt-files-written", 9, 8),  # every file of step 9 written, not yet published: step 8 (epoch 1's end) stays latest
 ]
 
 
