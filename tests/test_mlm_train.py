@@ -251,9 +251,12 @@ def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_p
     train([*common, "--deepspeed", ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
            "--output-dir", str(tmp_path / "two")], ranks=2)
     runs = [tmp_path / d / "students" / "alternate" for d in ("one", "two")]
+    # rel 1e-4: fp32 round-off of a small KL (a sum of p·(log p - log q) that nearly cancels) reached 1.8e-5
+    # on an Intel Xeon between batch 8 and batch 2 kernels; the per-micro-batch weighting this test catches
+    # moves the terms by percents.
     for a, b in zip(*map(train_log, runs), strict=True):
         for term in ("total", "ce", "kd", "pt"):
-            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+            assert b[term] == pytest.approx(a[term], rel=1e-4), (a["step"], term)
     weights = [load_file(d / "model" / "model.safetensors") for d in runs]
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
