@@ -13,9 +13,11 @@ dtypes, constexprs, num_warps, target) combinations compile once. Forwards witho
 off, the same kernels minus the gradient pass; no recipe runs them) are left out by default, to keep the
 run short: `--no-grad` adds them.
 
-The compiles run in worker subprocesses without TRITON_INTERPRET (under the interpreter `triton.jit` gives
-no compilable function, and tests/conftest.py sets it), each with a fresh TRITON_CACHE_DIR so ptxas really
-runs and prints its register and spill report.
+The compiles run in one worker subprocess without TRITON_INTERPRET (under the interpreter `triton.jit` gives
+no compilable function, and tests/conftest.py sets it), with a fresh TRITON_CACHE_DIR so ptxas really runs
+and prints its register and spill report: it records the launches once and hands the distinct
+configurations, slowest first, to a pool of `--jobs` processes (about 0.5 s of one core each, 60% of it in
+Triton's passes, the rest ptxas; the 758 of `--quick` take about 3 minutes on 2 cores).
 
     python -m benchmarks.aot_compile        # → results/aot_compile.{json,md}
 
@@ -73,23 +75,20 @@ QUICK_DTYPE, QUICK_TOPK_K = "bfloat16", (64,)
 def compile_kernels(
     jobs: int = 2, targets: tuple[int, ...] = tuple(SHARED_LIMIT), no_grad: bool = False, quick: bool = False
 ) -> list[dict]:
-    """One row per distinct compiled configuration and target, from `jobs` worker subprocesses; `no_grad`
-    adds the forwards run without a gradient (WRITE_GRAD off: the same kernels minus the gradient pass);
-    `quick` is the test's subset (`QUICK_DTYPE`)."""
+    """One row per distinct compiled configuration and target, compiled by a pool of `jobs` processes;
+    `no_grad` adds the forwards run without a gradient (WRITE_GRAD off: the same kernels minus the gradient
+    pass); `quick` is the test's subset (`QUICK_DTYPE`)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # explicit: benchmarks/__init__.py would set it to 1
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated: silences its warning
     with tempfile.TemporaryDirectory(prefix="pkd_aot_") as tmp:
         env["TRITON_CACHE_DIR"] = f"{tmp}/cache"  # fresh: ptxas runs for every configuration and prints its report
         cmd = [sys.executable, "-m", "benchmarks.aot_compile", "--targets", ",".join(map(str, targets)), "--jobs", str(jobs)] + ["--no-grad"] * no_grad + ["--quick"] * quick
-        logs = [(Path(tmp, f"{i}.jsonl"), Path(tmp, f"{i}.err")) for i in range(jobs)]
-        workers = []
-        for i, (out, err) in enumerate(logs):  # files, not pipes: a full pipe would stall a worker
-            with out.open("w") as out_f, err.open("w") as err_f:
-                workers.append(subprocess.Popen([*cmd, "--worker", str(i)], cwd=REPO, env=env, stdout=out_f, stderr=err_f))
-        for worker, (out, err) in zip(workers, logs):
-            if worker.wait() != 0:
-                raise RuntimeError(f"aot_compile worker failed (exit {worker.returncode}):\n{err.read_text()[-4000:]}")
-        rows = [json.loads(line) for out, _ in logs for line in out.read_text().splitlines()]
+        out, err = Path(tmp, "rows.jsonl"), Path(tmp, "err")
+        with out.open("w") as out_f, err.open("w") as err_f:  # files, not pipes: a full pipe would stall it
+            code = subprocess.run([*cmd, "--worker"], cwd=REPO, env=env, stdout=out_f, stderr=err_f).returncode
+        if code != 0:
+            raise RuntimeError(f"aot_compile worker failed (exit {code}):\n{err.read_text()[-4000:]}")
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
     return sorted(rows, key=lambda r: (r["kernel"], r["target"], r["dtypes"], json.dumps(r["constexprs"])))
 
 
@@ -417,41 +416,64 @@ def _specialise(launch: dict, arch: int) -> dict:
     }  # fmt: skip
 
 
-def _worker(index: int, jobs: int, targets: list[int], no_grad: bool, quick: bool) -> None:
-    """Compile this worker's share (every jobs-th distinct configuration) and print one JSON row each."""
-    import triton
+# The distinct configurations a worker compiles (`_worker` fills it before its pool forks: the children
+# inherit it and are handed indices, as the recorded launches hold kernels and tensors that do not pickle).
+_TODO: list[tuple[dict, dict]] = []
 
-    triton.knobs.nvidia.dump_ptxas_log = True
-    seen, todo = set(), []
+# Compile cost ranks (the relation backward takes seconds, the scaling kernel a tenth of one): the pool
+# starts the slowest first so that no long compile is left running alone at the end.
+_COST_RANK = {"_relation_bwd_kernel": 0, "_relation_fwd_kernel": 1, "_topk_kd_fwd_kernel": 2, "_kd_fwd_kernel": 2}
+
+
+def _worker(jobs: int, targets: list[int], no_grad: bool, quick: bool) -> None:
+    """Record the launches once, keep each distinct configuration once (identical kernel, dtypes,
+    constexprs, num_warps and target: the same compiled kernel), compile them over a pool of `jobs`
+    processes (ptxas and Triton's passes are single-threaded) and print one JSON row each."""
+    import multiprocessing
+
+    seen = set()
     for launch in _record_launches(no_grad, quick):
         for arch in targets:
             spec = _specialise(launch, arch)
             if spec["key"] not in seen:
                 seen.add(spec["key"])
-                todo.append((launch, spec))
-    for launch, spec in todo[index::jobs]:
-        row = {
-            "kernel": spec["key"][0], "target": spec["key"][1], "dtypes": spec["dtypes"],
-            "constexprs": spec["constexprs"], "num_warps": spec["options"].num_warps, "example": launch["example"],
-            "registers": None, "spill_stores": None, "spill_loads": None, "stack": None, "shared": None, "error": None,
-        }  # fmt: skip
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log):
-                kernel = triton.compile(spec["source"], target=spec["target"], options=spec["options"].__dict__)
-        except Exception as e:  # noqa: BLE001 — the row reports it, the test fails on it
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
-        else:
-            text = log.getvalue()
-            if not _PTXAS["spill"].search(text):
-                raise RuntimeError(f"no ptxas report for {spec['key']}: was it a Triton cache hit?\n{text}")
-            stack, stores, loads = map(int, _PTXAS["spill"].search(text).groups())
-            smem = _PTXAS["smem"].search(text)
-            row.update(
-                registers=int(_PTXAS["regs"].search(text).group(1)), spill_stores=stores, spill_loads=loads,
-                stack=stack, shared=kernel.metadata.shared + (int(smem.group(1)) if smem else 0),
-            )  # fmt: skip
-        print(json.dumps(row), flush=True)
+                _TODO.append((launch, spec))
+    _TODO.sort(key=lambda item: (_COST_RANK.get(item[1]["key"][0], 3), -item[1]["options"].num_warps))
+    # fork: the children inherit _TODO and the imported compiler, and run no torch op (whose thread pool the
+    # recording may have started and a fork does not carry over)
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for row in pool.imap_unordered(_compile_one, range(len(_TODO))):
+            print(json.dumps(row), flush=True)
+
+
+def _compile_one(index: int) -> dict:
+    """Compile `_TODO[index]` and read ptxas's report: registers, spills, stack frame, shared memory."""
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    launch, spec = _TODO[index]
+    row = {
+        "kernel": spec["key"][0], "target": spec["key"][1], "dtypes": spec["dtypes"],
+        "constexprs": spec["constexprs"], "num_warps": spec["options"].num_warps, "example": launch["example"],
+        "registers": None, "spill_stores": None, "spill_loads": None, "stack": None, "shared": None, "error": None,
+    }  # fmt: skip
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(spec["source"], target=spec["target"], options=spec["options"].__dict__)
+    except Exception as e:  # noqa: BLE001 — the row reports it, the test fails on it
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        return row
+    text = log.getvalue()
+    if not _PTXAS["spill"].search(text):
+        raise RuntimeError(f"no ptxas report for {spec['key']}: was it a Triton cache hit?\n{text}")
+    stack, stores, loads = map(int, _PTXAS["spill"].search(text).groups())
+    smem = _PTXAS["smem"].search(text)
+    row.update(
+        registers=int(_PTXAS["regs"].search(text).group(1)), spill_stores=stores, spill_loads=loads,
+        stack=stack, shared=kernel.metadata.shared + (int(smem.group(1)) if smem else 0),
+    )  # fmt: skip
+    return row
 
 
 def main() -> None:
@@ -460,11 +482,11 @@ def main() -> None:
     p.add_argument("--targets", default=",".join(map(str, SHARED_LIMIT)), help="compute capabilities")
     p.add_argument("--no-grad", action="store_true", help="also the forwards without a gradient (WRITE_GRAD off)")
     p.add_argument("--quick", action="store_true", help="the test's subset (QUICK_DTYPE); writes no results")
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     targets = [int(t) for t in args.targets.split(",")]
-    if args.worker is not None:
-        _worker(args.worker, args.jobs, targets, args.no_grad, args.quick)
+    if args.worker:
+        _worker(args.jobs, targets, args.no_grad, args.quick)
         return
     rows = compile_kernels(args.jobs, tuple(targets), args.no_grad, args.quick)
     if not args.quick:

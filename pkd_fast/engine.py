@@ -694,7 +694,10 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, run_key: dict
     _stop_if_any_rank_failed(failure, step_dir, rank)  # every rank's files exist before the manifest lists them
     if rank == 0:
         try:
-            files = {str(f.relative_to(step_dir)): f.stat().st_size for f in sorted(step_dir.rglob("*")) if f.is_file()}
+            # Not the manifest itself: a step saved again over a killed save's leftover would list the old
+            # manifest's size, and --resume would then take this intact checkpoint for a damaged one.
+            files = {str(f.relative_to(step_dir)): f.stat().st_size for f in sorted(step_dir.rglob("*"))
+                     if f.is_file() and f.relative_to(step_dir) != Path(MANIFEST)}
             _write_atomic(step_dir / MANIFEST, json.dumps({"step": step, "run_key": run_key, "files": files}).encode())
         except OSError as err:
             failure = _write_failure(step_dir, err)

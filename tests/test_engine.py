@@ -225,6 +225,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     assert warning.endswith(f"resuming from step{DAMAGE[how]}, the newest intact checkpoint")
 
 
+def test_a_step_saved_again_over_a_killed_saves_leftover_is_intact(tmp_path, caplog):
+    """A kill after a save's files and manifest were written but before `latest` named them leaves that
+    step's folder; the resumed run saves the same step into it again. Its new manifest once listed the old
+    manifest.json with the old size, so --resume took this checkpoint for damaged and fell back."""
+    engine, directory = saved_steps(tmp_path, steps=(1, 2), keep=2)
+    (directory / "step2" / ds.MANIFEST).write_text('{"step": 2, "run_key": {}, "files": {"a file of a longer list": 1}}')
+    ds.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
+    with caplog.at_level("WARNING", logger="pkd_fast"):
+        step, _ = ds.load_checkpoint(engine, directory, 0, KEY)
+    assert step == 2 and not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "pkd_fast"]
+
+
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
 def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_one_line(tmp_path, how):
     engine, directory = saved_steps(tmp_path, steps=(2,), keep=1)

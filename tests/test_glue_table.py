@@ -3,7 +3,6 @@ once for every distilled point, and a rerun resumes without training anything ag
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.glue_table import (GRIDS, README, README_MARKERS, grid_points, paired_difference, paired_table, pairs,  # noqa: E402
                                    splice_readme, write_summary)
+from benchmarks.glue_table import main as glue_table_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -86,21 +86,30 @@ def test_summary_orders_the_strategies_as_measured_and_sets_the_paper_beside_the
     assert (tmp_path / "glue_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def sweep(argv: list[str], caplog) -> list[str]:
+    """glue_table.main in this process (no process start per sweep): its pkd_fast log lines."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pkd_fast"):
+        glue_table_main(argv)
+    return [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (GLUE_DIR / "MRPC").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
-def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
+def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path, caplog, capsys):
+    """The smallest sweep that still has every part: two strategies (one with PKD), two [CLS]/mean kinds
+    sharing one cache, two seeds; 32 rows of 16 tokens (2 steps a run)."""
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 16})
     (tmp_path / "fp32.json").write_text(json.dumps(config))
-    cmd = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--task", "mrpc", "--glue-dir", str(GLUE_DIR),
-           "--grid", "tiny", "--strategies", "ft,skip", "--pt-tokens", "cls,mean", "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "32",
-           "--max-train-samples", "64", "--deepspeed", str(tmp_path / "fp32.json"), "--log-steps", "2",
-           "--output-dir", str(tmp_path / "sweep"), "--results-dir", str(tmp_path / "results")]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-4000:]
+    argv = ["--task", "mrpc", "--glue-dir", str(GLUE_DIR), "--grid", "tiny", "--strategies", "ft,skip", "--pt-tokens", "cls,mean",
+            "--seeds", "42,43", "--epochs", "1", "--max-seq-length", "16", "--max-train-samples", "32",
+            "--deepspeed", str(tmp_path / "fp32.json"), "--log-steps", "2",
+            "--output-dir", str(tmp_path / "sweep"), "--results-dir", str(tmp_path / "results")]
+    first = sweep(argv, caplog)
     stem = tmp_path / "results" / "glue_mrpc_all-minilm-l6-v2_3layers"
     result = json.loads(stem.with_suffix(".json").read_text())
-    assert set(result["rows"]) == {"teacher", "ft", "skip", "skip-mean"} and result["train_rows"] == 64
+    assert set(result["rows"]) == {"teacher", "ft", "skip", "skip-mean"} and result["train_rows"] == 32
     skip = result["rows"]["skip"]
     assert len(skip["seeds"]) == 2 and skip["layer_map"] == [2, 4]
     assert skip["mean"] == pytest.approx(sum(skip["seeds"]) / 2)
@@ -116,25 +125,27 @@ def test_sweep_writes_the_table_and_resumes_without_retraining(tmp_path):
     assert "| PKD-Skip |" in stem.with_suffix(".md").read_text() and "| PKD-Skip (mean-pooled) |" in stem.with_suffix(".md").read_text()
     assert result["paired"] == {}  # ft and skip only: none of the paper's pairs (KD−FT, Skip−KD, Last−KD, Skip−Last)
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert "| mrpc (f1) | 64 of 3,668 rows" in (tmp_path / "results" / "glue_summary.md").read_text()
+    assert "| mrpc (f1) | 32 of 3,668 rows" in (tmp_path / "results" / "glue_summary.md").read_text()
     # The teacher ran over the training set once, into the cache the PKD points then read.
     # [CLS] and mean rows both ran: one store of every token, of the mapped layers only, serves both.
     layout = json.loads((tmp_path / "sweep" / "teacher_cache" / "manifest.json").read_text())["layout"]
-    assert layout["positions"] == 32 and layout["layers"] == [2, 4]
-    assert first.stderr.count("teacher cache: writing it") == 1, first.stderr[-4000:]
-    assert first.stderr.count("teacher outputs read from") == 4, first.stderr[-4000:]
+    assert layout["positions"] == 16 and layout["layers"] == [2, 4]
+    assert sum("teacher cache: writing it" in line for line in first) == 1, first
+    assert sum("teacher outputs read from" in line for line in first) == 4, first
 
     finished = sorted((tmp_path / "sweep").glob("*/*/seed*/students/*/results.json"))
     assert len(finished) == 6
     stamps = [p.stat().st_mtime_ns for p in finished]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-4000:]
+    again = sweep(argv, caplog)
     assert [p.stat().st_mtime_ns for p in finished] == stamps  # nothing was trained again
-    assert "teacher cache: writing it" not in again.stderr  # nor cached again
+    assert not any("teacher cache: writing it" in line for line in again)  # nor cached again
     # A changed setup in the same directory is refused, not silently served the old runs.
-    longer = subprocess.run([*cmd[:cmd.index("--epochs") + 1], "2", *cmd[cmd.index("--epochs") + 2:]], capture_output=True, text=True, timeout=900)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as longer:
+        sweep([*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]], caplog)
     # the teacher's run is refused first: its finished key records the epochs (one line naming them)
-    assert longer.returncode == 2 and "epochs: finished 1 ≠ now 2" in longer.stderr, longer.stderr[-2000:]
+    err = capsys.readouterr().err
+    assert longer.value.code == 2 and "epochs: finished 1 ≠ now 2" in err, err[-2000:]
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["skip"]["seeds"] == skip["seeds"]
 
 
@@ -148,18 +159,17 @@ def test_strategies_of_one_seed_differ_only_in_the_loss(tmp_path):
     from pkd_fast.config import default_teacher
     from pkd_fast.models import load_classifier
     from pkd_fast.tasks import get_task
+    from pkd_fast.train import main as train_main
 
     load_classifier(default_teacher(), get_task("sst2")).save_pretrained(tmp_path / "teacher")  # dropout on
     AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(tmp_path / "teacher")
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     config.update({"bf16": {"enabled": False}, "tensorboard": {"enabled": False}, "train_micro_batch_size_per_gpu": 16})
     (tmp_path / "fp32.json").write_text(json.dumps(config))
-    cmd = [sys.executable, str(REPO / "pkd_fast" / "train.py"), "--stage", "student", "--teacher", str(tmp_path / "teacher"),
-           "--strategy", "ft,kd", "--alpha", "0", "--glue-dir", str(GLUE_DIR), "--max-train-samples", "64",
-           "--max-seq-length", "32", "--max-eval-samples", "32", "--epochs", "1", "--log-steps", "1",
-           "--deepspeed", str(tmp_path / "fp32.json"), "--output-dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_main(["--stage", "student", "--teacher", str(tmp_path / "teacher"),
+                "--strategy", "ft,kd", "--alpha", "0", "--glue-dir", str(GLUE_DIR), "--max-train-samples", "64",
+                "--max-seq-length", "32", "--max-eval-samples", "32", "--epochs", "1", "--log-steps", "1",
+                "--deepspeed", str(tmp_path / "fp32.json"), "--output-dir", str(tmp_path / "run")])  # in this process
     ft, kd = ([json.loads(line) for line in (tmp_path / "run" / "students" / s / "train_log.jsonl").read_text().splitlines()]
               for s in ("ft", "kd"))
     assert [r["total"] for r in kd] == [r["total"] for r in ft] and len(ft) == 4

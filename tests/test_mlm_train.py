@@ -189,36 +189,30 @@ def assert_resumed_to_the_uninterrupted_run(whole: Path, run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_stream_resume_after_kill_matches_the_uninterrupted_run(tmp_path, stream):
-    """SIGKILL at step 4's checkpoint (the second pass has begun), then --resume: the loss log and the saved
-    student equal the uninterrupted run's, because each rank's stream position, masks and dropout RNG come back."""
+def test_two_ranks_zero2_stream_resume_after_kill_then_sigterm_to_one_rank_matches_the_uninterrupted_run(tmp_path, stream):
+    """SIGKILL at step 4's checkpoint (the second pass has begun), then --resume: each rank's stream position,
+    masks and dropout RNG come back. That resumed run then gets SIGTERM on rank 1 alone at step 5 (between
+    checkpoints, inside the second pass): at that step's boundary both ranks agree, save (each rank's stream
+    position too), exit 0 with rank 0's one line; the last --resume ends where the uninterrupted run did (loss
+    log and saved student). One chain of 3 two-rank launches instead of a kill and a signal test of 2 each."""
     common, whole = stream
     totals = [r["total"] for r in train_log(whole)]
     assert [r["step"] for r in train_log(whole)] == list(range(1, 7)) and sum(totals[-2:]) < sum(totals[:2]), totals
-    killed = tmp_path / "killed"
-    proc = train([*common, "--output-dir", str(killed)], ranks=2, env={FAULT_ENV: "ckpt-published@4"}, check=False)
-    ckpt = killed / "students" / "alternate" / "checkpoints"
+    out = tmp_path / "stopped"
+    ckpt = out / "students" / "alternate" / "checkpoints"
+    proc = train([*common, "--output-dir", str(out)], ranks=2, env={FAULT_ENV: "ckpt-published@4"}, check=False)
     assert proc.returncode != 0 and (ckpt / "latest").read_text() == "step4"
-    resumed = train([*common, "--output-dir", str(killed), "--resume"], ranks=2)
-    assert "resumed at step 4" in resumed.stderr
-    assert_resumed_to_the_uninterrupted_run(whole, ckpt.parent)
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_to_the_uninterrupted_run(tmp_path, stream):
-    """SIGTERM to rank 1 alone at step 5 (between checkpoints, inside the second pass): at that step's boundary both ranks agree,
-    save (each rank's stream position too), exit 0 with rank 0's one line; --resume ends where the
-    uninterrupted run did."""
-    common, whole = stream
-    stopped = tmp_path / "stopped"
-    proc = train([*common, "--output-dir", str(stopped)], ranks=2, env={FAULT_ENV: "step@5:rank1:SIGTERM"}, check=False)
-    ckpt = stopped / "students" / "alternate" / "checkpoints"
+    proc = train([*common, "--output-dir", str(out), "--resume"], ranks=2, env={FAULT_ENV: "step@5:rank1:SIGTERM"}, check=False)
+    assert "resumed at step 4" in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines == [f"stopped by SIGTERM at step 5 of alternate: saved the checkpoint {ckpt / 'step5'}; run the same "
                      "command with --resume to continue from it"]
     assert (ckpt / "latest").read_text() == "step5"
-    resumed = train([*common, "--output-dir", str(stopped), "--resume"], ranks=2)
+    assert [r["step"] for r in train_log(ckpt.parent)] == list(range(1, 6))
+    for a, b in zip(train_log(whole), train_log(ckpt.parent)):  # step 5: redone after the kill, as uninterrupted
+        assert b["total"] == pytest.approx(a["total"], rel=1e-6), a["step"]
+    resumed = train([*common, "--output-dir", str(out), "--resume"], ranks=2)
     assert "resumed at step 5" in resumed.stderr
     assert_resumed_to_the_uninterrupted_run(whole, ckpt.parent)
 
@@ -253,13 +247,16 @@ def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_p
     common = [*TINY, "--stage", "student", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2",
               "--text-files", texts["small"], "--validation-files", texts["valid"], "--max-steps", "3", "--lr", "1e-3"]
     train([*common, "--deepspeed", ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=8),
-           "--output-dir", str(tmp_path / "one")])
+           "--output-dir", str(tmp_path / "one")])  # a fresh process like the 2 ranks': in pytest's, KD moved 2e-5
     train([*common, "--deepspeed", ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
            "--output-dir", str(tmp_path / "two")], ranks=2)
     runs = [tmp_path / d / "students" / "alternate" for d in ("one", "two")]
+    # rel 1e-4: fp32 round-off of a small KL (a sum of p·(log p - log q) that nearly cancels) reached 1.8e-5
+    # on an Intel Xeon between batch 8 and batch 2 kernels; the per-micro-batch weighting this test catches
+    # moves the terms by percents.
     for a, b in zip(*map(train_log, runs), strict=True):
         for term in ("total", "ce", "kd", "pt"):
-            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+            assert b[term] == pytest.approx(a[term], rel=1e-4), (a["step"], term)
     weights = [load_file(d / "model" / "model.safetensors") for d in runs]
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)

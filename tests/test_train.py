@@ -49,12 +49,18 @@ def zero3_json(tmp_path, name="z3.json", **overrides) -> str:
     return str(tmp_path / name)
 
 
+# What train.main run in this process (by a test, before it starts a run in a fresh one) leaves in os.environ
+# of its one-process group: a child that inherited them would try to join that group.
+PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def train(args, *, ranks=1, env=None, check=True):
     """Run the CLI in a fresh process (1 rank: plain python; more: the deepspeed launcher)."""
     cmd = [sys.executable, str(TRAIN)] if ranks == 1 else [
         "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN)
     ]
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**inherited, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -107,10 +113,11 @@ def test_sst2_all_stages_writes_outputs_and_the_student_reloads(tmp_path):
     bf16 keeps it bf16 on a CPU that only emulates bf16 (auto would run fp32 there)."""
     out = tmp_path / "run"
     proc = train(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--precision", "bf16", "--task", "sst2",
-                  "--max-train-samples", "96", "--epochs", "1", "--strategy", "kd,skip", "--output-dir", str(out), *SMALL])
+                  "--max-train-samples", "32", "--epochs", "1", "--strategy", "kd,skip", "--output-dir", str(out), *SMALL,
+                  "--max-eval-samples", "16"])  # one step and one batch of 16 dev rows a run: bf16 is emulated on AVX2 CPUs
     assert "| PKD-Skip | 3 | 2,4 |" in proc.stdout and "| Teacher | 6 |" in proc.stdout
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["runs"]) == {"teacher", "kd", "skip"} and summary["train_rows"] == 96
+    assert set(summary["runs"]) == {"teacher", "kd", "skip"} and summary["train_rows"] == 32
     assert summary["device"]["precision"] == "bf16" and summary["device"]["precision_reason"] == "--precision bf16"
     assert json.loads((out / "resolved_config.json").read_text())["strategy"] == ["kd", "skip"]
     skip = out / "students" / "skip"
@@ -120,7 +127,7 @@ def test_sst2_all_stages_writes_outputs_and_the_student_reloads(tmp_path):
     assert len(evals) == 1 and evals[0]["accuracy"] == result["dev"]["accuracy"]
     assert {"total", "ce", "kd", "pt"} <= set(train_log(skip)[0])
     assert not (skip / "checkpoints").exists()  # a finished run keeps its model, not its checkpoints
-    reloaded = dev_metric_of_saved_model(skip / "model", "sst2", 32, 48, torch.bfloat16)
+    reloaded = dev_metric_of_saved_model(skip / "model", "sst2", 32, 16, torch.bfloat16)
     assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
 
 
@@ -128,9 +135,9 @@ def test_sst2_all_stages_writes_outputs_and_the_student_reloads(tmp_path):
 def test_mrpc_student_stage_from_a_finetuned_teacher(tmp_path):
     teacher = save_teacher(tmp_path / "teacher", "mrpc")
     out = tmp_path / "run"
-    train(["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--task", "mrpc", "--stage", "student",
-           "--teacher", teacher, "--strategy", "last", "--max-train-samples", "64", "--epochs", "1",
-           "--output-dir", str(out), *SMALL])
+    main(["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=16), "--task", "mrpc", "--stage", "student",
+          "--teacher", teacher, "--strategy", "last", "--max-train-samples", "64", "--epochs", "1",
+          "--output-dir", str(out), *SMALL])
     result = json.loads((out / "students" / "last" / "results.json").read_text())
     # the whole split's metrics, and each fixed half's (metrics.dev_halves: one picks, one reports)
     assert result["layer_map"] == [4, 5] and set(result["dev"]) == {f"{h}{m}" for h in ("", "select/", "report/") for m in ("f1", "accuracy")}
@@ -209,57 +216,81 @@ def uninterrupted(tmp_path_factory, teacher_with_dropout):
     return common, tmp / "whole" / "students" / "skip"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase, resumed_from", [
-    ("ckpt-engine-saved", 3),  # DeepSpeed wrote step 6's files, no RNG file, not published: step 3 stays latest
-    ("ckpt-files-written", 3),  # every file of step 6 written, not yet published
-    ("ckpt-published", 6),  # published, the old checkpoint not yet removed
-])
-def test_a_kill_at_any_phase_of_a_save_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, phase, resumed_from):
-    """SIGKILL inside the step-6 checkpoint save, then --resume: model, optimizer, schedule, data order and
-    dropout RNG all come back from the newest published checkpoint, so the loss curve and the final metric
-    match a run never stopped."""
-    common, whole = uninterrupted
-    killed = tmp_path / "killed"
-    proc = train([*common, "--output-dir", str(killed)], env={FAULT_ENV: f"{phase}@6"}, check=False)
-    ckpt = killed / "students" / "skip" / "checkpoints"
-    assert proc.returncode == -9 and (ckpt / "latest").read_text() == f"step{resumed_from}"
-    resumed = train([*common, "--output-dir", str(killed), "--resume"])
-    assert f"resumed at step {resumed_from}" in resumed.stderr
-    a, b = train_log(whole), train_log(killed / "students" / "skip")
-    assert [r["step"] for r in b] == list(range(1, 17))
+def assert_log_so_far_is_the_uninterrupted_one(whole: Path, run: Path, steps: int) -> None:
+    """A stopped or killed run's loss log up to where it stopped: steps 1..`steps`, each equal to the
+    uninterrupted run's (the steps a resumed run redid included)."""
+    a, b = train_log(whole), train_log(run)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
         assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (whole, killed / "students" / "skip"))
+
+
+# The phases of a checkpoint save, killed in turn (phase, the save's step, the checkpoint left published).
+# A step saved again over a killed save's leftover is covered in tests/test_engine.py.
+KILL_PHASES = [
+    ("ckpt-engine-saved", 6, 3),  # DeepSpeed wrote step 6's files, no RNG file, not published: step 3 stays latest
+    ("ckpt-published", 6, 6),  # published, the old checkpoint not yet removed
+    ("ckpt-files-written", 9, 8),  # every file of step 9 written, not yet published: step 8 (epoch 1's end) stays latest
+]
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_phase_of_a_save_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, capsys):
+    """SIGKILL inside a checkpoint save, then --resume: model, optimizer, schedule, data order and dropout
+    RNG all come back from the newest published checkpoint, so the loss curve and the final metric match a
+    run never stopped. One chain of runs: each --resume is killed at the next phase (its redone steps
+    checked against the uninterrupted log), and the last one runs to the end; 4 processes, not 6.
+    After the kill that published step 6, a copy of the run is resumed with another run's settings: refused."""
+    common, whole = uninterrupted
+    killed = tmp_path / "killed"
+    run = killed / "students" / "skip"
+    resumed_from = None
+    for phase, step, published in KILL_PHASES:
+        again = ["--resume"] if resumed_from else []
+        proc = train([*common, "--output-dir", str(killed), *again], env={FAULT_ENV: f"{phase}@{step}"}, check=False)
+        assert proc.returncode == -9 and (run / "checkpoints" / "latest").read_text() == f"step{published}", phase
+        assert not resumed_from or f"resumed at step {resumed_from}" in proc.stderr, phase
+        assert_log_so_far_is_the_uninterrupted_one(whole, run, step)
+        resumed_from = published
+        if phase == "ckpt-published":
+            assert_a_checkpoint_of_another_run_is_refused(capsys, common, killed)
+    resumed = train([*common, "--output-dir", str(killed), "--resume"])
+    assert f"resumed at step {resumed_from}" in resumed.stderr
+    assert_log_so_far_is_the_uninterrupted_one(whole, run, 16)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (whole, run))
     assert rb["dev"] == ra["dev"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, stopped_at, where", [
-    # inside the step-6 save: it completes, and step 7 (between checkpoints, every 3 steps) saves one for the stop
-    ("ckpt-engine-saved@6:SIGTERM", 7, "at step 7 of skip"),
-    ("step@8:SIGINT", 8, "after the evaluation of epoch 1 of skip"),  # an epoch's end: the stop waits for its evaluation
-])
-def test_a_signal_saves_exits_0_and_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, fault, stopped_at, where):
+def test_a_signal_saves_exits_0_and_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
     """SIGTERM (a scheduler's notice) or SIGINT (Ctrl-C) mid-training: the run saves a checkpoint at the next
     step boundary, prints one line and exits 0 without a traceback; --resume then gives the uninterrupted
-    run's loss log, evaluations and weights."""
+    run's loss log, evaluations and weights. One chain: SIGTERM, then SIGINT to the resumed run, then the
+    resume that ends it."""
     common, whole = uninterrupted
     stopped = tmp_path / "stopped"
-    proc = train([*common, "--output-dir", str(stopped)], env={FAULT_ENV: fault}, check=False)
-    ckpt = stopped / "students" / "skip" / "checkpoints"
-    signame = fault.rsplit(":", 1)[1]
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert [line for line in proc.stderr.splitlines() if line.startswith("stopped")] == [
-        f"stopped by {signame} {where}: saved the checkpoint {ckpt / f'step{stopped_at}'}; run the same command with --resume "
-        "to continue from it"]
-    assert (ckpt / "latest").read_text() == f"step{stopped_at}" and not (stopped / "results.json").exists()
-    resumed = train([*common, "--output-dir", str(stopped), "--resume"])
-    assert f"resumed at step {stopped_at}" in resumed.stderr
     run = stopped / "students" / "skip"
-    assert [r["step"] for r in train_log(run)] == list(range(1, 17))
-    for ra, rb in zip(train_log(whole), train_log(run)):
-        assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
+    ckpt = run / "checkpoints"
+    resumed_from = None
+    for fault, stopped_at, where in (
+        # inside the step-6 save: it completes, and step 7 (between checkpoints, every 3 steps) saves one for the stop
+        ("ckpt-engine-saved@6:SIGTERM", 7, "at step 7 of skip"),
+        ("step@8:SIGINT", 8, "after the evaluation of epoch 1 of skip"),  # an epoch's end: the stop waits for its evaluation
+    ):
+        again = ["--resume"] if resumed_from else []
+        proc = train([*common, "--output-dir", str(stopped), *again], env={FAULT_ENV: fault}, check=False)
+        signame = fault.rsplit(":", 1)[1]
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert [line for line in proc.stderr.splitlines() if line.startswith("stopped")] == [
+            f"stopped by {signame} {where}: saved the checkpoint {ckpt / f'step{stopped_at}'}; run the same command with --resume "
+            "to continue from it"]
+        assert (ckpt / "latest").read_text() == f"step{stopped_at}" and not (stopped / "results.json").exists()
+        assert not resumed_from or f"resumed at step {resumed_from}" in proc.stderr, fault
+        assert_log_so_far_is_the_uninterrupted_one(whole, run, stopped_at)
+        resumed_from = stopped_at
+    resumed = train([*common, "--output-dir", str(stopped), "--resume"])
+    assert f"resumed at step {resumed_from}" in resumed.stderr
+    assert_log_so_far_is_the_uninterrupted_one(whole, run, 16)
     assert [json.loads(l)["accuracy"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [
         json.loads(l)["accuracy"] for l in (whole / "metrics.jsonl").read_text().splitlines()]
     weights = [load_file(d / "model" / "model.safetensors") for d in (whole, run)]
@@ -267,36 +298,31 @@ def test_a_signal_saves_exits_0_and_resumes_to_the_uninterrupted_result(tmp_path
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.slow
-def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, uninterrupted):
-    """--resume with a flag that changes results (β) or another batch layout names what differs."""
-    common, _ = uninterrupted
-    out = tmp_path / "run"
-    proc = train([*common, "--output-dir", str(out)], env={FAULT_ENV: "ckpt-published@3"}, check=False)
-    assert proc.returncode == -9
-    proc = train([*common, "--output-dir", str(out), "--resume", "--beta", "10"], check=False)
-    assert proc.returncode == 2 and "beta: checkpoint 100.0 ≠ now 10.0" in proc.stderr.splitlines()[-1]
-    layout = ds_json(tmp_path, "m16.json", train_micro_batch_size_per_gpu=16)
-    proc = train([*common, "--output-dir", str(out), "--resume", "--deepspeed", layout], check=False)
-    assert proc.returncode == 2 and "micro_batch: checkpoint 8 ≠ now 16" in proc.stderr.splitlines()[-1]
-    # a student of another shape or ZeRO stage: DeepSpeed's load failed (a traceback) before the key was compared
-    proc = train([*common, "--output-dir", str(out), "--resume", "--student-layers", "2"], check=False)
-    assert proc.returncode == 2 and "student_layers: checkpoint None ≠ now 2" in proc.stderr.splitlines()[-1]
-    assert "Traceback" not in proc.stderr  # (another ZeRO stage or objective: tests/test_engine.py)
+def assert_a_checkpoint_of_another_run_is_refused(capsys, common: list[str], killed: Path) -> None:
+    """--resume with a flag that changes results (β) or another batch layout names what differs (in this
+    process, on a copy of the killed run: a refusal trains nothing)."""
+    out = killed.with_name("another")
+    shutil.copytree(killed, out)
+    for argv, message in (
+        (["--beta", "10"], "beta: checkpoint 100.0 ≠ now 10.0"),
+        (["--deepspeed", ds_json(out, "m16.json", train_micro_batch_size_per_gpu=16)], "micro_batch: checkpoint 8 ≠ now 16"),
+        # a student of another shape or ZeRO stage: DeepSpeed's load failed (a traceback) before the key was
+        # compared (another ZeRO stage or objective: tests/test_engine.py)
+        (["--student-layers", "2"], "student_layers: checkpoint None ≠ now 2"),
+    ):
+        assert_one_line_error(capsys, [*common, "--output-dir", str(out), "--resume", *argv], message)
 
 
 @pytest.mark.slow
-def test_resume_of_a_finished_run_with_other_settings_is_refused(tmp_path, uninterrupted):
+def test_resume_of_a_finished_run_with_other_settings_is_refused(tmp_path, uninterrupted, capsys):
     """A finished run's results are reused by --resume only for the settings they were trained with: with another
     β they were returned as they were, while resolved_config.json showed the new β."""
     common, whole = uninterrupted
     out = tmp_path / "done"
     shutil.copytree(whole.parent.parent, out)
-    proc = train([*common, "--output-dir", str(out), "--resume", "--beta", "10"], check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[-1].startswith(f"error: --resume {out / 'students' / 'skip'}: skip finished earlier with "
-                                                   "other settings (beta: finished 100.0 ≠ now 10.0); ")
-    train([*common, "--output-dir", str(out), "--resume"])  # the same settings: reused as they are
+    assert_one_line_error(capsys, [*common, "--output-dir", str(out), "--resume", "--beta", "10"],
+                          f"--resume {out / 'students' / 'skip'}: skip finished earlier with other settings (beta: finished 100.0 ≠ now 10.0); ")
+    main([*common, "--output-dir", str(out), "--resume"])  # the same settings: reused as they are
     assert (out / "students" / "skip" / "results.json").read_text() == (whole / "results.json").read_text()
 
 
@@ -329,8 +355,8 @@ def test_mean_pooled_pt_from_the_cache_equals_the_live_teachers(tmp_path, teache
     parts) moves ~1% with that alone (as in the two-rank test above)."""
     common = ["--deepspeed", ds_json(tmp_path, train_micro_batch_size_per_gpu=8), "--teacher", teacher_without_dropout,
               "--strategy", "skip", "--pt-tokens", "mean", "--max-train-samples", "32", "--epochs", "1", "--temperature", "1", *SMALL]
-    train([*common, "--stage", "student", "--output-dir", str(tmp_path / "live")])
-    train([*common, "--stage", "all", "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
+    main([*common, "--stage", "student", "--output-dir", str(tmp_path / "live")])
+    main([*common, "--stage", "all", "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
     live, cached = (train_log(tmp_path / d / "students" / "skip") for d in ("live", "cached"))
     assert len(live) == 4 and all(r["pt"] > 0 for r in live)
     for a, b in zip(live, cached):
