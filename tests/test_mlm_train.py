@@ -257,9 +257,12 @@ def test_one_and_two_ranks_with_accumulation_take_the_same_masked_lm_steps(tmp_p
     for a, b in zip(*map(train_log, runs), strict=True):
         for term in ("total", "ce", "kd", "pt"):
             assert b[term] == pytest.approx(a[term], rel=1e-4), (a["step"], term)
+    # atol 1e-5: Adam divides each update by the gradient's own scale, so where a gradient is near zero its
+    # round-off moves the weight by up to lr·(noise/|g|); seen 5.1e-6 on an Intel Xeon after 3 steps at lr 1e-3.
+    # The weighting fault this test is for shows in the logged losses above, by percents.
     weights = [load_file(d / "model" / "model.safetensors") for d in runs]
     for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-5)
 
 
 def test_a_corpus_smaller_than_one_global_batch_is_refused_before_the_head_fit(capsys, tmp_path, texts):
