@@ -499,7 +499,7 @@ def one_cpu_rank_config(config: dict, world: Dist) -> dict:
     Why: ZeRO-1/2 on one rank partition nothing, yet DeepSpeed still copies every gradient into its flat
     partition buffers and back each step, and torch's AdamW on CPU tensors makes a pass over memory per
     operation unless `fused` is given (its foreach/fused default is for CUDA tensors only). On a 2-core
-    EPYC, one thread, batch 32 × 64, the 3-layer MiniLM student's step as an AVX2 CPU runs zero2.json (fp32)
+    Intel Xeon (shared with other jobs), one thread, batch 32 × 64, the 3-layer MiniLM student's step as an AVX2 CPU runs zero2.json (fp32)
     took 1.36× the stage-0 fused step (1046 against 769 ms, 2026-12-06); in bf16, ZeRO-2's step took 1.19×
     the same with fused AdamW (benchmarks/results/cpu_step.md).
     16-bit weights keep their ZeRO stage: at stage 0 DeepSpeed 0.19.8 wraps them in FP16_UnfusedOptimizer,
