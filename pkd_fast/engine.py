@@ -499,9 +499,10 @@ def one_cpu_rank_config(config: dict, world: Dist) -> dict:
     Why: ZeRO-1/2 on one rank partition nothing, yet DeepSpeed still copies every gradient into its flat
     partition buffers and back each step, and torch's AdamW on CPU tensors makes a pass over memory per
     operation unless `fused` is given (its foreach/fused default is for CUDA tensors only). On a 2-core
-    Intel Xeon (shared with other jobs), one thread, batch 32 × 64, the 3-layer MiniLM student's step as an AVX2 CPU runs zero2.json (fp32)
-    took 1.36× the stage-0 fused step (1046 against 769 ms, 2026-12-06); in bf16, ZeRO-2's step took 1.19×
-    the same with fused AdamW (benchmarks/results/cpu_step.md).
+    Intel Xeon shared with other jobs (2026-12-06), one thread, batch 32 × 64, the 3-layer MiniLM student's
+    step as an AVX2 CPU runs zero2.json (fp32) took 1.36× the stage-0 fused step (1046 against 769 ms); in
+    bf16, ZeRO-2's step took 1.19× the same with fused AdamW (interleaved runs, not committed as a result;
+    benchmarks/results/cpu_step.md has the older per-setting table).
     16-bit weights keep their ZeRO stage: at stage 0 DeepSpeed 0.19.8 wraps them in FP16_UnfusedOptimizer,
     whose zero-gradient Adam step at start shifts Adam's bias correction (the first update 0.74× ZeRO's)
     and decays the weights once. Stage 3 (it decides how the teacher is held), offload (it names its own
