@@ -47,7 +47,6 @@ from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
 from pkd_fast.models import build_student, layer_map, load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.recipes.glue import Context, Run
-from pkd_fast.trainer import WATCHED, NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = get_task("sst2")
@@ -68,14 +67,7 @@ def ds_config(setup: dict) -> dict:
 
 def rows(setup: dict, tokenizer) -> datasets.Dataset:
     """Random full-length rows, the same in every process: enough for warm-up and the timed steps."""
-    n = setup["micro_batch"] * (setup["steps"] + 2)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, tokenizer.vocab_size, (n, setup["seq"]), generator=g)
-    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
-    return datasets.Dataset.from_dict({
-        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "token_type_ids": torch.zeros_like(ids).tolist(),
-        "labels": torch.randint(0, 2, (n,), generator=g).tolist(), "example_idx": list(range(n)),
-    })
+    return harness.token_rows(setup["micro_batch"] * (setup["steps"] + 2), setup["seq"], tokenizer.vocab_size, tokenizer)
 
 
 def context(setup: dict, workdir: Path, world: ds.Dist) -> Context:
@@ -149,15 +141,9 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
                ctx.cfg.beta if lmap else 0.0, 5e-5, 1, workdir / mode)
     ctx.cache = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)) if mode == "cache" else None
     teacher = ctx.teacher_source(spec)
-    micro_batches = ctx.trainer.micro_batches(ctx.train_loader(teacher, spec))  # the timer decides how many
     engine = ctx.trainer.engine(load_classifier(str(workdir / "student"), TASK), spec.lr, total_steps=10**6, out=workdir)
     step_fn = ctx.step_fn(teacher, spec, "triton" if device.type == "cuda" else "eager")
-    guard = NonFiniteGuard(WATCHED, device, world)
-
-    def step():
-        batch, divisors = next(micro_batches)
-        ctx.trainer.train_micro_batch(engine, step_fn, batch, divisors, guard, engine.global_steps + 1, False)
-
+    step = harness.trainer_step(ctx.trainer, engine, step_fn, ctx.train_loader(teacher, spec))
     for _ in range(2):  # warm-up: optimizer state, allocator pools, first touch of memory-mapped weights
         step()
     harness.synchronize(device)

@@ -4,40 +4,50 @@ for each loss implementation.
     python -m benchmarks.bench_step [--device cuda|cpu] [--quick]
 
 A BERT-base-sized teacher (12 layers, hidden 768; random weights, which speed does not depend on) distils
-into a 6-layer student on DeepSpeed ZeRO-2 in bf16 (ds_configs/zero2.json), seq 128, every token real,
-through the trainer's own pieces: engine.student_engine / frozen_teacher, models.pt_rows, losses.pkd_loss,
-with the recipe's default T, α, β and patient-loss reduction. Two cases:
+into a 6-layer student on DeepSpeed ZeRO-2 in bf16 (ds_configs/zero2.json), seq 128, every token real. A
+step is the trainer's own (`harness.trainer_step`: the recipe context's training loader, its step function
+with the loss impl that --loss-impl names, `Trainer.train_micro_batch`: the non-finite guard's look,
+`engine.backward`, `engine.step`), with the recipe's default T, α, β and patient-loss reduction, the teacher
+a `teacher.LiveTeacher`. Two cases:
 
-  pkd-cls  PKD-Skip on a 2-class task: KD + CE on [B, 2] logits, patient loss on [CLS] of 5 layer pairs
-  mlm-kd   BertForMaskedLM teacher and student: KD on all [B·S, 30522] logits + MLM CE on 15% of tokens,
-           where the loss is a real share of the step
+  pkd-cls  the GLUE recipe's PKD-Skip on a 2-class task (random rows): KD + CE on [B, 2] logits, patient
+           loss on [CLS] of 5 layer pairs
+  mlm-kd   the masked-LM recipe (random text) with --kd-positions all and β = 0: KD on all [B·S, 30522]
+           logits + MLM CE on 15% of tokens, where the loss is a real share of the step
 
-The loss's share is its forward+backward, timed alone on one step's own tensors, over the step's time.
+The loss's share is its forward+backward, timed alone on the inputs of the `pkd_loss` call a step made
+(`harness.loss_alone`), over the step's time.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from benchmarks import harness
 from benchmarks.bench_losses import INTERPRET_MAX_ROWS, VOCAB
 from pkd_fast import engine as ds
-from pkd_fast.config import ZERO2_DS_CONFIG, Config
-from pkd_fast.losses import pkd_loss
-from pkd_fast.models import build_student, layer_map, pt_rows
+from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
+from pkd_fast.losses import resolve_impl
+from pkd_fast.models import MaskedLMRows, build_mlm_student, build_student, layer_map
+from pkd_fast.recipes import glue as glue_recipe
+from pkd_fast.recipes import mlm as mlm_recipe
 from pkd_fast.tasks import get_task
 
 SEQ = 128
 TEACHER_LAYERS, STUDENT_LAYERS = 12, 6
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-MLM_MASK_RATE = 0.15
 RECIPE = {k: Config.__dataclass_fields__[k].default for k in ("temperature", "alpha", "beta", "pt_reduction")}
+TASK = get_task("sst2")
+MLM_MASK_RATE = mlm_recipe.OBJECTIVE.defaults["mlm_probability"]
+LR = 5e-5
+BATCHES_PER_EPOCH = 4  # the loaders' rows: enough that consecutive steps read other batches
 
 # case → micro-batches per grid
 GRIDS = {
@@ -64,11 +74,27 @@ class ModelSize:
     hidden: int = 768
     heads: int = 12
     seq: int = SEQ
-    vocab: int = VOCAB  # token ids are drawn from [1000, vocab)
+    vocab: int = VOCAB  # pkd-cls: token ids are drawn from [1000, vocab); mlm-kd reads the tokenizer's text (VOCAB)
 
     def bert_config(self, **kwargs) -> BertConfig:
         return BertConfig(vocab_size=self.vocab, num_hidden_layers=self.teacher_layers, hidden_size=self.hidden,
                           num_attention_heads=self.heads, intermediate_size=4 * self.hidden, **kwargs)  # fmt: skip
+
+
+def ds_json(micro_batch: int) -> dict:
+    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
+    config.update(train_micro_batch_size_per_gpu=micro_batch, tensorboard={"enabled": False})
+    return config
+
+
+@dataclass
+class TrainerSteps:
+    """One case's student engine and live teacher, shared by every micro-batch and loss impl (DeepSpeed's
+    step does not depend on them): `step(micro_batch, impl)` is the trainer's step at that micro-batch with
+    that loss impl; `recipe` the module whose step it is (`harness.loss_alone` records its loss call)."""
+
+    step: Callable[[int, str], Callable[[], object]]
+    recipe: ModuleType
 
 
 @dataclass(frozen=True)
@@ -87,30 +113,58 @@ class StepCase:
         """Rows of logits the KD term reads (what decides whether the interpreter can run it)."""
         return micro_batch * self.size.seq if self.mlm else micro_batch
 
-    def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(teacher, student) with random weights, the student built as the trainer builds it."""
-        config = self.size.bert_config(num_labels=2)
-        if self.mlm:
-            teacher = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
-            config.num_hidden_layers = self.size.student_layers
-            return teacher, AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
-        teacher = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-        return teacher, build_student(teacher, self.size.student_layers, get_task("sst2"))
+    def trainer_steps(self, workdir: Path, world: ds.Dist, max_micro_batch: int) -> TrainerSteps:
+        """The case's models (random weights) in the recipe's context, the engine's JSON at the largest
+        micro-batch; files (the teacher, the corpus) under `workdir`."""
+        return (self._mlm if self.mlm else self._glue)(workdir, world, max_micro_batch, AutoTokenizer.from_pretrained(default_teacher()))
 
-    def draw(self, micro_batch: int, device: torch.device):
-        """A function of a generator giving one fresh batch."""
-        seq, vocab = self.size.seq, self.size.vocab
+    def _glue(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
+        """PKD-Skip in the GLUE recipe's `Context`: the teacher is saved for its `teacher_source` to load."""
+        teacher = AutoModelForSequenceClassification.from_config(self.size.bert_config(num_labels=TASK.num_labels), attn_implementation="sdpa")
+        teacher.save_pretrained(workdir / "teacher")
+        tokenizer.save_pretrained(workdir / "teacher")
+        student = build_student(teacher, self.size.student_layers, TASK)
+        del teacher
+        cfg = Config(teacher=str(workdir / "teacher"), max_seq_length=self.size.seq, output_dir=str(workdir))
+        rows = harness.token_rows(BATCHES_PER_EPOCH * max_micro_batch, self.size.seq, self.size.vocab, tokenizer)
+        spec = glue_recipe.Run(self.name, "skip", self.layer_map, cfg.alpha, cfg.beta if self.layer_map else 0.0, LR, 1, workdir)
 
-        def one_batch(gen):
-            ids = torch.randint(1000, vocab, (micro_batch, seq), generator=gen, device=device)
-            if self.mlm:
-                masked = torch.rand(ids.shape, generator=gen, device=device) < MLM_MASK_RATE
-                labels = torch.where(masked, torch.randint(1000, vocab, ids.shape, generator=gen, device=device), -100)
-            else:
-                labels = torch.randint(0, 2, (micro_batch,), generator=gen, device=device)
-            return ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": labels},)
+        def context(micro_batch: int) -> glue_recipe.Context:
+            return glue_recipe.Context(cfg, TASK, world, ds_json(micro_batch), tokenizer, rows, {})
 
-        return one_batch
+        largest = context(max_micro_batch)
+        engine = largest.trainer.engine(student, LR, total_steps=10**6, out=workdir)
+        source = largest.teacher_source(spec)
+
+        def step(micro_batch: int, impl: str):
+            ctx = context(micro_batch)
+            return harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec, resolve_impl(impl, world.device)),
+                                        ctx.train_loader(source, spec))
+
+        return TrainerSteps(step, glue_recipe)
+
+    def _mlm(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
+        """The masked-LM recipe's `MlmContext` with β = 0 and KL over every real token: its student plan,
+        its loss units, its teacher source."""
+        flags = {"kd_positions": "all", "beta": 0.0, "student_layers": self.size.student_layers}
+
+        def context(micro_batch: int, impl: str = "auto") -> mlm_recipe.MlmContext:
+            return harness.mlm_context(workdir, world, tokenizer, ds_json(micro_batch), self.size.seq,
+                                       BATCHES_PER_EPOCH * max_micro_batch, loss_impl=impl, **flags)
+
+        largest = context(max_micro_batch)
+        config = replace(self.size, vocab=len(tokenizer)).bert_config()  # the masker draws replacements from the tokenizer
+        teacher = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+        layers, pt_map = largest.student_plan(self.size.teacher_layers)
+        spec = mlm_recipe.MlmRun(self.name, LR, 1, workdir, layers, pt_map, largest.cfg.alpha, largest.cfg.beta)
+        engine = largest.trainer.engine(MaskedLMRows(build_mlm_student(teacher, layers)), LR, total_steps=10**6, out=workdir)
+        source = largest.teacher_source(teacher, spec)
+
+        def step(micro_batch: int, impl: str):
+            ctx = context(micro_batch, impl)
+            return harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec), ctx.train_loader(source), ctx.loss_units(spec))
+
+        return TrainerSteps(step, mlm_recipe)
 
 
 CASES = {
@@ -119,80 +173,19 @@ CASES = {
 }
 
 
-def forward(student, teacher, batch: dict, case: StepCase):
-    """Student and teacher outputs, hidden states only where the patient loss reads them (as in train.py)."""
-    inputs = {k: batch[k] for k in INPUT_KEYS}
-    hidden = bool(case.layer_map)
-    s_out = student(**inputs, output_hidden_states=hidden)
-    with torch.no_grad():
-        t_out = teacher(**inputs, output_hidden_states=hidden)
-    return s_out, t_out
-
-
-def loss(case: StepCase, impl: str, s_logits, t_logits, labels, s_hidden, t_hidden) -> torch.Tensor:
-    """The trainer's loss seam on one step's outputs: logits flattened to rows ([B·S, V] for MLM)."""
-    s_rows = pt_rows(s_hidden, range(1, len(case.layer_map) + 1), None) if case.layer_map else []
-    t_rows = pt_rows(t_hidden, case.layer_map, None) if case.layer_map else []
-    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    return pkd_loss(
-        flat(s_logits), flat(t_logits), labels.reshape(-1), s_rows, t_rows,
-        temperature=RECIPE["temperature"], alpha=RECIPE["alpha"], beta=RECIPE["beta"] if case.layer_map else 0.0,
-        pt_reduction=RECIPE["pt_reduction"], impl=impl,
-    ).total  # fmt: skip
-
-
-def train_step(engine, teacher, case: StepCase, impl: str):
-    """One optimizer step of the student on a batch (micro-batch = global batch: one process, no accumulation)."""
-
-    def step(batch):
-        s_out, t_out = forward(engine, teacher, batch, case)
-        engine.backward(loss(case, impl, s_out.logits, t_out.logits, batch["labels"], s_out.hidden_states, t_out.hidden_states))
-        engine.step()
-
-    return step
-
-
-def loss_alone(engine, teacher, case: StepCase, impl: str, batch: dict):
-    """The loss's forward+backward on one step's own outputs, detached from the models, as a call."""
-    with torch.no_grad():
-        s_out, t_out = forward(engine, teacher, batch, case)
-    s_logits = s_out.logits.detach().requires_grad_()
-    s_hidden = [h.detach().requires_grad_() for h in s_out.hidden_states] if case.layer_map else None
-    wrt = [s_logits, *(s_hidden[1 : len(case.layer_map) + 1] if case.layer_map else [])]
-
-    def call():
-        total = loss(case, impl, s_logits, t_out.logits, batch["labels"], s_hidden, t_out.hidden_states)
-        return torch.autograd.grad(total, wrt)
-
-    return call
-
-
-def engines(case: StepCase, micro_batch: int, device: torch.device):
-    """The student's ZeRO-2 bf16 engine and the frozen teacher. The JSON's micro-batch is the case's
-    largest: DeepSpeed's step does not depend on it, so one engine serves every micro-batch."""
-    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
-    config.update(train_micro_batch_size_per_gpu=micro_batch, tensorboard={"enabled": False})
-    config = ds.resolve_ds_config(
-        config, lr=5e-5, total_steps=10**6, warmup_steps=100, tensorboard_dir=Path(tempfile.gettempdir())
-    )
-    teacher, student = case.models()
-    return ds.student_engine(student, config), ds.frozen_teacher(teacher, config, device)
-
-
 def skip_reason(case: StepCase, micro_batch: int, impl: str, device: torch.device) -> str | None:
     if impl == "triton" and harness.interpreted(device) and case.loss_rows(micro_batch) > INTERPRET_MAX_ROWS:
         return f"Triton interpreter (no GPU): run only up to {INTERPRET_MAX_ROWS} rows"
     return None
 
 
-def measure(engine, teacher, case: StepCase, micro_batch: int, device: torch.device, quick: bool, impls=IMPLS,
+def measure(steps: TrainerSteps, case: StepCase, micro_batch: int, device: torch.device, quick: bool, impls=IMPLS,
             step_budget: harness.Budget | None = None) -> list[dict]:
     """Every loss impl (of `impls`) at one micro-batch: step time (impls taking turns on the CPU; `step_budget`,
     default STEP_BUDGET), throughput, peak memory, and the loss's own forward+backward. Failures (out of memory,
     say) are recorded, not raised."""
     seq = case.size.seq
-    batches = harness.rotating(case.draw(micro_batch, device), 4 * micro_batch * seq * 8, device)  # 4 int64 [B, S] at most
-    rows, steps = {}, {}
+    rows, calls = {}, {}
     for impl in impls:
         rows[impl] = {"case": case.name, "micro_batch": micro_batch, "seq": seq, "impl": impl,
                       "interpreter": impl == "triton" and harness.interpreted(device)}  # fmt: skip
@@ -200,14 +193,13 @@ def measure(engine, teacher, case: StepCase, micro_batch: int, device: torch.dev
         if reason:
             rows[impl]["skipped"] = reason
         else:
-            steps[impl] = harness.cycling(train_step(engine, teacher, case, impl), batches)
-    timings = harness.time_calls(steps, device, step_budget or STEP_BUDGET[device.type])
+            calls[impl] = steps.step(micro_batch, impl)
+    timings = harness.time_calls(calls, device, step_budget or STEP_BUDGET[device.type])
+    timed = [impl for impl, t in timings.items() if isinstance(t, harness.Timing)]
     # before the loss-alone calls below hold a step's outputs, which would count in the peak
-    peaks = {impl: harness.peak_memory_mb(steps[impl], device)[0] for impl, t in timings.items() if isinstance(t, harness.Timing)}
-    losses = harness.time_calls(
-        {impl: loss_alone(engine, teacher, case, impl, batches[0][0]) for impl, t in timings.items() if isinstance(t, harness.Timing)},
-        device, harness.budget(device, quick),
-    )  # fmt: skip
+    peaks = {impl: harness.peak_memory_mb(calls[impl], device)[0] for impl in timed}
+    losses = harness.time_calls({impl: harness.loss_alone(calls[impl], steps.recipe) for impl in timed}, device,
+                                harness.budget(device, quick))
     for impl, step in timings.items():
         row, loss_time = rows[impl], losses.get(impl)
         if not isinstance(step, harness.Timing) or not isinstance(loss_time, harness.Timing):
@@ -237,36 +229,40 @@ def _line(row: dict) -> str:
 def settings() -> dict:
     return {
         "teacher": f"BERT-base-sized, {TEACHER_LAYERS} layers, hidden 768, random weights",
-        "student": f"{STUDENT_LAYERS} layers (pkd-cls: built from the teacher's lower layers by models.build_student)",
+        "student": f"{STUDENT_LAYERS} layers (pkd-cls: the teacher's lower layers by models.build_student; mlm-kd: every "
+                   "other teacher layer, the masked-LM recipe's plan)",
         "seq": SEQ,
         "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, bf16, AdamW; one process",
         "recipe": RECIPE,
+        "step": "the trainer's own (harness.trainer_step): the recipe's loader and step function, Trainer.train_micro_batch",
         "cases": {
-            "pkd-cls": f"PKD-Skip, layer map {list(CASES['pkd-cls'].layer_map)}, 2 classes, patient loss on [CLS]",
-            "mlm-kd": f"BertForMaskedLM, KD over all [B·S, {VOCAB}] logits + CE on {MLM_MASK_RATE:.0%} of tokens, no patient term",
+            "pkd-cls": f"GLUE recipe, PKD-Skip, layer map {list(CASES['pkd-cls'].layer_map)}, 2 classes, patient loss on [CLS]",
+            "mlm-kd": f"masked-LM recipe, --kd-positions all: KD over all [B·S, {VOCAB}] logits + CE on {MLM_MASK_RATE:.0%} of "
+                      "tokens, β = 0 (no patient term)",
         },
         "timing": "CUDA: device events (do_bench); CPU: host clock, the impls taking turns step by step; median after warm-up",
-        "loss_share": "loss fwd+bwd timed alone on one step's outputs ÷ step time",
+        "loss_share": "the step's pkd_loss call, fwd+bwd timed alone on its own inputs ÷ step time",
         "peak_mb": "CUDA only: max_memory_allocated during one step (weights, optimizer state and activations)",
     }
 
 
 def measure_case(case: StepCase, micro_batches, device: torch.device, quick: bool, impls=IMPLS,
                  step_budget: harness.Budget | None = None) -> Iterator[list[dict]]:
-    """`measure` at each micro-batch on one pair of engines, yielding each micro-batch's rows (printed), so a
-    caller can save a run cut short; the engines are freed at the end."""
-    ds.init_distributed()
-    engine, teacher = engines(case, max(micro_batches), device)
-    try:
-        for micro_batch in micro_batches:
-            rows = measure(engine, teacher, case, micro_batch, device, quick, impls, step_budget)
-            for row in rows:
-                print(_line(row), flush=True)
-            yield rows
-    finally:
-        del engine, teacher
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    """`measure` at each micro-batch on one pair of models, yielding each micro-batch's rows (printed), so a
+    caller can save a run cut short; the models and their files are freed at the end."""
+    world = ds.init_distributed()
+    with tempfile.TemporaryDirectory(prefix=f"bench_step_{case.name}_") as tmp:
+        steps = case.trainer_steps(Path(tmp), world, max(micro_batches))
+        try:
+            for micro_batch in micro_batches:
+                rows = measure(steps, case, micro_batch, device, quick, impls, step_budget)
+                for row in rows:
+                    print(_line(row), flush=True)
+                yield rows
+        finally:
+            del steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def run(device: torch.device, quick: bool = False, path=None) -> dict:

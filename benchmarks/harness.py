@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from unittest import mock
 
 import torch
 
@@ -355,3 +356,95 @@ def update_results(path: Path, device: torch.device, **sections) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+# -- the trainer's step ------------------------------------------------------------------------------
+# pkd_fast.trainer (deepspeed) and datasets are imported where they are used: they cost the benchmarks of the
+# losses alone seconds at import.
+
+
+def trainer_step(trainer, engine, step_fn: Callable, loader, count_fn: Callable | None = None) -> Callable[[], Any]:
+    """The trainer's own micro-batch step as a no-argument call, so a benchmark times what a run does: the
+    loader's next batch on the device (with its teacher source's rows and, for a masked-LM recipe, its
+    `count_fn` divisors), then `Trainer.train_micro_batch` (the recipe's `step_fn`, the non-finite guard's
+    look, `engine.backward`, `engine.step`). Returns the step's `StepOutput`."""
+    from pkd_fast.trainer import WATCHED, NonFiniteGuard
+
+    micro_batches = trainer.micro_batches(loader, count_fn)  # endless: the timer decides how many
+    guard = NonFiniteGuard(WATCHED, trainer.world.device, trainer.world)
+
+    def step():
+        batch, divisors = next(micro_batches)
+        return trainer.train_micro_batch(engine, step_fn, batch, divisors, guard, engine.global_steps + 1, False)[0]
+
+    return step
+
+
+def loss_alone(step: Callable[[], Any], recipe) -> Callable[[], Any]:
+    """The loss's forward+backward as a call, on one step's own inputs: runs `step` once while recording the
+    `pkd_loss` call that `recipe` (the recipe module whose step it is) makes, then replays that call with the
+    student's tensors detached into leaves, returning their gradients. Arguments and flags are the step's
+    own, so the loss timed alone is the one the step computed."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return loss(*args, **kwargs)
+
+    loss = recipe.pkd_loss
+    with mock.patch.object(recipe, "pkd_loss", record):
+        step()
+    if len(calls) != 1:
+        raise RuntimeError(f"{recipe.__name__}'s step called pkd_loss {len(calls)} times; loss_alone replays one call")
+    wrt: list[torch.Tensor] = []
+
+    def leaf(x):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            wrt.append(x.detach().requires_grad_())
+            return wrt[-1]
+        if isinstance(x, (list, tuple)):
+            return type(x)(leaf(item) for item in x)
+        return x
+
+    args, kwargs = calls[0]
+    args, kwargs = leaf(args), {k: leaf(v) for k, v in kwargs.items()}
+    return lambda: torch.autograd.grad(loss(*args, **kwargs).total, wrt)
+
+
+def token_rows(n: int, seq: int, vocab: int, tokenizer, num_labels: int = 2, seed: int = 0):
+    """`n` random full-length GLUE-style rows (token ids in [1000, vocab), [CLS] … [SEP], every token real,
+    random labels), the same on every call: a `datasets.Dataset` for a recipe's training loader."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (n, seq), generator=g)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return datasets.Dataset.from_dict({
+        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "token_type_ids": torch.zeros_like(ids).tolist(),
+        "labels": torch.randint(0, num_labels, (n,), generator=g).tolist(), "example_idx": list(range(n)),
+    })
+
+
+def text_corpus(path: Path, tokenizer, words: int, seed: int = 0) -> Path:
+    """A text file of `words` random whole words of `tokenizer`'s vocabulary (ids from 1000 up), one line of
+    100 each: raw text for the masked-LM recipe's corpus, packed by it into full blocks (every token real)."""
+    vocab = [t for t in tokenizer.convert_ids_to_tokens(range(1000, tokenizer.vocab_size)) if t.isalpha()]
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(vocab), (words,), generator=g).tolist()
+    path.write_text("".join(" ".join(vocab[i] for i in picks[j : j + 100]) + "\n" for j in range(0, words, 100)))
+    return path
+
+
+def mlm_context(workdir: Path, world, tokenizer, ds_config: dict, seq: int, blocks: int, **flags):
+    """The masked-LM recipe's context (`recipes.mlm.MlmContext`: its corpus, masking loader, step and loss
+    units) over a random text corpus of at least `blocks` full training blocks of `seq` tokens, with `flags`
+    (Config fields: loss_impl, kd_positions, beta, ...). The corpus is written and packed under `workdir`
+    once; later contexts there read the recipe's own corpus cache."""
+    from pkd_fast.config import Config
+    from pkd_fast.recipes.mlm import HELD_OUT_MIN, MlmContext
+
+    corpus = workdir / "corpus.txt"
+    if not corpus.exists():  # whole words of the vocabulary are one token each: a block per `seq` words, and then some
+        text_corpus(corpus, tokenizer, (blocks + 2 * HELD_OUT_MIN) * seq)
+    cfg = Config(objective="mlm", text_files=(str(corpus),), max_seq_length=seq, output_dir=str(workdir), **flags)
+    return MlmContext(cfg, world, ds_config, tokenizer, workdir)

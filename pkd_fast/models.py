@@ -443,27 +443,21 @@ class MaskedLMRows(torch.nn.Module):
 
 @dataclass
 class MlmRows:
-    """One batch's masked-LM rows for `pkd_fast.losses.pkd_loss`: student/teacher logits [n, V] and labels
-    [n] (-100 at rows that are not masked, so CE reads the masked rows and KL all n), the flat `row_index`
-    (for `pt_rows`), and each model's hidden states when asked for."""
+    """One model's masked-LM rows of one batch for `pkd_fast.losses.pkd_loss`: its logits [n, V] and the
+    labels [n] (-100 at rows that are not masked, so CE reads the masked rows and KL all n), the flat
+    `row_index` (for `pt_rows`, and for the teacher source to read the same rows), and the model's hidden
+    states when asked for."""
 
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor | None
+    logits: torch.Tensor
     labels: torch.Tensor
     row_index: torch.Tensor
-    student_hidden: tuple[torch.Tensor, ...] | None = None
-    teacher_hidden: tuple[torch.Tensor, ...] | None = None
+    hidden: tuple[torch.Tensor, ...] | None = None
 
 
-def mlm_rows(student, teacher, batch: dict, rows: str = "masked", output_hidden_states: bool = False) -> MlmRows:
-    """Forward the student (a `MaskedLMRows`, or a DeepSpeed engine around one) and the teacher (the
-    same, run under no_grad; None for no teacher) on `batch` and return the gathered rows' logits."""
+def mlm_rows(model, batch: dict, rows: str = "masked", output_hidden_states: bool = False) -> MlmRows:
+    """Forward `model` (a `MaskedLMRows`, or a DeepSpeed engine around one) on `batch` and return the gathered
+    rows' logits. The teacher's side of the same rows comes from the run's `teacher.TeacherSource`."""
     row_index = mlm_row_index(batch, rows)
-    inputs = model_inputs(batch)
-    s_logits, s_hidden = student(**inputs, row_index=row_index, output_hidden_states=output_hidden_states)
-    t_logits = t_hidden = None
-    if teacher is not None:
-        with torch.no_grad():
-            t_logits, t_hidden = teacher(**inputs, row_index=row_index, output_hidden_states=output_hidden_states)
+    logits, hidden = model(**model_inputs(batch), row_index=row_index, output_hidden_states=output_hidden_states)
     labels = batch["mlm_labels"].flatten().index_select(0, row_index)
-    return MlmRows(s_logits, t_logits, labels, row_index, s_hidden, t_hidden)
+    return MlmRows(logits, labels, row_index, hidden)

@@ -125,16 +125,18 @@ def test_gathered_rows_give_the_full_logits_loss(rows):
     ref = kd_loss_reference(full_s[keep], full_t[keep], 2.0, batch["mlm_labels"][keep], alpha=0.6)
     ref_grad = torch.autograd.grad(ref, student.cls.predictions.transform.dense.weight)[0]
 
-    out = models.mlm_rows(models.MaskedLMRows(student), models.MaskedLMRows(teacher), batch, rows=rows, output_hidden_states=True)
-    assert out.student_logits.shape == (keep.sum().item(), 50) and out.teacher_logits.requires_grad is False
+    out = models.mlm_rows(models.MaskedLMRows(student), batch, rows=rows, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = models.mlm_rows(models.MaskedLMRows(teacher), batch, rows=rows, output_hidden_states=True)
+    assert out.logits.shape == (keep.sum().item(), 50) and torch.equal(t_out.row_index, out.row_index)
     assert torch.equal(out.labels, batch["mlm_labels"][keep])
-    torch.testing.assert_close(out.student_logits, full_s[keep], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.teacher_logits, full_t[keep], rtol=1e-5, atol=1e-5)
-    loss = pkd_loss(out.student_logits, out.teacher_logits, out.labels, temperature=2.0, alpha=0.6).total
+    torch.testing.assert_close(out.logits, full_s[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_out.logits, full_t[keep], rtol=1e-5, atol=1e-5)
+    loss = pkd_loss(out.logits, t_out.logits, out.labels, temperature=2.0, alpha=0.6).total
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     grad = torch.autograd.grad(loss, student.cls.predictions.transform.dense.weight)[0]
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
     # hidden states come back for the patient loss, and pt_rows reads the same rows
-    assert len(out.student_hidden) == 3 and len(out.teacher_hidden) == 7
-    rows_s = models.pt_rows(out.student_hidden, [2], out.row_index)[0]
-    assert torch.equal(rows_s, out.student_hidden[2][keep])
+    assert len(out.hidden) == 3 and len(t_out.hidden) == 7
+    rows_s = models.pt_rows(out.hidden, [2], out.row_index)[0]
+    assert torch.equal(rows_s, out.hidden[2][keep])

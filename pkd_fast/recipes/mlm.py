@@ -10,7 +10,7 @@ student   The teacher's embeddings, the chosen layers (--student-layer-choice / 
               (1-α)·CE(masked tokens) + α·T²·KL(--kd-positions rows) + β·PT
           where PT pairs student layer j (j < k) with the teacher layer it was copied from, over every real
           token or [CLS] (--pt-tokens); the top layer learns through the head's terms. Only the gathered
-          rows go through either LM head (`models.mlm_rows`); the teacher runs under no_grad. Saved as its
+          rows go through either LM head (`models.MaskedLMRows`); the teacher runs under no_grad. Saved as its
           masked-LM model (+ tokenizer) under <output-dir>/students/<choice>/model, which
           `--objective glue --init-from pretrained --base-model DIR` starts a task distillation from.
 cache     With --teacher-cache DIR, --stage cache (or all) runs the teacher once over every epoch's masked
@@ -295,18 +295,18 @@ class MlmContext(common.RecipeContext):
         """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
         share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
         cfg = self.cfg
-        student = mlm_rows(engine, None, batch, rows=cfg.kd_positions if spec.alpha else "masked",
+        student = mlm_rows(engine, batch, rows=cfg.kd_positions if spec.alpha else "masked",
                            output_hidden_states=bool(spec.pt_map))
         tokens = None
         if cfg.pt_tokens == "all" and spec.pt_map:
             tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
         rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
         t = teacher(batch, rows)
-        s_rows = rows.states(student.student_hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
-        terms = pkd_loss(student.student_logits, t.logits, student.labels, s_rows, t.hidden,
+        s_rows = rows.states(student.hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
+        terms = pkd_loss(student.logits, t.logits, student.labels, s_rows, t.hidden,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
                          impl=self.impl, return_terms=return_terms, divisors=divisors)
-        return StepOutput(terms, {STUDENT: student.student_logits, "loss": terms.total, **t.watched()})
+        return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> MlmTeacherCache:
@@ -374,9 +374,9 @@ class MlmContext(common.RecipeContext):
         batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
         sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)  # CE sum, correct, masked tokens
         for batch, counted in batches:
-            rows = mlm_rows(model, None, batch, rows="masked")
+            rows = mlm_rows(model, batch, rows="masked")
             if counted:
-                logits = rows.student_logits.float()
+                logits = rows.logits.float()
                 correct = (logits.argmax(-1) == rows.labels).sum()
                 sums += torch.stack([F.cross_entropy(logits, rows.labels, reduction="sum").double(), correct.double(),
                                      correct.new_tensor(rows.labels.numel(), dtype=torch.float64)])
