@@ -4,12 +4,15 @@ step and peak memory, for the LM heads run on the gathered rows only (what the r
 
     python -m benchmarks.bench_mlm_step [--device cuda|cpu] [--quick]
 
-The step is the recipe's: a DeepSpeed ZeRO-2 student engine (`engine.student_engine`) and a frozen teacher
-(`engine.frozen_teacher`), both `models.MaskedLMRows`; `models.mlm_rows` → `models.pt_rows` →
-`losses.pkd_loss` with the recipe's default T, α, β, PT over every real token on the student's layers
-1..k-1 against the teacher layers they were copied from. Random weights (speed does not depend on them),
-BERT's 15% masking, every token real. "full" runs each model's own head on all B·L positions and then
-selects the same rows, so both variants compute the same loss (checked before timing).
+The step is the trainer's own (`harness.trainer_step`) in the masked-LM recipe's context
+(`recipes.mlm.MlmContext` over a random text corpus: its masking loader, student plan, step function with
+the loss impl that --loss-impl names, loss units), a DeepSpeed ZeRO-2 student engine (`Trainer.engine`) and
+a live teacher (`teacher.LiveTeacher`), both `models.MaskedLMRows`; the recipe's default T, α, β, PT over
+every real token on the student's layers 1..k-1 against the teacher layers they were copied from. Random
+weights (speed does not depend on them), BERT's 15% masking, every token real. "full" runs each model's own
+head on all B·L positions and then selects the same rows (`FullOrGatheredHead`), so both variants compute
+the same loss (checked before timing). The loss's share is the step's `pkd_loss` call timed alone on its
+own inputs (`harness.loss_alone`).
 """
 
 from __future__ import annotations
@@ -19,25 +22,29 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from benchmarks import harness
 from benchmarks.bench_losses import VOCAB
-from benchmarks.bench_step import RECIPE, STEP_BUDGET
+from benchmarks.bench_step import LR, RECIPE, STEP_BUDGET
 from pkd_fast import engine as ds
-from pkd_fast.config import ZERO2_DS_CONFIG
-from pkd_fast.data import real_token_index
-from pkd_fast.losses import pkd_loss
-from pkd_fast.models import MaskedLMRows, MlmRows, build_mlm_student, mlm_row_index, mlm_rows, mlm_student_layers, pt_rows
+from pkd_fast.config import ZERO2_DS_CONFIG, default_teacher
+from pkd_fast.models import MaskedLMRows, build_mlm_student, mlm_student_layers
+from pkd_fast.recipes import mlm as mlm_recipe
+from pkd_fast.teacher import LiveTeacher
 
-MASK_RATE = 0.15
-# Model sizes and batch per device: BERT-base → 6 layers on a GPU; MiniLM-sized (6 × 384) → 3 on the CPU.
+MASK_RATE = mlm_recipe.OBJECTIVE.defaults["mlm_probability"]
+# Model sizes and batch per device: BERT-base → 6 layers on a GPU; MiniLM-sized (6 × 384) → 3 on the CPU. The
+# vocabulary is the tokenizer's (default_teacher's, bert-base-uncased's): the masker draws replacements from it.
 SETUPS = {
     "cuda": {"teacher_layers": 12, "hidden": 768, "heads": 12, "micro_batch": 32, "seq": 128, "dtype": "bf16", "vocab": VOCAB},
     "cpu": {"teacher_layers": 6, "hidden": 384, "heads": 12, "micro_batch": 8, "seq": 64, "dtype": "fp32", "vocab": VOCAB},
 }
+# The smallest, for the GPU acceptance run's CPU dry run and the tests.
+TINY = {**SETUPS["cpu"], "teacher_layers": 4, "hidden": 32, "heads": 2, "micro_batch": 2, "seq": 16}
 HEADS = ("rows", "full")
 KD_POSITIONS = ("masked", "all")
+BATCHES_PER_EPOCH = 4  # the corpus's training blocks: enough that consecutive steps read other batches
 
 
 def impls(device: torch.device) -> tuple[str, ...]:
@@ -45,80 +52,36 @@ def impls(device: torch.device) -> tuple[str, ...]:
     return ("triton", "compile", "eager") if device.type == "cuda" else ("compile", "eager")
 
 
-def models(setup: dict) -> tuple[BertForMaskedLM, BertForMaskedLM, tuple[int, ...]]:
+class FullOrGatheredHead(MaskedLMRows):
+    """`MaskedLMRows` whose LM head runs either on the gathered rows only (the recipe's way) or, with `full`
+    set, on all B·L positions, the rows then selected (the naive way): one model in one engine for both
+    variants, so they are timed on the same weights and optimizer state."""
+
+    full = False
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):
+        if not self.full:
+            return super().forward(input_ids, attention_mask, token_type_ids, row_index=row_index,
+                                   output_hidden_states=output_hidden_states)
+        everything = torch.arange(input_ids.numel(), device=input_ids.device)
+        logits, hidden = super().forward(input_ids, attention_mask, token_type_ids, row_index=everything,
+                                         output_hidden_states=output_hidden_states)
+        return logits.index_select(0, row_index), hidden
+
+
+def models(setup: dict, layers: tuple[int, ...]) -> tuple[FullOrGatheredHead, FullOrGatheredHead]:
+    """(teacher, student) with random weights, the student built from the teacher's `layers` as the recipe builds it."""
     config = BertConfig(vocab_size=setup["vocab"], num_hidden_layers=setup["teacher_layers"], hidden_size=setup["hidden"],
                         num_attention_heads=setup["heads"], intermediate_size=4 * setup["hidden"])
     teacher = BertForMaskedLM(config)
-    layers = mlm_student_layers("alternate", setup["teacher_layers"])
-    return teacher, build_mlm_student(teacher, layers), layers
+    return FullOrGatheredHead(teacher), FullOrGatheredHead(build_mlm_student(teacher, layers))
 
 
-def engines(setup: dict, device: torch.device):
+def ds_json(setup: dict) -> dict:
     config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=setup["micro_batch"], tensorboard={"enabled": False},
                   bf16={"enabled": setup["dtype"] == "bf16"})
-    config = ds.resolve_ds_config(config, lr=5e-5, total_steps=10**6, warmup_steps=100, tensorboard_dir=Path(tempfile.gettempdir()))
-    teacher, student, layers = models(setup)
-    student_engine = ds.student_engine(MaskedLMRows(student), config)
-    return student_engine, ds.frozen_teacher(MaskedLMRows(teacher), config, device), layers
-
-
-def draw(setup: dict, device: torch.device):
-    def one_batch(gen):
-        shape = (setup["micro_batch"], setup["seq"])
-        ids = torch.randint(1000, setup["vocab"], shape, generator=gen, device=device)
-        masked = torch.rand(shape, generator=gen, device=device) < MASK_RATE
-        masked[:, 0] = True  # every batch has masked rows
-        return ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-                 "mlm_labels": torch.where(masked, ids, -100)},)
-
-    return one_batch
-
-
-def full_rows(student, teacher, batch: dict, rows: str) -> MlmRows:
-    """`mlm_rows` the naive way: each model's head on every position ([B, L, V]), then the rows selected."""
-    index = mlm_row_index(batch, rows)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    everything = torch.arange(batch["input_ids"].numel(), device=index.device)
-    s_logits, s_hidden = student(**inputs, row_index=everything, output_hidden_states=True)
-    with torch.no_grad():
-        t_logits, t_hidden = teacher(**inputs, row_index=everything, output_hidden_states=True)
-    labels = batch["mlm_labels"].flatten().index_select(0, index)
-    return MlmRows(s_logits.index_select(0, index), t_logits.index_select(0, index), labels, index, s_hidden, t_hidden)
-
-
-def terms(rows: MlmRows, batch: dict, layers: tuple[int, ...], impl: str):
-    """The recipe's loss on one batch's rows (PT on every real token)."""
-    token_index = real_token_index(batch["attention_mask"])
-    pt_map = layers[:-1]
-    s_rows = pt_rows(rows.student_hidden, range(1, len(pt_map) + 1), token_index)
-    t_rows = pt_rows(rows.teacher_hidden, pt_map, token_index)
-    return pkd_loss(rows.student_logits, rows.teacher_logits, rows.labels, s_rows, t_rows, temperature=RECIPE["temperature"],
-                    alpha=RECIPE["alpha"], beta=RECIPE["beta"], pt_reduction=RECIPE["pt_reduction"], impl=impl).total
-
-
-def forward_rows(engine, teacher, batch, head: str, kd: str) -> MlmRows:
-    if head == "full":
-        return full_rows(engine, teacher, batch, kd)
-    return mlm_rows(engine, teacher, batch, rows=kd, output_hidden_states=True)
-
-
-def train_step(engine, teacher, layers, head: str, kd: str, impl: str):
-    def step(batch):
-        engine.backward(terms(forward_rows(engine, teacher, batch, head, kd), batch, layers, impl))
-        engine.step()
-
-    return step
-
-
-def loss_alone(engine, teacher, layers, head: str, kd: str, impl: str, batch: dict):
-    """The loss's forward+backward on one step's own (detached) rows, as a call."""
-    with torch.no_grad():
-        rows = forward_rows(engine, teacher, batch, head, kd)
-    rows.student_logits = rows.student_logits.detach().requires_grad_()
-    rows.student_hidden = tuple(h.detach().requires_grad_() for h in rows.student_hidden)
-    wrt = [rows.student_logits, *rows.student_hidden[1 : len(layers)]]
-    return lambda: torch.autograd.grad(terms(rows, batch, layers, impl), wrt)
+    return config
 
 
 def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=None, quick: bool = False,
@@ -126,41 +89,71 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
     """Both heads × `kd_grid` × `impl_names` (default: `impls(device)`) at `setup`, steps timed with `step_budget`
     (default STEP_BUDGET), yielding each row as it is measured (printed). First checks that the two heads give
     the same loss (AssertionError if not)."""
-    ds.init_distributed()
-    engine, teacher, layers = engines(setup, device)
-    batches = harness.rotating(draw(setup, device), 4 * setup["micro_batch"] * setup["seq"] * 8, device)
-    engine.eval()  # no dropout: the two heads must give the same loss on the same batch
-    with torch.no_grad():
-        for kd in KD_POSITIONS:
-            ref, full = (terms(forward_rows(engine, teacher, batches[0][0], head, kd), batches[0][0], layers, "eager") for head in HEADS)
-            torch.testing.assert_close(full, ref, rtol=1e-3 if setup["dtype"] == "fp32" else 2e-2, atol=1e-4)
-    engine.train()
-    for kd in kd_grid:
-        for impl in impl_names or impls(device):
-            steps = {head: harness.cycling(train_step(engine, teacher, layers, head, kd, impl), batches) for head in HEADS}
-            timings = harness.time_calls(steps, device, step_budget or STEP_BUDGET[device.type])
-            for head, step in timings.items():
-                row = {"head": head, "kd_positions": kd, "impl": impl}
-                if not isinstance(step, harness.Timing):
-                    yield {**row, "error": harness.error_text(step)}
-                    continue
-                loss = harness.time_call(loss_alone(engine, teacher, layers, head, kd, impl, batches[0][0]), device,
-                                         harness.budget(device, quick))
-                tokens = setup["micro_batch"] * setup["seq"]
-                row = {**row, "step": step.as_dict(), "tokens_per_s": harness.sig(tokens / step.ms * 1e3),
-                       "loss": loss.as_dict(), "loss_share": harness.sig(loss.ms / step.ms),
-                       "peak_mb": harness.peak_memory_mb(steps[head], device)[0]}
-                print(_line(row), flush=True)
-                yield row
-    del engine, teacher
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    world = ds.init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(default_teacher())
+    if len(tokenizer) != setup["vocab"]:
+        raise ValueError(f"setup vocab {setup['vocab']}: the masked-LM recipe's tokenizer has {len(tokenizer)} entries")
+    with tempfile.TemporaryDirectory(prefix="bench_mlm_step_") as tmp:
+        workdir = Path(tmp)
+
+        def context(kd: str, impl: str) -> mlm_recipe.MlmContext:
+            return harness.mlm_context(workdir, world, tokenizer, ds_json(setup), setup["seq"],
+                                       BATCHES_PER_EPOCH * setup["micro_batch"], loss_impl=impl, kd_positions=kd)
+
+        plan = context("all", "eager")
+        layers, pt_map = plan.student_plan(setup["teacher_layers"])
+        spec = mlm_recipe.MlmRun("student", LR, 1, workdir, layers, pt_map, plan.cfg.alpha, plan.cfg.beta)
+        teacher, student = models(setup, layers)
+        engine = plan.trainer.engine(student, LR, total_steps=10**6, out=workdir)
+        # the recipe's live source (`MlmContext.teacher_source`), around the switchable head
+        source = LiveTeacher(teacher, plan.ds_config, world.device, spec.pt_map, logits=spec.alpha > 0)
+
+        def on_head(head: str, call):
+            def run():
+                teacher.full = student.full = head == "full"
+                return call()
+            return run
+
+        def step(ctx: mlm_recipe.MlmContext, head: str):
+            return on_head(head, harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec), ctx.train_loader(source),
+                                                      ctx.loss_units(spec)))
+
+        engine.eval()  # no dropout: the two heads must give the same loss on the same batch
+        with torch.no_grad():
+            for kd in KD_POSITIONS:
+                ctx = context(kd, "eager")
+                batch, divisors = next(ctx.trainer.micro_batches(ctx.train_loader(source), ctx.loss_units(spec)))
+                ref, full = (on_head(head, lambda: ctx.step_fn(source, spec)(engine, batch, False, divisors).terms.total)()
+                             for head in HEADS)
+                torch.testing.assert_close(full, ref, rtol=1e-3 if setup["dtype"] == "fp32" else 2e-2, atol=1e-4)
+        engine.train()
+        for kd in kd_grid:
+            for impl in impl_names or impls(device):
+                ctx = context(kd, impl)
+                steps = {head: step(ctx, head) for head in HEADS}
+                timings = harness.time_calls(steps, device, step_budget or STEP_BUDGET[device.type])
+                for head, timing in timings.items():
+                    row = {"head": head, "kd_positions": kd, "impl": impl}
+                    if not isinstance(timing, harness.Timing):
+                        yield {**row, "error": harness.error_text(timing)}
+                        continue
+                    loss = harness.time_call(harness.loss_alone(steps[head], mlm_recipe), device, harness.budget(device, quick))
+                    tokens = setup["micro_batch"] * setup["seq"]
+                    row = {**row, "step": timing.as_dict(), "tokens_per_s": harness.sig(tokens / timing.ms * 1e3),
+                           "loss": loss.as_dict(), "loss_share": harness.sig(loss.ms / timing.ms),
+                           "peak_mb": harness.peak_memory_mb(steps[head], device)[0]}
+                    print(_line(row), flush=True)
+                    yield row
+        del engine, teacher, student, source
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def settings(setup: dict) -> dict:
     layers = mlm_student_layers("alternate", setup["teacher_layers"])
     return {**setup, "student_layers": list(layers), "pt_map": list(layers[:-1]), "recipe": RECIPE, "mask_rate": MASK_RATE,
             "deepspeed": f"{ZERO2_DS_CONFIG.name}: ZeRO-2, AdamW, one process, {setup['dtype']}",
+            "step": "the trainer's own (harness.trainer_step) in the masked-LM recipe's MlmContext, a LiveTeacher",
             "timing": "host clock on the CPU (variants taking turns step by step), device events on CUDA; median after warm-up",
             "peak_mb": "CUDA only: max_memory_allocated during one step"}
 

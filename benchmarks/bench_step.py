@@ -81,6 +81,10 @@ class ModelSize:
                           num_attention_heads=self.heads, intermediate_size=4 * self.hidden, **kwargs)  # fmt: skip
 
 
+# The smallest models, for the GPU acceptance run's CPU dry run and the tests: a step takes milliseconds.
+TINY = ModelSize(teacher_layers=4, student_layers=2, hidden=32, heads=2, seq=16, vocab=1100)
+
+
 def ds_json(micro_batch: int) -> dict:
     config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=micro_batch, tensorboard={"enabled": False})

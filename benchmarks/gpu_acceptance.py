@@ -95,7 +95,6 @@ GPU_PLAN = Plan(
     step_budget=harness.Budget(warmup_ms=0, rep_ms=300, min_reps=10, warmup_calls=3),
     budgets_s={"kernel-tests": 100, "losses": 120, "steps": 200, "precision": 30},  # 450 s: RUN_BUDGET_S
 )
-TINY = bench_step.ModelSize(teacher_layers=4, student_layers=2, hidden=32, heads=2, seq=16, vocab=1100)
 DRY_PLAN = Plan(
     kernel_tests=(
         "tests/test_kernels.py::test_kd_fully_masked_teacher_row",
@@ -105,10 +104,10 @@ DRY_PLAN = Plan(
     kd=Case("kd-vocab", 8, 512),
     pt=Case("pt-tokens", 16, 64, pt_layers=6),
     loss_contenders=("fused", "eager-bf16", "eager-fp32", "liger"),
-    glue=replace(bench_step.CASES["pkd-cls"], size=TINY),
+    glue=replace(bench_step.CASES["pkd-cls"], size=bench_step.TINY),
     glue_batch=4,
     step_impls=("triton", "eager"),
-    mlm={**bench_mlm_step.SETUPS["cpu"], "teacher_layers": 4, "hidden": 32, "heads": 2, "micro_batch": 2, "seq": 16, "vocab": 1100},
+    mlm=bench_mlm_step.TINY,
     mlm_impls=("eager",),  # the interpreter on the LM rows, in 4 variants, would take most of the budget; the GLUE step runs it
     fused_impl="eager",
     loss_budget=harness.Budget(warmup_ms=0, rep_ms=0, min_reps=2),  # every path once more than warm-up: no numbers
