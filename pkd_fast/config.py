@@ -217,7 +217,7 @@ class Config:
         """Refuse a flag of another objective (checked before the defaults fill those fields in)."""
         self.objective = _objective(self.objective).name
         foreign = dict.fromkeys(name for other in OBJECTIVES.values() for name in other.flags if name not in self.recipe.flags)
-        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) not in (None, False)]
+        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) is not None and getattr(self, name) is not False]  # 0 is given
         if given:
             raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
 
