@@ -7,6 +7,9 @@ A store is a directory:
     logits.npy      [N, C]           the teacher's logits
     hidden.npy      [N, L', S, H]    hidden_states[l] for each stored layer l (default 0..L; 0 = embeddings);
                                      S = 1 ([CLS] only) or max_seq_length (every token, zero past the row's end)
+    qkv.npy         [N, 3, S, H]     with a relation term (--relation-weight): the query, key and value
+                                     projections' outputs of one teacher layer, every token (S = max_seq_length,
+                                     zero past the row's end); absent otherwise
 
 Row i is the training example with `example_idx == i`, so a batch reads its rows in any order. The arrays
 are .npy files read as memory maps (fancy indexing by row reads only those rows) in the training dtype;
@@ -158,6 +161,8 @@ class Layout:
     positions: int  # 1: one row per example (`pooled`); max_seq_length: every token
     dtype: str
     pooled: str = "cls"  # with positions 1, what the row is: the [CLS] state, or the mean over real tokens (--pt-tokens mean)
+    relation_layer: int = 0  # the 1-based teacher layer whose Q, K, V are stored (0: none)
+    relation_positions: int = 0  # their tokens per row (max_seq_length)
 
     @classmethod
     def from_json(cls, fields: dict) -> Layout:
@@ -167,10 +172,13 @@ class Layout:
     def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Each stored file's shape and numpy dtype (the store's whole contents)."""
         numpy_dtype = np.dtype(NUMPY_DTYPES[self.dtype])
-        return {
+        arrays = {
             "logits": ((self.rows, self.num_labels), numpy_dtype),
             "hidden": ((self.rows, len(self.layers), self.positions, self.hidden_size), numpy_dtype),
         }
+        if self.relation_layer:
+            arrays["qkv"] = ((self.rows, 3, self.relation_positions, self.hidden_size), numpy_dtype)
+        return arrays
 
     def check(self) -> None:
         """Refuse layers the teacher does not have (a store of no layer serves no GLUE student's PT)."""
@@ -178,7 +186,19 @@ class Layout:
 
     def describe(self) -> str:
         what = "every token" if self.positions > 1 else "[CLS]" if self.pooled == "cls" else "the real tokens' mean"
-        return f"{self.dtype}, {what} of layers {list(self.layers)}: {describe_arrays(self.arrays)}"
+        return f"{self.dtype}, {what} of layers {list(self.layers)}{relations_stored(self)}: {describe_arrays(self.arrays)}"
+
+
+def relations_stored(layout) -> str:
+    return f", Q/K/V of layer {layout.relation_layer}" if layout.relation_layer else ""
+
+
+def require_relation_layer(directory, layout, relation_layer: int | None) -> None:
+    """Refuse a run whose relation term reads a teacher layer's Q, K, V that the store lacks."""
+    if relation_layer and relation_layer != layout.relation_layer:
+        held = f"layer {layout.relation_layer}'s" if layout.relation_layer else "no"
+        raise PkdError(f"--teacher-cache {directory}: holds {held} Q/K/V, the relation term reads teacher layer {relation_layer}'s; "
+                       "rewrite it with --stage cache and this --relation-weight/--relation-layers")
 
 
 def check_stored_layers(layers: Sequence[int], teacher_layers: int, allow_none: bool) -> None:
@@ -283,9 +303,10 @@ class TeacherCache:
                 raise PkdError(f"{path}: contents do not match the manifest's {check} (corrupt); rewrite the cache with --stage cache")
         return cls(directory, layout)
 
-    def require(self, layers: Iterable[int], pt_tokens: str) -> None:
-        """Refuse a run that needs a layer, or rows (--pt-tokens), the store lacks. A store of every token
-        serves all three kinds of rows; a one-row store only the kind it pooled."""
+    def require(self, layers: Iterable[int], pt_tokens: str, relation_layer: int | None = None) -> None:
+        """Refuse a run that needs a layer, or rows (--pt-tokens), or a relation layer's Q/K/V the store lacks.
+        A store of every token serves all three kinds of rows; a one-row store only the kind it pooled."""
+        require_relation_layer(self.directory, self.layout, relation_layer)
         missing = sorted(set(layers) - set(self.layout.layers))
         if missing:
             raise PkdError(f"--teacher-cache {self.directory}: teacher layer(s) {missing} not stored (it holds {list(self.layout.layers)}); "
@@ -300,11 +321,12 @@ class TeacherCache:
         t = torch.from_numpy(np.ascontiguousarray(array))
         return t.view(torch.bfloat16) if self.layout.dtype == "bfloat16" else t
 
-    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False) -> Callable[[dict], dict]:
+    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False, relation_layer: int | None = None) -> Callable[[dict], dict]:
         """The collate-time lookup of one run: `teacher_logits` [B, C] and, for a layer map, `teacher_hidden`
         [B, len(layers), S, H] in map order: S = the batch's padded length for --pt-tokens all, else 1 (the
-        [CLS] state, or the mean over the batch's real tokens, pooled here from a store of every token)."""
-        self.require(layers, pt_tokens)
+        [CLS] state, or the mean over the batch's real tokens, pooled here from a store of every token); for a
+        relation term, `teacher_qkv` [B, 3, S, H] over the batch's padded length."""
+        self.require(layers, pt_tokens, relation_layer)
         index = np.array([self.layout.layers.index(l) for l in layers], dtype=np.int64)
         pool = pt_tokens == "mean" and self.layout.positions > 1
 
@@ -315,14 +337,16 @@ class TeacherCache:
                 width = batch["input_ids"].shape[1] if pt_tokens == "all" or pool else 1
                 states = self.states(rows, index, width)
                 out["teacher_hidden"] = pooled_states(states, batch["attention_mask"]) if pool else states
+            if relation_layer:
+                out["teacher_qkv"] = self.states(rows, np.arange(3), batch["input_ids"].shape[1], "qkv")
             return pinned(out) if pin else out
 
         return read
 
-    def states(self, rows: np.ndarray, index: np.ndarray, width: int) -> torch.Tensor:
-        """`hidden`'s rows [B, len(index), width, H]: a batch padded (to a multiple of 8) past the stored
-        positions gets zeros there, as the store holds past each row's end."""
-        states = self._tensor(self.arrays["hidden"][rows[:, None], index, :width])
+    def states(self, rows: np.ndarray, index: np.ndarray, width: int, array: str = "hidden") -> torch.Tensor:
+        """`hidden`'s rows [B, len(index), width, H] (or `qkv`'s): a batch padded (to a multiple of 8) past the
+        stored positions gets zeros there, as the store holds past each row's end."""
+        states = self._tensor(self.arrays[array][rows[:, None], index, :width])
         return F.pad(states, (0, 0, 0, width - states.shape[2])) if states.shape[2] < width else states
 
 
@@ -479,10 +503,14 @@ class Writer:
         t = t.detach().to("cpu", getattr(torch, self.layout.dtype))
         return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
-    def write(self, example_idx: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
-        """Store one batch's teacher outputs at rows `example_idx` (a row written twice gets the same values)."""
+    def write(self, example_idx: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor,
+              qkv: torch.Tensor | None = None) -> None:
+        """Store one batch's teacher outputs at rows `example_idx` (a row written twice gets the same values);
+        `qkv` [3, B, S, H]: the relation layer's, where the layout stores them."""
         rows = example_idx.cpu().numpy()
-        self.refuse_nonfinite(rows, [logits, *(hidden_states[l] for l in self.layout.layers)])
+        self.refuse_nonfinite(rows, [logits, *(hidden_states[l] for l in self.layout.layers), *([qkv] if qkv is not None else [])])
+        if self.layout.relation_layer:
+            self.write_qkv(rows, qkv, attention_mask)
         self.arrays["logits"][rows] = self._numpy(logits)
         if self.layout.positions == 1 and self.layout.pooled == "mean":
             states = pooled_states(torch.stack([hidden_states[l] for l in self.layout.layers], 1), attention_mask)
@@ -504,6 +532,12 @@ class Writer:
         if width > 1:
             states = states * attention_mask[:, None, :width, None].to(states.dtype)
         self.arrays["hidden"][rows, :, : states.shape[2]] = self._numpy(states)
+
+    def write_qkv(self, rows: np.ndarray, qkv: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The relation layer's q, k, v [3, B, ≤S, H] into `qkv` [rows, 3, S, H], zero past each row's end."""
+        qkv = qkv.transpose(0, 1)[:, :, : self.arrays["qkv"].shape[2]]
+        qkv = qkv * attention_mask[:, None, : qkv.shape[2], None].to(qkv.dtype)
+        self.arrays["qkv"][rows, :, : qkv.shape[2]] = self._numpy(qkv)
 
     def mark_written(self, rows: np.ndarray) -> None:
         """Account for the rows one batch wrote (`commit` publishes only when every row is)."""

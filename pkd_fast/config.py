@@ -75,6 +75,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,4,6, got {text!r}") from None
 
 
+def _layer_pair(text: str) -> tuple[int, int]:
+    teacher, sep, student = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(teacher), int(student)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TEACHER:STUDENT 1-based layers like 12:6, got {text!r}") from None
+
+
 def _globs(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -150,6 +160,10 @@ class Config:
     beta_share: float | None = None  # GLUE: β set at step 0 so that β·PT is this share of the loss (replaces --beta)
     pt_tokens: str | None = None  # default cls under glue, all under mlm
     pt_reduction: str = "elementwise_mean"
+    relation_weight: float = 0.0  # γ of MiniLMv2's Q-Q, K-K, V-V relation term (0: off)
+    relation_layers: tuple[int, int] | None = None  # 1-based teacher:student layers; default the last of each
+    relation_heads: int | None = None  # R; default the teacher's attention head count
+    mlm_ce_weight: float | None = None  # default 1 (mlm only): the masked-LM CE's weight w, so w·(1-α)·CE
     teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
     cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L (glue), the student's PT map (mlm)
     cache_topk: int | None = None  # default 64 (mlm only): the teacher's top-k logits a masked-LM cache keeps per KD row
@@ -203,7 +217,7 @@ class Config:
         """Refuse a flag of another objective (checked before the defaults fill those fields in)."""
         self.objective = _objective(self.objective).name
         foreign = dict.fromkeys(name for other in OBJECTIVES.values() for name in other.flags if name not in self.recipe.flags)
-        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) not in (None, False)]
+        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) is not None and getattr(self, name) is not False]  # 0 is given
         if given:
             raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
 
@@ -227,12 +241,16 @@ class Config:
         stages = self.recipe.stages
         need(self.stage in stages, f"--stage must be one of {stages} under --objective {self.objective}, got {self.stage!r}")
         need(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
-        for name in ("temperature", "alpha", "beta", "lr", "teacher_lr", "warmup_ratio"):
+        for name in ("temperature", "alpha", "beta", "relation_weight", "lr", "teacher_lr", "warmup_ratio"):
             value = getattr(self, name)
             need(value is None or math.isfinite(value), f"--{_flag(name)} must be a finite number, got {value}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        need(self.relation_weight >= 0, f"--relation-weight must be >= 0, got {self.relation_weight}")
+        need(self.relation_layers is None or min(self.relation_layers) >= 1,
+             f"--relation-layers must be 1-based TEACHER:STUDENT layers, got {':'.join(map(str, self.relation_layers or ()))}")
+        need(self.relation_heads is None or self.relation_heads >= 1, f"--relation-heads must be >= 1, got {self.relation_heads}")
         need(self.pt_tokens in PT_TOKENS, f"--pt-tokens must be one of {PT_TOKENS}, got {self.pt_tokens!r}")
         need(self.beta_share is None or (math.isfinite(self.beta_share) and 0.0 < self.beta_share < 1.0),
              f"--beta-share must be a share of the loss in (0, 1), got {self.beta_share}")
@@ -302,6 +320,8 @@ class Config:
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
         if self.base_model is not None:
             need(self.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
+        for name in ("relation_layers", "relation_heads"):
+            need(getattr(self, name) is None or self.relation_weight > 0, f"--{_flag(name)} only applies with --relation-weight > 0")
         if self.student_hidden_size is not None:
             need(self.init_from == "scratch" and trains_students, "--student-hidden-size only applies with --init-from scratch")
             need(self.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {self.student_hidden_size}")
@@ -420,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pt-tokens", choices=PT_TOKENS, default=None,
                    help="rows of the patient loss: [CLS], every real token, or each layer's mean over the real tokens "
                         "(the sentence embedding a mean-pooling teacher was trained to produce) (default: glue cls, mlm all)")
+    g.add_argument("--relation-weight", type=float, default=d["relation_weight"].default, metavar="γ",
+                   help="weight of MiniLMv2's self-attention relation term (Q-Q, K-K, V-V; 0: off)")
+    g.add_argument("--relation-layers", type=_layer_pair, default=None, metavar="T:S",
+                   help="the 1-based teacher and student layers whose relations are compared (default: the last of each)")
+    g.add_argument("--relation-heads", type=int, default=None, metavar="R",
+                   help="relation heads, the same on both sides, dividing both hidden sizes (default: the teacher's attention heads)")
+    g.add_argument("--mlm-ce-weight", type=float, default=None, metavar="W",
+                   help="mlm: the masked-LM CE's weight, W·(1-α)·CE (default 1); 0 with --alpha 0 --beta 0 --relation-weight γ "
+                        "is MiniLMv2's relations-only objective, which needs no MLM head")
     g.add_argument("--kd-positions", choices=KD_POSITIONS, default=None,
                    help="mlm: rows of the soft-label KL, the masked tokens or every real token (default all)")
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,

@@ -156,6 +156,13 @@ def _hf_model(model) -> torch.nn.Module:
     return model
 
 
+def layer_projections(model, layer: int) -> tuple[torch.nn.Module, ...]:
+    """The query, key and value projections (or the fused Wqkv) of 1-based `layer` of `model` (a Hugging Face
+    model, or a wrapper or engine around one)."""
+    hf = _hf_model(model)
+    return family_of(hf.config).attention_projections(hf)[layer - 1]
+
+
 def module_at(root, path: str) -> torch.nn.Module:
     """The submodule at a dotted attribute path (a `Family` field) under `root`."""
     for name in path.split("."):

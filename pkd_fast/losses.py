@@ -346,12 +346,24 @@ class LossTerms:
     ce: torch.Tensor | None = None  # CE (or MSE to the label, for regression)
     kd: torch.Tensor | None = None  # T²·KL (or MSE to the teacher's prediction)
     pt: torch.Tensor | None = None  # patient loss, before β
+    rel: torch.Tensor | None = None  # MiniLMv2 relation loss, before γ
+
+
+@dataclass
+class Relations:
+    """The relation term's inputs for one batch (`relation_loss_reference`): each side's (q, k, v) of the
+    chosen layers, the batch's [B, T] attention mask and the number of relation heads."""
+
+    student_qkv: QKV
+    teacher_qkv: QKV
+    attention_mask: torch.Tensor
+    heads: int
 
 
 def pkd_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | None,
     teacher_logits: TeacherLogits | None,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     student_hidden: Sequence[torch.Tensor] = (),
     teacher_hidden: Sequence[torch.Tensor] = (),
     *,
@@ -363,8 +375,11 @@ def pkd_loss(
     impl: str = "eager",
     return_terms: bool = False,
     divisors: torch.Tensor | None = None,
+    ce_weight: float = 1.0,
+    gamma: float = 0.0,
+    relations: Relations | None = None,
 ) -> LossTerms:
-    """(1-α)·CE + α·T²·KL + β·PT for one batch; FT is α=β=0, KD is β=0.
+    """w·(1-α)·CE + α·T²·KL + β·PT + γ·relations for one batch; FT is α=β=γ=0, KD is β=0, w = `ce_weight`.
 
     `teacher_logits`: dense rows, or a `TopkLogits` (sparse KD from the teacher's top k; not for
     regression). CE and KL are means over the batch's rows (GLUE), or with `divisors` (the masked-LM objective) sums
@@ -372,26 +387,42 @@ def pkd_loss(
 
     `student_hidden`/`teacher_hidden` are the mapped layer pairs, already reduced to the rows the patient
     loss reads ([CLS] or every real token), so a live teacher and the teacher cache feed it alike.
+
+    `ce_weight` w (the masked-LM objective's --mlm-ce-weight): the CE and KL terms are computed as one
+    c·[(1-α')·CE + α'·T²·KL] with c = α + w(1-α), α' = α/c, so the fused kernels serve any w; w = 1 is the
+    plain call, and with α = w = 0 the term is absent (no logits are read: `student_logits` may be None).
+    `relations` with γ > 0 adds γ·`relation_loss` (MiniLMv2); with `divisors` it carries a third entry,
+    the micro-batch's share of the step's real tokens, so every query row of the step weighs the same.
     With `return_terms`, the unweighted parts are recomputed eagerly without grad, for logging only.
     """
     if alpha > 0.0 and teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
-    reduce = {} if divisors is None else {"reduction": "sum", "divisors": divisors}
+    reduce = {} if divisors is None else {"reduction": "sum", "divisors": divisors[:2]}
+    scale = 1.0 if ce_weight == 1.0 else alpha + ce_weight * (1.0 - alpha)
     if regression:
         total = regression_kd_loss(student_logits, teacher_logits, labels, alpha)
-    else:
-        total = _kd_term(student_logits, teacher_logits, temperature, labels, alpha=alpha, impl=impl, **reduce)
+    elif scale > 0.0:
+        kd_alpha = alpha if scale == 1.0 else alpha / scale
+        total = scale * _kd_term(student_logits, teacher_logits, temperature, labels, alpha=kd_alpha, impl=impl, **reduce)
+    else:  # α = w = 0: no term reads the logits
+        total = 0.0
     use_pt = beta > 0.0 and len(student_hidden) > 0
     if use_pt:
         total = total + beta * patient_loss(student_hidden, teacher_hidden, reduction=pt_reduction, impl=impl)
-    terms = LossTerms(total)
+    use_rel = gamma > 0.0 and relations is not None
+    if use_rel:
+        rel_share = 1.0 if divisors is None else relations.attention_mask.sum() / divisors[2]
+        total = total + gamma * rel_share * relation_loss(relations.student_qkv, relations.teacher_qkv, relations.attention_mask,
+                                                         relations.heads, impl=impl)
+    terms = LossTerms(total if torch.is_tensor(total) else torch.zeros(()))
     if return_terms:
         with torch.no_grad():
-            s = student_logits.detach()
             if regression:
+                s = student_logits.detach()
                 terms.ce = regression_kd_loss(s, None, labels, 0.0)
                 terms.kd = regression_kd_loss(s, teacher_logits, labels, 1.0) if teacher_logits is not None else None
-            else:
+            elif student_logits is not None:
+                s = student_logits.detach()
                 terms.ce = kd_loss_reference(s, s, 1.0, labels, alpha=0.0, **reduce)
                 if teacher_logits is not None:
                     terms.kd = _kd_term(s, teacher_logits, temperature, None, alpha=1.0, reference=True, **reduce)
@@ -399,4 +430,8 @@ def pkd_loss(
                 terms.pt = patient_loss_reference(
                     [h.detach() for h in student_hidden], teacher_hidden, reduction=pt_reduction
                 )
+            if use_rel:
+                student_qkv = [x.detach() for x in _qkv(relations.student_qkv)]
+                terms.rel = rel_share * relation_loss_reference(student_qkv, relations.teacher_qkv, relations.attention_mask,
+                                                                relations.heads)
     return terms

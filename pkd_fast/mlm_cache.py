@@ -20,6 +20,11 @@ A store is a directory (the GLUE store's guarantees and code, `pkd_fast.cache`):
     lse.npy           [R] float32      logsumexp(logits / T) over the full row
     hidden.npy        [E·B, L', S, H]  the stored layers' states, every real token (zero past the block's end);
                                        absent when no layer is stored (a KD-only store)
+    qkv.npy           [E·B, 3, S, H]   with a relation term: one teacher layer's query, key and value
+                                       projections' outputs, every real token (zero past the block's end)
+
+A headless teacher (read for its states or relations alone, MiniLMv2's general objective) has no logits to
+keep: its store has no top-k arrays (`logits` false in the layout).
 
 The offsets are known before the teacher runs (the masks are), so every rank writes its units in place
 and the store's size is printed, and checked against the free disk, before anything is written.
@@ -36,7 +41,7 @@ import pyarrow.compute as pc
 import torch
 
 from pkd_fast.cache import (NUMPY_DTYPES, TeacherCache, Writer, check_stored_layers, describe_arrays, pinned, pooled_states,
-                            store_bytes, teacher_fingerprint)
+                            relations_stored, require_relation_layer, store_bytes, teacher_fingerprint)
 from pkd_fast.corpus import IGNORE_INDEX, MlmMasker
 from pkd_fast.errors import PkdError
 
@@ -68,6 +73,8 @@ class MlmLayout:
     dtype: str
     temperature: float  # the T of the stored logsumexp
     objective: str = "mlm"
+    relation_layer: int = 0  # the 1-based teacher layer whose Q, K, V are stored (0: none)
+    logits: bool = True  # false: a headless teacher's store, no top-k arrays
 
     @classmethod
     def from_json(cls, fields: dict) -> MlmLayout:
@@ -83,10 +90,14 @@ class MlmLayout:
     @property
     def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         values = np.dtype(NUMPY_DTYPES[self.dtype])
-        arrays = {"row_offsets": ((self.rows + 1,), np.dtype(np.int64)), "topk_ids": ((self.kd_rows, self.topk), np.dtype(np.int32)),
-                  "topk_values": ((self.kd_rows, self.topk), values), "lse": ((self.kd_rows,), np.dtype(np.float32))}
+        arrays = {"row_offsets": ((self.rows + 1,), np.dtype(np.int64))}
+        if self.logits:
+            arrays.update({"topk_ids": ((self.kd_rows, self.topk), np.dtype(np.int32)), "topk_values": ((self.kd_rows, self.topk), values),
+                           "lse": ((self.kd_rows,), np.dtype(np.float32))})
         if self.layers:
             arrays["hidden"] = ((self.rows, len(self.layers), self.positions, self.hidden_size), values)
+        if self.relation_layer:
+            arrays["qkv"] = ((self.rows, 3, self.positions, self.hidden_size), values)
         return arrays
 
     def check(self) -> None:
@@ -98,8 +109,9 @@ class MlmLayout:
         return store_bytes(self.arrays) / max(1, self.epochs * self.tokens)
 
     def describe(self) -> str:
-        return (f"{self.epochs} epoch(s) × {self.blocks} blocks, {self.kd_rows} KD rows of top-{self.topk}, {self.dtype} states "
-                f"of layers {list(self.layers)}: {describe_arrays(self.arrays)}, {self.bytes_per_token:.0f} bytes per token")
+        kd = f"{self.kd_rows} KD rows of top-{self.topk}" if self.logits else "no logits (a headless teacher)"
+        return (f"{self.epochs} epoch(s) × {self.blocks} blocks, {kd}, {self.dtype} states of layers {list(self.layers)}"
+                f"{relations_stored(self)}: {describe_arrays(self.arrays)}, {self.bytes_per_token:.0f} bytes per token")
 
 
 def block_lengths(blocks) -> np.ndarray:
@@ -152,8 +164,13 @@ class MlmTeacherCache(TeacherCache):
         """The T its logsumexp is at (the top-k logits' `losses.topk_kd_loss` contract)."""
         return self.layout.temperature
 
-    def require(self, layers: Sequence[int], epochs: int) -> None:
-        """Refuse a student that needs a layer's states or an epoch's masks the store lacks."""
+    def require(self, layers: Sequence[int], epochs: int, relation_layer: int | None = None, logits: bool = False) -> None:
+        """Refuse a student that needs a layer's states, an epoch's masks, a relation layer's Q/K/V or logits
+        the store lacks."""
+        require_relation_layer(self.directory, self.layout, relation_layer)
+        if logits and not self.layout.logits:
+            raise PkdError(f"--teacher-cache {self.directory}: holds no logits (written from a headless teacher); a run that "
+                           "reads them (--alpha > 0) needs a store of a teacher with its masked-LM head")
         missing = sorted(set(layers) - set(self.layout.layers))
         if missing:
             raise PkdError(f"--teacher-cache {self.directory}: teacher layer(s) {missing} not stored (it holds {list(self.layout.layers)}); "
@@ -162,12 +179,14 @@ class MlmTeacherCache(TeacherCache):
             raise PkdError(f"--teacher-cache {self.directory}: holds the masks of {self.layout.epochs} epoch(s), this run trains "
                            f"{epochs}; rewrite it with --stage cache for {epochs} epochs (or train fewer)")
 
-    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False, *, kd_positions: str) -> Callable[[dict], dict]:
+    def reader(self, layers: Sequence[int], pt_tokens: str, pin: bool = False, relation_layer: int | None = None, *,
+               kd_positions: str) -> Callable[[dict], dict]:
         """The collate-time lookup of one student run, on a masked batch (with `epoch` and `example_idx`):
         `teacher_topk_ids` [n, k] int32, `teacher_topk_values` [n, k], `teacher_topk_lse` [n] fp32 for the n
         KD rows in `models.mlm_row_index` order, and for a PT map `teacher_hidden` [B, len(layers), S, H] in
         map order: S the batch's padded length, or 1 for --pt-tokens mean (pooled here, as the GLUE store's
-        reader does), the layout `recipes.mlm.MlmContext.loss` reads."""
+        reader does), the layout `recipes.mlm.MlmContext.loss` reads; for a relation term `teacher_qkv`
+        [B, 3, S, H]. A store without logits adds no top-k columns."""
         index = np.array([self.layout.layers.index(l) for l in layers], dtype=np.int64)
 
         def read(batch: dict) -> dict:
@@ -179,9 +198,13 @@ class MlmTeacherCache(TeacherCache):
             if rows is None:  # a check the fingerprint makes redundant, unless the masking code itself changed
                 raise PkdError(f"--teacher-cache {self.directory}: the batch's KD rows per block {counts.tolist()} differ from the "
                                "store's: its masks are not this run's; rewrite it with --stage cache")
-            out = {"teacher_topk_ids": torch.from_numpy(self.arrays["topk_ids"][rows]),
-                   "teacher_topk_values": self._tensor(self.arrays["topk_values"][rows]),
-                   "teacher_topk_lse": torch.from_numpy(self.arrays["lse"][rows])}
+            out = {}
+            if self.layout.logits:
+                out.update({"teacher_topk_ids": torch.from_numpy(self.arrays["topk_ids"][rows]),
+                            "teacher_topk_values": self._tensor(self.arrays["topk_values"][rows]),
+                            "teacher_topk_lse": torch.from_numpy(self.arrays["lse"][rows])})
+            if relation_layer:
+                out["teacher_qkv"] = self.states(units, np.arange(3), batch["input_ids"].shape[1], "qkv")
             if len(index):
                 states = self.states(units, index, batch["input_ids"].shape[1])
                 out["teacher_hidden"] = pooled_states(states, batch["attention_mask"]) if pt_tokens == "mean" else states
@@ -203,20 +226,26 @@ class MlmWriter(Writer):
     def initial_contents(self) -> dict[str, np.ndarray]:
         return {"row_offsets": self.offsets}
 
-    def write(self, units: np.ndarray, counts: torch.Tensor, logits: torch.Tensor, hidden_states: Sequence[torch.Tensor] | None,
-              attention_mask: torch.Tensor) -> None:
-        """Store one batch: `logits` [n, V] are its KD rows in gather order (`counts` [B] per row), `units`
-        [B] its rows' epoch·B + block."""
-        values, ids = logits.topk(self.layout.topk, dim=-1)
-        lse = torch.logsumexp(logits.float() / self.layout.temperature, dim=-1)
+    def write(self, units: np.ndarray, counts: torch.Tensor, logits: torch.Tensor | None, hidden_states: Sequence[torch.Tensor] | None,
+              attention_mask: torch.Tensor, qkv: torch.Tensor | None = None) -> None:
+        """Store one batch: `logits` [n, V] are its KD rows in gather order (`counts` [B] per row; None for a
+        store without logits), `units` [B] its rows' epoch·B + block, `qkv` [3, B, S, H] the relation layer's."""
         states = [hidden_states[l] for l in self.layout.layers] if self.layout.layers else []
-        self.refuse_nonfinite(units, [values, lse, *states])
+        kept = [qkv] if self.layout.relation_layer else []
+        if self.layout.logits:
+            values, ids = logits.topk(self.layout.topk, dim=-1)
+            lse = torch.logsumexp(logits.float() / self.layout.temperature, dim=-1)
+            kept += [values, lse]
+        self.refuse_nonfinite(units, [*kept, *states])
         rows = unit_rows(self.offsets, units, counts)
         if rows is None:
             raise PkdError(f"teacher cache: KD rows per block {counts.tolist()} differ from the layout's (the masks changed while writing)")
-        self.arrays["topk_ids"][rows] = ids.to("cpu", torch.int32).numpy()
-        self.arrays["topk_values"][rows] = self._numpy(values)
-        self.arrays["lse"][rows] = lse.cpu().numpy()
+        if self.layout.logits:
+            self.arrays["topk_ids"][rows] = ids.to("cpu", torch.int32).numpy()
+            self.arrays["topk_values"][rows] = self._numpy(values)
+            self.arrays["lse"][rows] = lse.cpu().numpy()
         if states:
             self.write_states(units, hidden_states, attention_mask)
+        if self.layout.relation_layer:
+            self.write_qkv(units, qkv, attention_mask)
         self.mark_written(units)

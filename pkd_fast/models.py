@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from pkd_fast.data import mean_pool, model_inputs, real_token_index
 from pkd_fast.errors import PkdError
@@ -328,6 +328,19 @@ def load_mlm_teacher(path: str, dtype: torch.dtype = torch.float32) -> PreTraine
     return model
 
 
+def load_encoder(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The body of the checkpoint at `path` (its family's bare encoder, any masked-LM head left unread),
+    frozen and in eval mode: the teacher of a masked-LM run whose terms read no logits (relations and PT
+    alone), which a headless checkpoint serves as it ships."""
+    config = model_config("--teacher", path)
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype, **attention_kwargs(config))
+    except (OSError, ValueError) as err:
+        raise PkdError(f"cannot load an encoder from {path!r}: {_first_line(err)}") from None
+    model.eval().requires_grad_(False)
+    return model
+
+
 def fresh_mlm_head(path: str, dtype: torch.dtype = torch.float32, train_body: bool = False) -> PreTrainedModel:
     """The family's masked-LM model over a (headless) checkpoint, its head freshly initialised: the
     decoder is tied to the word embeddings (so only the head's transform, its norm and the output bias are
@@ -374,10 +387,11 @@ def mlm_student_layers(strategy: str, teacher_layers: int, k: int | None = None,
 
 def build_mlm_student(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
     """A masked-LM student: the teacher's embeddings, its 1-based `layers` (student layer j ← teacher
-    layer layers[j]) and its MLM head, each copied by key, so the student starts as that sub-network."""
+    layer layers[j]) and its MLM head, each copied by key, so the student starts as that sub-network. A bare
+    encoder teacher (`load_encoder`) gives a bare encoder student: no head to train."""
     family = family_of(teacher.config)
     config = student_config(teacher.config, layers)
-    student = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config))
+    student = type(teacher)._from_config(config, **attention_kwargs(config))
     src = teacher.state_dict()
     rename = {family.layer_prefix(j): family.layer_prefix(t - 1) for j, t in enumerate(layers)}
 
@@ -424,7 +438,8 @@ def lm_head_rows(model: PreTrainedModel, hidden: torch.Tensor, row_index: torch.
 class MaskedLMRows(torch.nn.Module):
     """A masked-LM model whose forward sends only `row_index`'s rows through the head: the module to
     hand to DeepSpeed (its `model` is what save_pretrained writes). Returns (logits [n, V], hidden_states
-    or None)."""
+    or None); `row_index` None runs no head (logits None), so a headless encoder, read for its states or
+    relations alone, can be wrapped too."""
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -438,7 +453,8 @@ class MaskedLMRows(torch.nn.Module):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         inputs = family_inputs(self.model, {k: v for k, v in given.items() if v is not None})
         out = self.model.base_model(**inputs, output_hidden_states=output_hidden_states)
-        return lm_head_rows(self.model, out.last_hidden_state, row_index), out.hidden_states
+        logits = None if row_index is None else lm_head_rows(self.model, out.last_hidden_state, row_index)
+        return logits, out.hidden_states
 
 
 @dataclass
@@ -448,16 +464,17 @@ class MlmRows:
     `row_index` (for `pt_rows`, and for the teacher source to read the same rows), and the model's hidden
     states when asked for."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     labels: torch.Tensor
     row_index: torch.Tensor
     hidden: tuple[torch.Tensor, ...] | None = None
 
 
-def mlm_rows(model, batch: dict, rows: str = "masked", output_hidden_states: bool = False) -> MlmRows:
+def mlm_rows(model, batch: dict, rows: str = "masked", output_hidden_states: bool = False, head: bool = True) -> MlmRows:
     """Forward `model` (a `MaskedLMRows`, or a DeepSpeed engine around one) on `batch` and return the gathered
-    rows' logits. The teacher's side of the same rows comes from the run's `teacher.TeacherSource`."""
+    rows' logits (None without `head`: a run whose terms read no logits). The teacher's side of the same
+    rows comes from the run's `teacher.TeacherSource`."""
     row_index = mlm_row_index(batch, rows)
-    logits, hidden = model(**model_inputs(batch), row_index=row_index, output_hidden_states=output_hidden_states)
+    logits, hidden = model(**model_inputs(batch), row_index=row_index if head else None, output_hidden_states=output_hidden_states)
     labels = batch["mlm_labels"].flatten().index_select(0, row_index)
     return MlmRows(logits, labels, row_index, hidden)

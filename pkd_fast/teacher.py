@@ -10,6 +10,8 @@ A recipe builds one `TeacherSource` per run and from then on only calls it: the 
     hidden   the mapped teacher layers (in map order) cut to the rows the patient loss reads, exactly as
              `models.pt_rows` cuts the student's: [CLS] [B, H], every real token [tokens, H], or each
              example's mean [B, H] (fp32); [] without a PT term
+    qkv      the relation layer's (q, k, v), stacked [3, B, S, H] over the batch's padded length (MiniLMv2's
+             relation term, `losses.Relations`); None without one
 
 `Rows` says which rows those are; the recipe builds it once per batch and cuts the student's side with the
 same `Rows.states`, so the two sides pair up whatever the source.
@@ -23,6 +25,7 @@ same `reader`). A source is the only place that knows where the outputs come fro
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,14 +35,16 @@ from pkd_fast import engine as ds
 from pkd_fast.families import model_inputs
 from pkd_fast.losses import TeacherLogits, TopkLogits
 from pkd_fast.models import pt_rows
+from pkd_fast.relations import QkvCapture
 
 __all__ = ["CachedTeacher", "LiveTeacher", "NoTeacher", "Rows", "TeacherOutputs", "TeacherSource", "TopkLogits"]
 
 # The columns a store's collate-time reader adds to a batch (`CachedTeacher` reads them back): dense logits
 # [B, C] or [n, V], or the top-k form's three tensors; and the mapped layers' states [B, L, S, H] in map
-# order, S = 1 for [CLS] or already-pooled rows, else the batch's padded length.
-LOGITS, TOPK_IDS, TOPK_VALUES, TOPK_LSE, HIDDEN = (
-    "teacher_logits", "teacher_topk_ids", "teacher_topk_values", "teacher_topk_lse", "teacher_hidden")
+# order, S = 1 for [CLS] or already-pooled rows, else the batch's padded length; and the relation layer's
+# q, k, v [B, 3, S, H].
+LOGITS, TOPK_IDS, TOPK_VALUES, TOPK_LSE, HIDDEN, QKV = (
+    "teacher_logits", "teacher_topk_ids", "teacher_topk_values", "teacher_topk_lse", "teacher_hidden", "teacher_qkv")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class TeacherOutputs:
 
     logits: TeacherLogits | None = None
     hidden: list[torch.Tensor] = field(default_factory=list)
+    qkv: torch.Tensor | None = None
 
     def watched(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """The tensors the trainer's non-finite guard watches (`trainer.WATCHED` names)."""
@@ -76,17 +82,20 @@ class TeacherOutputs:
             watched["teacher logits"] = self.logits.tensors() if isinstance(self.logits, TopkLogits) else self.logits
         if self.hidden:
             watched["teacher hidden states"] = self.hidden
+        if self.qkv is not None:
+            watched["teacher Q/K/V"] = self.qkv
         return watched
 
 
 class TeacherSource(abc.ABC):
     """A run's teacher: `layers` are the 1-based teacher layers the student's layers 1..k-1 learn from (the
-    PT map; empty without PT), `logits` whether the loss reads the teacher's logits (α > 0)."""
+    PT map; empty without PT), `logits` whether the loss reads the teacher's logits (α > 0), `relation_layer`
+    the 1-based teacher layer whose Q, K, V the relation term reads (None: no relation term)."""
 
     description = "no teacher"  # for the run's log line
 
-    def __init__(self, layers: Sequence[int] = (), *, logits: bool = False):
-        self.layers, self.logits = tuple(layers), logits
+    def __init__(self, layers: Sequence[int] = (), *, logits: bool = False, relation_layer: int | None = None):
+        self.layers, self.logits, self.relation_layer = tuple(layers), logits, relation_layer
 
     def lookup(self) -> Callable[[dict], dict] | None:
         """What the run's loader adds to each batch at collate time (None: nothing)."""
@@ -112,25 +121,31 @@ class LiveTeacher(TeacherSource):
     module, or under ZeRO-3 a partitioned inference engine). `model` is taken over (cast, moved or
     partitioned), so a recipe hands each run a fresh one. It runs only what the loss reads: hidden states
     only for a PT map, and, for a masked-LM model (`models.MaskedLMRows`), its head only on the gathered
-    rows and on none of them when the loss reads no logits."""
+    rows and on none of them when the loss reads no logits (a headless teacher, read for relations alone,
+    runs no head at all). With a `relation_layer`, forward hooks on that layer's projections catch its Q, K, V
+    during the same forward (`relations.QkvCapture`); the batch then runs as one forward."""
 
     description = "live teacher"
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, device: torch.device, layers: Sequence[int] = (), *,
-                 logits: bool = True):
-        super().__init__(layers, logits=logits)
+                 logits: bool = True, relation_layer: int | None = None):
+        super().__init__(layers, logits=logits, relation_layer=relation_layer)
+        self.capture = QkvCapture(model, relation_layer) if relation_layer else None
         self.model = ds.frozen_teacher(model, ds_config, device)
 
     @torch.no_grad()
     def __call__(self, batch: dict, rows: Rows) -> TeacherOutputs:
         inputs, hidden = model_inputs(self.model, batch), bool(self.layers)  # the columns its family takes
-        if rows.logits is None:  # a classifier: one output row per example, a CPU batch run by length
-            out = ds.teacher_forward(self.model, inputs, output_hidden_states=hidden)
-            logits, states = out.logits, out.hidden_states
-        else:  # a MaskedLMRows: the head on the gathered rows only
-            row_index = rows.logits if self.logits else rows.logits[:0]
-            logits, states = self.model(**inputs, row_index=row_index, output_hidden_states=hidden)
-        return TeacherOutputs(logits if self.logits else None, rows.states(states, self.layers) if hidden else [])
+        with self.capture.recording() if self.capture else contextlib.nullcontext():
+            if rows.logits is None:  # a classifier: one output row per example, a CPU batch run by length
+                out = (self.model(**inputs, output_hidden_states=hidden) if self.capture  # the hooks need one forward
+                       else ds.teacher_forward(self.model, inputs, output_hidden_states=hidden))
+                logits, states = out.logits, out.hidden_states
+            else:  # a MaskedLMRows: the head on the gathered rows only (none when the loss reads no logits)
+                row_index = rows.logits if self.logits else None
+                logits, states = self.model(**inputs, row_index=row_index, output_hidden_states=hidden)
+        qkv = torch.stack(self.capture.take()) if self.capture else None
+        return TeacherOutputs(logits if self.logits else None, rows.states(states, self.layers) if hidden else [], qkv)
 
 
 class CachedTeacher(TeacherSource):
@@ -142,9 +157,11 @@ class CachedTeacher(TeacherSource):
     collate time, so here they arrive as one row per example. `read_options` go to the store's reader (a
     masked-LM store's: which rows, --kd-positions)."""
 
-    def __init__(self, store, layers: Sequence[int], pt_tokens: str, *, logits: bool = True, pin: bool = False, **read_options):
-        super().__init__(layers, logits=logits)
-        self.store, self.read = store, store.reader(self.layers, pt_tokens, pin=pin, **read_options)
+    def __init__(self, store, layers: Sequence[int], pt_tokens: str, *, logits: bool = True, pin: bool = False,
+                 relation_layer: int | None = None, **read_options):
+        super().__init__(layers, logits=logits, relation_layer=relation_layer)
+        self.store = store
+        self.read = store.reader(self.layers, pt_tokens, pin=pin, relation_layer=relation_layer, **read_options)
         self.description = f"teacher outputs read from {store.directory}"
 
     def lookup(self) -> Callable[[dict], dict]:
@@ -158,4 +175,4 @@ class CachedTeacher(TeacherSource):
         hidden = []
         if self.layers:  # already in map order, and pooled where --pt-tokens mean: cut without a pool mask
             hidden = Rows(tokens=rows.tokens).states(batch[HIDDEN].unbind(1), range(len(self.layers)))
-        return TeacherOutputs(logits, hidden)
+        return TeacherOutputs(logits, hidden, batch[QKV].transpose(0, 1) if self.relation_layer else None)

@@ -57,9 +57,9 @@ from pkd_fast.errors import PkdError
 from pkd_fast.losses import LossTerms
 
 log = logging.getLogger("pkd_fast")
-STUDENT = "student output"  # the watched name every step_fn provides: the student's logits
+STUDENT = "student output"  # the watched name every step_fn provides: the student's logits (its Q/K/V where it has none)
 # What the non-finite guard watches each step (a live teacher's outputs and cache rows alike).
-WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "loss")
+WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "teacher Q/K/V", "loss")
 RUN_KEY_FILE = "run_key.json"  # beside a finished run's results.json: what they depend on
 
 
@@ -408,7 +408,7 @@ class Trainer:
         accumulation, so they are the objective of the global batch (module docstring), and the global
         tokens/s and sequences/s since the last log, to the progress bar, train_log.jsonl and TensorBoard.
         With the guard's check, the loop's only host sync."""
-        names = [n for n in ("total", "ce", "kd", "pt") if getattr(terms, n) is not None]
+        names = [f.name for f in dataclasses.fields(LossTerms) if getattr(terms, f.name) is not None]
         vec = torch.cat([torch.stack([getattr(terms, n).detach().float() for n in names]), throughput.counts()])
         dist.all_reduce(vec)
         values = dict(zip(names, (vec[: len(names)] / (self.world.world_size * self.accum)).tolist()))

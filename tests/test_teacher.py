@@ -76,7 +76,7 @@ def test_a_source_returns_only_what_the_loss_reads(setup):
 
 def test_a_live_masked_lm_teacher_runs_its_head_on_the_gathered_rows_only(setup):
     """Masked LM: `Rows.logits` picks the rows, whose logits equal the full head's at those positions; with
-    α = 0 the head runs on no row at all and the states still come."""
+    α = 0 the head does not run at all (so a headless encoder serves) and the states still come."""
     _, batch, _ = setup
     torch.manual_seed(2)
     model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
@@ -91,7 +91,7 @@ def test_a_live_masked_lm_teacher_runs_its_head_on_the_gathered_rows_only(setup)
     heads = []
     pt.model.model.cls.predictions.register_forward_hook(lambda _m, inputs, _o: heads.append(inputs[0].shape[0]))
     out = pt(mlm, rows)
-    assert out.logits is None and heads == [0] and [h.shape for h in out.hidden] == [h.shape for h in kd.hidden]
+    assert out.logits is None and heads == [] and [h.shape for h in out.hidden] == [h.shape for h in kd.hidden]
 
 
 def test_a_live_teacher_passes_only_the_inputs_its_family_takes(setup):

@@ -2,6 +2,7 @@
 reload and reproduce their dev metric, 2 ranks ≡ 1 rank, and kill → --resume ≡ uninterrupted."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -167,10 +168,13 @@ def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, teacher_withou
 @pytest.mark.slow
 def test_zero3_partitions_student_and_teacher_and_saves_full_weights(tmp_path, teacher_without_dropout):
     """ZeRO-3 on 2 ranks: the student is partitioned, the teacher runs in its own ZeRO-3 inference
-    engine, and the saved model holds the gathered weights (it reloads and reproduces its metric)."""
+    engine, and the saved model holds the gathered weights (it reloads and reproduces its metric). With the
+    relation term on: the hooks catch Q, K, V of both partitioned models (the term is logged, finite, > 0)."""
     out = tmp_path / "run"
     train(["--deepspeed", zero3_json(tmp_path, train_micro_batch_size_per_gpu=8), "--stage", "student", "--teacher",
-           teacher_without_dropout, "--strategy", "skip", "--max-train-samples", "64", "--epochs", "1", "--output-dir", str(out), *SMALL], ranks=2)
+           teacher_without_dropout, "--strategy", "skip", "--max-train-samples", "64", "--epochs", "1", "--relation-weight", "10",
+           "--output-dir", str(out), *SMALL], ranks=2)
+    assert all(0 < r["rel"] < math.inf for r in train_log(out / "students" / "skip"))
     result = json.loads((out / "students" / "skip" / "results.json").read_text())
     reloaded = dev_metric_of_saved_model(out / "students" / "skip" / "model", "sst2", 8, 48, torch.float32)
     assert reloaded["accuracy"] == pytest.approx(result["dev"]["accuracy"], abs=1e-9)
@@ -208,10 +212,12 @@ def test_a_one_row_dev_set_on_two_zero3_ranks_scores_as_on_one(tmp_path, teacher
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, teacher_with_dropout):
-    """A 16-step run that checkpoints every 3 steps, never stopped: what every killed run must come back to."""
+    """A 16-step run that checkpoints every 3 steps, never stopped: what every killed run must come back to.
+    With the relation term on (γ > 0), so its hooks and term come back exactly too."""
     tmp = tmp_path_factory.mktemp("resume")
     common = ["--deepspeed", ds_json(tmp, train_micro_batch_size_per_gpu=8), "--stage", "student", "--teacher",
-              teacher_with_dropout, "--strategy", "skip", "--max-train-samples", "64", "--epochs", "2", "--save-steps", "3", *SMALL]
+              teacher_with_dropout, "--strategy", "skip", "--max-train-samples", "64", "--epochs", "2", "--save-steps", "3",
+              "--relation-weight", "10", *SMALL]
     train([*common, "--output-dir", str(tmp / "whole")])
     return common, tmp / "whole" / "students" / "skip"
 
@@ -223,6 +229,7 @@ def assert_log_so_far_is_the_uninterrupted_one(whole: Path, run: Path, steps: in
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
         assert rb["total"] == pytest.approx(ra["total"], rel=1e-6), ra["step"]
+        assert rb["rel"] == pytest.approx(ra["rel"], rel=1e-6) and ra["rel"] > 0, ra["step"]
 
 
 # The phases of a checkpoint save, killed in turn (phase, the save's step, the checkpoint left published).

@@ -6,6 +6,7 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,14 +22,15 @@ from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
-from pkd_fast.config import PRESETS, Config, Objective, register
+from pkd_fast.config import PRESETS, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
-from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.losses import Relations, pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
                              layer_map, load_classifier, model_config, num_layers, project_rows, scratch_student)
 from pkd_fast.recipes import common
+from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
 from pkd_fast.tasks import Task, get_task
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -48,6 +50,7 @@ class Run:
     lr: float
     epochs: int | None  # None: --max-steps
     out: Path
+    gamma: float = 0.0  # the relation term's weight (distilled students only)
 
 
 def run(cfg: Config) -> dict:
@@ -68,6 +71,11 @@ def run(cfg: Config) -> dict:
         maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
         if cfg.init_from == "scratch":  # the width is checked against the teacher's heads
             width_config(configs["--teacher"], k, cfg.student_hidden_size or configs["--teacher"].hidden_size)
+    relations = None
+    if cfg.relation_weight and cfg.stage != "teacher":  # the relation layers and heads against both models
+        student_width = (cfg.student_hidden_size if cfg.init_from == "scratch" else None) or \
+            configs.get("--base-model" if cfg.init_from == "pretrained" else "--teacher", configs["--teacher"]).hidden_size
+        relations = relation_plan(cfg.relation_layers, cfg.relation_heads, configs["--teacher"], k, student_width)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
@@ -83,7 +91,7 @@ def run(cfg: Config) -> dict:
         split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
         for split in task.dev_splits
     }
-    ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets)
+    ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets, relations)
 
     # -- teacher -------------------------------------------------------------------------------------
     teacher_path, results = cfg.teacher, {}
@@ -110,7 +118,7 @@ def run(cfg: Config) -> dict:
     # -- students ------------------------------------------------------------------------------------
     if cfg.stage in ("all", "student"):
         if ctx.cache is not None:
-            ctx.cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens)
+            ctx.cache.require({layer for lmap in maps.values() for layer in lmap}, cfg.pt_tokens, ctx.relation_layer)
         # Only the first k layers are kept to initialise the students: the teacher runs may cast and move
         # their teacher, and with a cache nothing else of it is loaded.
         init_source = _student_source(cfg, teacher_path, configs["--teacher"], k, task)
@@ -118,7 +126,8 @@ def run(cfg: Config) -> dict:
         for strategy, lmap in maps.items():
             alpha = 0.0 if strategy == "ft" else cfg.alpha
             beta = cfg.beta if lmap else 0.0
-            student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy)
+            gamma = 0.0 if strategy == "ft" else cfg.relation_weight
+            student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy, gamma)
             set_seed(cfg.seed)  # the same fresh head for every strategy
             student = build_student(init_source, k, task)
             if lmap and student.config.hidden_size != teacher_width:  # PT through a learned map (TinyBERT's W_h)
@@ -145,12 +154,17 @@ def _resolve_flags(cfg: Config) -> None:
         cfg.glue_dir = os.environ.get("GLUE_DIR") or None
 
 
+def _validate_flags(cfg: Config, need: Need) -> None:
+    need(not cfg.relation_weight or bool(cfg.distilled),
+         "--relation-weight only applies to students that learn from the teacher (--strategy kd, skip or last)")
+
+
 OBJECTIVE = register(Objective(
     "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"),
     flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
            "init_from", "base_model", "student_hidden_size", "preset"),
     defaults={"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher", "pt_tokens": "cls"},
-    resolve=_resolve_flags, output_name=lambda cfg: cfg.task, default=True,
+    resolve=_resolve_flags, validate=_validate_flags, output_name=lambda cfg: cfg.task, default=True,
     reads_teacher=lambda cfg: bool(cfg.distilled), teacher_flags="--strategy kd, skip or last",
 ))
 
@@ -192,22 +206,32 @@ def _with_token_index(lookup):
 class Context(common.RecipeContext):
     """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
-    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets):
+    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets,
+                 relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.task, self.train_set, self.dev_sets = task, train_set, dev_sets
         self.teacher_path = cfg.teacher  # the fine-tuned teacher, once there is one (`run`)
         self.cache: TeacherCache | None = None  # the teacher cache, when the students read it (`run`)
+        self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
+
+    @property
+    def relation_layer(self) -> int | None:
+        """The teacher layer whose Q, K, V the relation term reads (and a cache stores); None without one."""
+        return self.relations.teacher_layer if self.relations else None
 
     # -- one training run ----------------------------------------------------------------------------
     def teacher_source(self, spec: Run) -> TeacherSource:
         """What `spec` learns from: nothing (FT), the cache's rows, or a fresh live teacher (frozen_teacher
         casts, moves or partitions the module it is given, so one run's teacher is never handed to the next)."""
-        if not (spec.alpha or spec.layer_map):
+        if not (spec.alpha or spec.layer_map or spec.gamma):
             return NoTeacher()
         layers, logits = spec.layer_map, spec.alpha > 0
+        relation_layer = self.relation_layer if spec.gamma else None
         if self.cache is not None:
-            return CachedTeacher(self.cache, layers, self.cfg.pt_tokens, logits=logits, pin=self.world.device.type == "cuda")
-        return LiveTeacher(load_classifier(self.teacher_path, self.task), self.ds_config, self.world.device, layers, logits=logits)
+            return CachedTeacher(self.cache, layers, self.cfg.pt_tokens, logits=logits, pin=self.world.device.type == "cuda",
+                                 relation_layer=relation_layer)
+        return LiveTeacher(load_classifier(self.teacher_path, self.task), self.ds_config, self.world.device, layers, logits=logits,
+                           relation_layer=relation_layer)
 
     def train_loader(self, teacher: TeacherSource, spec: Run):
         """The run's shuffled, rank-sharded batches; the collate adds the teacher source's rows and, for
@@ -229,26 +253,33 @@ class Context(common.RecipeContext):
         teacher = self.teacher_source(spec)
         loader = self.train_loader(teacher, spec)
         impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
+        capture = QkvCapture(model, self.relations.student_layer) if spec.gamma else None
         if cfg.beta_share is not None and spec.layer_map:
-            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl))
-        result = self.trainer.fit(
-            model, loader, self.step_fn(teacher, spec, impl),
-            name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
-            evaluate=self.evaluate, watch=WATCHED,
-            describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}, "
-                     f"loss impl {impl}, {teacher.description}",
-        )
+            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl, capture))
+        relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} "
+                     f"in {self.relations.heads} heads" if capture else "")
+        try:
+            result = self.trainer.fit(
+                model, loader, self.step_fn(teacher, spec, impl, capture),
+                name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
+                evaluate=self.evaluate, watch=WATCHED,
+                describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}{relations}, "
+                         f"loss impl {impl}, {teacher.description}",
+            )
+        finally:
+            if capture is not None:
+                capture.remove()
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
             "student_layers": result.engine.module.config.num_hidden_layers,
-            "alpha": spec.alpha, "beta": spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None,
+            "alpha": spec.alpha, "beta": spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None, "gamma": spec.gamma,
             "temperature": cfg.temperature, "lr": spec.lr,
             "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
             "train_rows": len(self.train_set),
         }, key)
 
     @torch.no_grad()
-    def calibrate_beta(self, model, teacher, loader, spec: Run, impl: str) -> float:
+    def calibrate_beta(self, model, teacher, loader, spec: Run, impl: str, capture: QkvCapture | None) -> float:
         """--beta-share s: the β that makes β·PT the share s of the loss on the run's first batch at its
         initial weights, β = s/(1-s)·((1-α)·CE + α·KD)/PT, so a β grid means the same across --pt-tokens
         kinds and teachers whose PT differs by orders of magnitude. The terms are averaged over ranks (one β
@@ -261,9 +292,10 @@ class Context(common.RecipeContext):
             was_training = model.training
             model.to(world.device).eval()
             with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                terms = self.loss(model, teacher, batch, dataclasses.replace(spec, beta=1.0), impl, True).terms
+                terms = self.loss(model, teacher, batch, dataclasses.replace(spec, beta=1.0), impl, True, capture).terms
             model.train(was_training)
         rest = (1 - spec.alpha) * terms.ce + (spec.alpha * terms.kd if terms.kd is not None else 0.0)
+        rest = rest + (spec.gamma * terms.rel if terms.rel is not None else 0.0)
         values = torch.stack([rest, terms.pt]).float()
         dist.all_reduce(values)
         rest, pt = (values / world.world_size).tolist()
@@ -279,23 +311,27 @@ class Context(common.RecipeContext):
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
                               beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
 
-    def step_fn(self, teacher: TeacherSource, spec: Run, impl: str):
+    def step_fn(self, teacher: TeacherSource, spec: Run, impl: str, capture: QkvCapture | None = None):
         """The run's `Trainer` step function (GLUE losses are means per micro-batch: no divisors)."""
-        return lambda engine, batch, return_terms, _divisors: self.loss(engine, teacher, batch, spec, impl, return_terms)
+        return lambda engine, batch, return_terms, _divisors: self.loss(engine, teacher, batch, spec, impl, return_terms, capture)
 
-    def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool) -> StepOutput:
+    def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool,
+             capture: QkvCapture | None = None) -> StepOutput:
         """One forward of the student, the teacher's outputs for the batch → the PKD loss terms, and what the
         non-finite guard watches. A student of another width than the teacher's reads its PT rows through
-        its learned projection (`models.project_rows`)."""
+        its learned projection (`models.project_rows`); its relations need none (R heads of its own size).
+        `capture`: the hooks on the student's relation layer (γ > 0)."""
         need_hidden = bool(spec.layer_map)
-        student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
+        with capture.recording() if capture else contextlib.nullcontext():
+            student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
         rows = Rows(tokens=batch.get("token_index"), pool_mask=batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None)
         t = teacher(batch, rows)
         s_rows = project_rows(engine, rows.states(student.hidden_states, range(1, len(spec.layer_map) + 1))) if need_hidden else []
+        relations = Relations(torch.stack(capture.take()), t.qkv, batch["attention_mask"], self.relations.heads) if capture else None
         terms = pkd_loss(
             student.logits, t.logits, batch["labels"], s_rows, t.hidden,
             temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
-            pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms,
+            pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms, gamma=spec.gamma, relations=relations,
         )
         return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
 
@@ -335,11 +371,13 @@ class Context(common.RecipeContext):
         return teacher_cache.open_or_write(
             TeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
             overwrite=cfg.overwrite_cache, write=lambda: self.write_cache(teacher_path, fingerprint),
-            require=lambda cache: cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), cfg.pt_tokens))
+            require=lambda cache: cache.require(cfg.cache_layers or range(cache.layout.teacher_layers + 1), cfg.pt_tokens,
+                                                self.relation_layer))
 
     @torch.no_grad()
     def write_cache(self, teacher_path: str, fingerprint: dict) -> TeacherCache:
-        """One pass of the frozen teacher over the training set, each rank over its slice, into the store."""
+        """One pass of the frozen teacher over the training set, each rank over its slice, into the store (with
+        a relation term, its relation layer's Q, K, V, caught by hooks in the same forward)."""
         model = load_classifier(teacher_path, self.task)
         n = num_layers(model)
         layout = teacher_cache.Layout(
@@ -347,14 +385,18 @@ class Context(common.RecipeContext):
             layers=tuple(sorted(set(self.cfg.cache_layers or range(n + 1)))),
             positions=self.cfg.max_seq_length if self.cfg.pt_tokens == "all" else 1, dtype=fingerprint["dtype"],
             pooled="mean" if self.cfg.pt_tokens == "mean" else "cls",
+            relation_layer=self.relation_layer or 0, relation_positions=self.cfg.max_seq_length if self.relation_layer else 0,
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
+            capture = QkvCapture(model, self.relation_layer) if self.relation_layer else None
             teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self.inference_batches(self.train_set)
             for batch, counted in common.teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
-                out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
+                with capture.recording() if capture else contextlib.nullcontext():
+                    out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
+                qkv = torch.stack(capture.take()) if capture else None
                 if counted:
-                    writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"])
+                    writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"], qkv)
             return writer.commit()
 
     def evaluate_only(self, model, name: str) -> dict:

@@ -16,13 +16,20 @@ student   The teacher's embeddings, the chosen layers (--student-layer-choice / 
 cache     With --teacher-cache DIR, --stage cache (or all) runs the teacher once over every epoch's masked
           blocks and stores its top-k logits and mapped states (`pkd_fast.mlm_cache`); students then read
           their rows in the collate and learn a sparse KL (`losses.topk_kd_loss`); no teacher is loaded.
+relations With --relation-weight γ, MiniLMv2's Q-Q, K-K, V-V relations of one teacher layer and one student
+          layer (--relation-layers T:S) join the loss, the Q, K, V caught by hooks during the two forwards
+          (`pkd_fast.relations`). With --alpha 0 --mlm-ce-weight 0 no term reads logits (MiniLMv2's general
+          objective, with --beta 0): a headless teacher is then used as it ships, no head is fitted, and the
+          student is a bare encoder (its held-out score: the relation loss to the teacher).
 held out  Masked-LM loss and accuracy on --validation-files, or else on the corpus's last 1% of blocks
           (at least 8; never trained on), masked once with a fixed seed so every evaluation scores the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +47,12 @@ from pkd_fast import engine as ds
 from pkd_fast import mlm_cache
 from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
-from pkd_fast.losses import pkd_loss, resolve_impl
+from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
-from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_mlm_teacher,
-                             mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config)
+from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
+                             load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config)
 from pkd_fast.recipes import common
+from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
@@ -66,6 +74,8 @@ class MlmRun:
     pt_map: tuple[int, ...] = ()  # teacher layers the student's layers 1..k-1 learn from
     alpha: float = 0.0
     beta: float = 0.0
+    gamma: float = 0.0  # the relation term's weight
+    ce_weight: float = 1.0  # the masked-LM CE's weight w: w·(1-α)·CE
 
 
 def run(cfg: Config) -> dict:
@@ -73,18 +83,25 @@ def run(cfg: Config) -> dict:
     teacher_config = model_config("--teacher", cfg.teacher)
     check_max_seq_length(cfg.max_seq_length, "--teacher", teacher_config)
     headless = not has_mlm_head(cfg.teacher)
-    if headless and cfg.stage in ("student", "cache"):
+    if not reads_logits(cfg):
+        log.info("no term reads logits (--alpha 0, --mlm-ce-weight 0): the teacher is used as its encoder, no masked-LM head "
+                 "is fitted or trained")
+    elif headless and cfg.stage in ("student", "cache"):
         raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to {'distil from' if cfg.stage == 'student' else 'cache'}; "
                        f"fit one first with --stage teacher (or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
-    if cfg.stage in ("all", "student"):  # a bad layer choice fails before any work (a fitted head keeps the depth)
-        mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
-    ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out)
-    if not cfg.streaming and (headless or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
+    relations = None
+    if cfg.stage != "teacher":  # a bad layer choice or relation term fails before any work (a fitted head keeps the depth)
+        layers = mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
+        if cfg.relation_weight:
+            relations = relation_plan(cfg.relation_layers, cfg.relation_heads, teacher_config, len(layers), teacher_config.hidden_size)
+    ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out, relations)
+    fits_head = headless and reads_logits(cfg)
+    if not cfg.streaming and (fits_head or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
         ctx.trainer.require_full_step(ctx.train_blocks, f"training blocks of {cfg.max_seq_length} tokens",
                                       "give more text or a shorter --max-seq-length")
 
     results, teacher_path = {}, cfg.teacher
-    if cfg.stage in ("all", "teacher"):
+    if cfg.stage in ("all", "teacher") and reads_logits(cfg):
         if headless:
             results["teacher"] = ctx.fit_head()
             teacher_path = str(out / "teacher" / "model")
@@ -103,6 +120,11 @@ def run(cfg: Config) -> dict:
     return summary
 
 
+def reads_logits(cfg: Config) -> bool:
+    """Whether the student's loss reads logits (CE or KL): only then do teacher and student need an MLM head."""
+    return cfg.alpha > 0 or cfg.mlm_ce_weight > 0
+
+
 def _resolve_flags(cfg: Config) -> None:
     if cfg.student_layer_choice is None and cfg.student_layer_list is None:
         cfg.student_layer_choice = "alternate"
@@ -119,6 +141,10 @@ def _validate_flags(cfg: Config, need: Need) -> None:
          f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {cfg.student_layer_choice!r}")
     need(cfg.student_layer_list is None or bool(cfg.student_layer_list), "--student-layer-list: no layers given")
     need(cfg.cache_topk >= 1, f"--cache-topk must be >= 1, got {cfg.cache_topk}")
+    need(math.isfinite(cfg.mlm_ce_weight) and cfg.mlm_ce_weight >= 0, f"--mlm-ce-weight must be >= 0, got {cfg.mlm_ce_weight}")
+    need(reads_logits(cfg) or cfg.relation_weight > 0,
+         "--alpha 0 --mlm-ce-weight 0 leave no term on the logits: the run needs --relation-weight > 0 (the student, a bare "
+         "encoder then, is scored by its relations to the teacher)")
     if cfg.streaming:
         need(cfg.teacher_cache is None, "--teacher-cache needs a map-style corpus: a stream's blocks have no fixed index to "
                                         "store the teacher's outputs by; drop --streaming or --teacher-cache")
@@ -135,18 +161,23 @@ def _validate_flags(cfg: Config, need: Need) -> None:
 OBJECTIVE = register(Objective(
     "mlm", run, "masked-LM distillation on raw text (--text-files or --dataset)", stages=("all", "teacher", "cache", "student"),
     flags=("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
-           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk"),
-    defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64},
+           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk", "mlm_ce_weight"),
+    defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64,
+              "mlm_ce_weight": 1.0},
     resolve=_resolve_flags, validate=_validate_flags,
-    reads_teacher=lambda cfg: cfg.alpha > 0 or cfg.beta > 0, teacher_flags="--alpha or --beta > 0",
+    reads_teacher=lambda cfg: cfg.alpha > 0 or cfg.beta > 0 or cfg.relation_weight > 0,
+    teacher_flags="--alpha, --beta or --relation-weight > 0",
 ))
 
 
 class MlmContext(common.RecipeContext):
     """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
 
-    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path):
+    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
+        self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
+        self.capture: QkvCapture | None = None  # the hooks on the training student's relation layer (`_fit`)
+        self.held_out_teacher: TeacherSource | None = None  # a headless student's scorer (`distil`, `evaluate_relations`)
         self.impl = resolve_impl(cfg.loss_impl, world.device, wide=True)  # vocabulary-sized logits
         source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                   "text_column": cfg.text_column}
@@ -226,37 +257,45 @@ class MlmContext(common.RecipeContext):
         """Distil a student from the teacher at `teacher_path`, or from `cache`'s rows (then the teacher's
         weights only initialise the student, and nothing of it runs or stays in memory)."""
         cfg = self.cfg
-        teacher = load_mlm_teacher(teacher_path)
+        teacher = load_mlm_teacher(teacher_path) if reads_logits(cfg) else load_encoder(teacher_path)
         n = teacher.config.num_hidden_layers
         layers, pt_map = self.student_plan(n)
         name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
-        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta)
+        spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta,
+                      cfg.relation_weight, cfg.mlm_ce_weight)
         set_seed(cfg.seed)
         student = MaskedLMRows(build_mlm_student(teacher, layers))
         source = self.teacher_source(teacher, spec, cache)  # after the student: a live teacher is cast and moved
+        if not reads_logits(cfg):  # scored by its relations to the teacher, run live on the held-out blocks (no store has them)
+            self.held_out_teacher = source if cache is None else self.teacher_source(load_encoder(teacher_path), spec)
         del teacher  # a live source holds what it runs; a cached one needs nothing of it
-        cached = cache is not None and bool(spec.alpha or spec.pt_map)
+        cached = cache is not None and bool(spec.alpha or spec.pt_map or spec.gamma)
+        relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} in "
+                     f"{self.relations.heads} heads" if spec.gamma else "")
         describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
-                    f"β={spec.beta:g} T={cfg.temperature:g}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
+                    f"β={spec.beta:g} T={cfg.temperature:g}{relations}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
                     f"{source.description}")
         # A cached teacher's top-k KL is another loss than a live teacher's: its runs are keyed apart.
         return name, self._fit(student, spec, source, describe, {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
-            "beta": spec.beta, "temperature": cfg.temperature, "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens,
-            "pt_reduction": cfg.pt_reduction, "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
+            "beta": spec.beta, "gamma": spec.gamma, "mlm_ce_weight": spec.ce_weight, "temperature": cfg.temperature,
+            "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
+            "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
         }, {"teacher_source": "cache"} if cached else {})
 
     def teacher_source(self, teacher, spec: MlmRun, cache: MlmTeacherCache | None = None) -> TeacherSource:
         """What the student learns from: nothing when neither KL nor PT reads the teacher; else `cache`'s rows,
         read at collate time (its top-k logits, at the T the store was written for: the fingerprint holds
         it), or the teacher run live (only the rows and layers the loss reads)."""
-        if not (spec.alpha or spec.pt_map):
+        if not (spec.alpha or spec.pt_map or spec.gamma):
             return NoTeacher()
+        relation_layer = self.relations.teacher_layer if spec.gamma else None
         if cache is not None:
-            cache.require(spec.pt_map, self.epochs_needed())
+            cache.require(spec.pt_map, self.epochs_needed(), relation_layer, logits=spec.alpha > 0)
             return CachedTeacher(cache, spec.pt_map, self.cfg.pt_tokens, logits=spec.alpha > 0, pin=self.world.device.type == "cuda",
-                                 kd_positions=self.cfg.kd_positions)
-        return LiveTeacher(MaskedLMRows(teacher), self.ds_config, self.world.device, spec.pt_map, logits=spec.alpha > 0)
+                                 relation_layer=relation_layer, kd_positions=self.cfg.kd_positions)
+        return LiveTeacher(MaskedLMRows(teacher), self.ds_config, self.world.device, spec.pt_map, logits=spec.alpha > 0,
+                           relation_layer=relation_layer)
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
@@ -270,9 +309,14 @@ class MlmContext(common.RecipeContext):
         finished = self.finished(spec.name, spec.out, run_key)
         if finished is not None:
             return finished
-        result = self.trainer.fit(model, self.train_loader(teacher), self.step_fn(teacher, spec), name=spec.name, out=spec.out, lr=spec.lr,
-                                  epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
-                                  watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
+        self.capture = QkvCapture(model, self.relations.student_layer) if spec.gamma else None
+        try:
+            result = self.trainer.fit(model, self.train_loader(teacher), self.step_fn(teacher, spec), name=spec.name, out=spec.out,
+                                      lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
+                                      watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
+        finally:
+            if self.capture is not None:
+                self.capture.remove()
         return self.trainer.finish(result, spec.out, self.tokenizer, {
             "objective": "mlm", "run": spec.name, **summary,
             "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr, "epochs": spec.epochs,
@@ -281,10 +325,11 @@ class MlmContext(common.RecipeContext):
         }, run_key)
 
     def loss_units(self, spec: MlmRun) -> Callable[[dict], torch.Tensor]:
-        """The trainer's `count_fn`: a micro-batch's [masked tokens, KL rows (--kd-positions)], the units
-        its CE and KL sums are divided by over the whole optimizer step (`pkd_fast.trainer`)."""
+        """The trainer's `count_fn`: a micro-batch's [masked tokens, KL rows (--kd-positions), real tokens], the
+        units its CE and KL sums and its relation term's query rows are divided by over the whole optimizer
+        step (`pkd_fast.trainer`, `losses.pkd_loss`)."""
         kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
-        return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows)])
+        return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows), mlm_row_count(batch, "all")])
 
     def step_fn(self, teacher: TeacherSource, spec: MlmRun) -> Callable:
         """The run's `Trainer` step function."""
@@ -294,19 +339,24 @@ class MlmContext(common.RecipeContext):
              divisors: torch.Tensor) -> StepOutput:
         """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
         share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
-        cfg = self.cfg
-        student = mlm_rows(engine, batch, rows=cfg.kd_positions if spec.alpha else "masked",
-                           output_hidden_states=bool(spec.pt_map))
+        cfg, capture = self.cfg, self.capture
+        with capture.recording() if capture else contextlib.nullcontext():
+            student = mlm_rows(engine, batch, rows=cfg.kd_positions if spec.alpha else "masked",
+                               output_hidden_states=bool(spec.pt_map), head=reads_logits(cfg))
         tokens = None
         if cfg.pt_tokens == "all" and spec.pt_map:
             tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
         rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
         t = teacher(batch, rows)
         s_rows = rows.states(student.hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
+        student_qkv = torch.stack(capture.take()) if capture else None
+        relations = Relations(student_qkv, t.qkv, batch["attention_mask"], self.relations.heads) if capture else None
         terms = pkd_loss(student.logits, t.logits, student.labels, s_rows, t.hidden,
                          temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
-                         impl=self.impl, return_terms=return_terms, divisors=divisors)
-        return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
+                         impl=self.impl, return_terms=return_terms, divisors=divisors, ce_weight=spec.ce_weight,
+                         gamma=spec.gamma, relations=relations)
+        output = next(x for x in (student.logits, student_qkv, *s_rows) if x is not None)  # what the student put out
+        return StepOutput(terms, {STUDENT: output, "loss": terms.total, **t.watched()})
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> MlmTeacherCache:
@@ -319,7 +369,8 @@ class MlmContext(common.RecipeContext):
         return teacher_cache.open_or_write(
             MlmTeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
             overwrite=cfg.overwrite_cache, write=lambda: self.write_cache(teacher_path, fingerprint),
-            require=lambda cache: cache.require(self.cache_layers(cache.layout.teacher_layers), self.epochs_needed()))
+            require=lambda cache: cache.require(self.cache_layers(cache.layout.teacher_layers), self.epochs_needed(),
+                                                self.relations.teacher_layer if self.relations else None, logits=self.cfg.alpha > 0))
 
     def cache_layers(self, teacher_layers: int) -> tuple[int, ...]:
         """The layers a store keeps states of: --cache-layers, else the PT map of the student these flags describe."""
@@ -330,11 +381,13 @@ class MlmContext(common.RecipeContext):
     @torch.no_grad()
     def write_cache(self, teacher_path: str, fingerprint: dict) -> MlmTeacherCache:
         """One pass of the frozen teacher per epoch over that epoch's masked blocks, each rank over its
-        slice, into the store: the top-k of each KD row and the stored layers' states."""
+        slice, into the store: the top-k of each KD row (none from a headless teacher), the stored layers' states
+        and, with a relation term, its teacher layer's Q, K, V (caught by hooks in the same forward)."""
         cfg, world = self.cfg, self.world
-        model = load_mlm_teacher(teacher_path)
+        logits = has_mlm_head(teacher_path)
+        model = load_mlm_teacher(teacher_path) if logits else load_encoder(teacher_path)
         n, vocab = model.config.num_hidden_layers, model.config.vocab_size
-        if cfg.cache_topk > vocab:
+        if logits and cfg.cache_topk > vocab:
             raise PkdError(f"--cache-topk {cfg.cache_topk}: the teacher's vocabulary has {vocab} entries")
         layers, epochs = self.cache_layers(n), self.epochs_needed()
         masker = corpus.MlmMasker(self.tokenizer, cfg.mlm_probability, seed=cfg.seed)
@@ -342,8 +395,10 @@ class MlmContext(common.RecipeContext):
         layout = mlm_cache.MlmLayout(
             blocks=self.train_blocks, epochs=epochs, tokens=int(mlm_cache.block_lengths(self.train_set).sum()),
             positions=cfg.max_seq_length, kd_rows=int(offsets[-1]), topk=cfg.cache_topk, teacher_layers=n,
-            hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature)
+            hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature,
+            relation_layer=self.relations.teacher_layer if self.relations else 0, logits=logits)
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
+            capture = QkvCapture(model, layout.relation_layer) if layout.relation_layer else None
             teacher = ds.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
             per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
@@ -357,10 +412,12 @@ class MlmContext(common.RecipeContext):
             for batch, counted in common.teacher_pass(batches(), epochs * per_epoch, world, cfg.teacher_cache):
                 units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
                 batch = glue_data.batch_to_device(batch, world.device)
-                logits, hidden = teacher(**glue_data.model_inputs(batch), row_index=mlm_row_index(batch, cfg.kd_positions),
-                                         output_hidden_states=bool(layers))
+                with capture.recording() if capture else contextlib.nullcontext():
+                    kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
+                                                row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
+                qkv = torch.stack(capture.take()) if capture else None
                 if counted:
-                    writer.write(units, counts, logits, hidden, batch["attention_mask"])
+                    writer.write(units, counts, kd_logits, hidden, batch["attention_mask"], qkv)
             return writer.commit()
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -368,7 +425,10 @@ class MlmContext(common.RecipeContext):
     def evaluate(self, model) -> dict:
         """Masked-LM loss and accuracy (%) over the held-out blocks' masked tokens, each rank scoring its
         slice; all ranks get the same dict. Every rank runs the same number of forwards (ZeRO-3 needs it):
-        a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`)."""
+        a rank with a short slice, or none, runs filler batches without counting them (`data.inference_batches`).
+        A student without a head (no term reads logits) gets `evaluate_relations` instead."""
+        if not reads_logits(self.cfg):
+            return self.evaluate_relations(model)
         was_training = model.training
         model.eval()
         batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
@@ -385,6 +445,28 @@ class MlmContext(common.RecipeContext):
         loss, correct, count = sums.tolist()
         return {"mlm_loss": loss / count, "mlm_accuracy": 100.0 * correct / count, "masked_tokens": int(count)}
 
+    @torch.no_grad()
+    def evaluate_relations(self, model) -> dict:
+        """The held-out relation loss of a headless student to the teacher (the training term, as a mean per
+        real token over the blocks), on the same masked inputs and ranks as `evaluate`."""
+        was_training = model.training
+        model.eval()
+        batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.world.device)  # loss × real tokens, real tokens
+        for batch, counted in batches:
+            with self.capture.recording():
+                mlm_rows(model, batch, head=False)
+            student_qkv = torch.stack(self.capture.take())
+            t = self.held_out_teacher(batch, Rows(logits=mlm_row_index(batch)))
+            if counted:
+                tokens = batch["attention_mask"].sum().double()
+                loss = relation_loss_reference(student_qkv, t.qkv, batch["attention_mask"], self.relations.heads).double()
+                sums += torch.stack([loss * tokens, tokens])
+        dist.all_reduce(sums)
+        model.train(was_training)
+        loss, tokens = sums.tolist()
+        return {"relation_loss": loss / tokens, "tokens": int(tokens)}
+
     def evaluate_only(self, path: str) -> dict:
         """Held-out metrics of a teacher that already has its head (the teacher row of the table)."""
         teacher = load_mlm_teacher(path)
@@ -396,7 +478,13 @@ class MlmContext(common.RecipeContext):
 def render_table(summary: dict) -> str:
     """Markdown: one row per model, held-out masked-LM loss and accuracy."""
     blocks, runs = summary["train_blocks"], summary["runs"]
+    def score(dev: dict, name: str, digits: int) -> str:
+        return f"{dev[name]:.{digits}f}" if name in dev else "-"
+
+    relations = any("relation_loss" in r["dev"] for r in runs.values())  # a headless student's score (relations only)
     rows = [[name, ",".join(map(str, r["layers"])) if r.get("layers") else str(r["student_layers"]),
-             f"{r['dev']['mlm_loss']:.4f}", f"{r['dev']['mlm_accuracy']:.2f}"] for name, r in runs.items()]
+             score(r["dev"], "mlm_loss", 4), score(r["dev"], "mlm_accuracy", 2), *([score(r["dev"], "relation_loss", 4)] if relations else [])]
+            for name, r in runs.items()]
     title = f"**masked LM**, {'a streamed corpus' if blocks is None else f'{blocks:,} training blocks'}, held-out masked tokens"
-    return common.results_table(title, ["model", "layers", "MLM loss", "MLM accuracy"], rows, list(runs.values()))
+    columns = ["model", "layers", "MLM loss", "MLM accuracy", *(["relation loss"] if relations else [])]
+    return common.results_table(title, columns, rows, list(runs.values()))
