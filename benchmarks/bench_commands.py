@@ -5,7 +5,7 @@
   main   the main job on its default: `deepspeed pkd_fast/train.py --deepspeed ds_configs/zero2.json
          --preset quick` (teacher fine-tune, FT/KD/PKD-Skip students, evaluation), into a fresh
          --output-dir; the pip steps are left out (they are a download, not pkd_fast)
-  tests  the test command's `python -m pytest -q`
+  tests  the test command's `python -m pytest -q -n 2 --dist loadfile` (two workers, a file each at a time)
 
 CPU kinds. `native` is the machine as it is. `avx2` holds oneDNN and ATen to AVX2
 (`ONEDNN_MAX_CPU_ISA=AVX2`, `ATEN_CPU_CAPABILITY=avx2`), which is what most cloud VMs and laptops are:
@@ -35,7 +35,7 @@ from benchmarks import harness
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "main": ["deepspeed", "pkd_fast/train.py", "--deepspeed", "ds_configs/zero2.json", "--preset", "quick"],
-    "tests": [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+    "tests": [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", "-p", "no:cacheprovider"],
 }
 SEEN = ("cpu_capability", "bf16_native", "bf16_slowdown", "auto_precision")  # what each row says of its CPU
 

@@ -25,3 +25,16 @@ def _no_leaked_process_group_env():
         else:
             os.environ[key] = value
     yield
+
+
+# Test files by their serial seconds on a 2-core CPU (uncontended, 2026-12-06), slowest first. The README's
+# command runs the suite on two pytest-xdist workers a file at a time (`-n 2 --dist loadfile`, so a
+# module's fixtures are built once); handing out the slow files first keeps one worker from starting a
+# 5-minute file when the other is nearly done. Files not named keep their place after these.
+SLOWEST_FIRST = ("test_train.py", "test_multinode.py", "test_mlm_train.py", "test_kernels_aot.py", "test_trainer.py",
+                 "test_families.py", "test_kernels.py", "test_cache.py", "test_glue_table.py", "test_gpu_acceptance.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order is kept
