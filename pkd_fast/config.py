@@ -176,6 +176,7 @@ class Config:
     seed: int = 42
     max_seq_length: int = 128
     max_train_samples: int | None = None
+    group_by_length: bool | None = None  # default True (GLUE only): each optimizer step's rows of like length (data.LengthGroupedSampler)
     data_seed: int | None = None  # default 42 (GLUE only); picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
     max_eval_samples: int | None = None
     output_dir: str | None = None  # default outputs/<the objective's output_name>
@@ -217,7 +218,8 @@ class Config:
         """Refuse a flag of another objective (checked before the defaults fill those fields in)."""
         self.objective = _objective(self.objective).name
         foreign = dict.fromkeys(name for other in OBJECTIVES.values() for name in other.flags if name not in self.recipe.flags)
-        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) is not None and getattr(self, name) is not False]  # 0 is given
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) != defaults[name]]  # 0 and --no-X are given
         if given:
             raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
 
@@ -405,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-seed", type=int, default=None,
                    help="seed of that subset (independent of --seed, so runs over seeds train on the same rows; default 42)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="shuffled optimizer steps whose rows have like lengths, so batches are barely padded (SST-2: 1.05× the real "
+                        "tokens instead of 3×); --no-group-by-length: plain shuffled batches (default: on)")
     g = p.add_argument_group("data (mlm)")
     g.add_argument("--text-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
                    help=".txt/.text (a document per line) or .jsonl (--text-column field), optionally .gz")

@@ -166,6 +166,40 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_l
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenising")
 
 
+# Steps sorted together by `LengthGroupedSampler`: enough that most steps find rows of their own length
+# (SST-2, 8,000 rows, 32 a step: 1.05× the real tokens padded, against 3.0× for plain shuffled batches),
+# few enough that the order stays well mixed (Hugging Face's group_by_length sorts 50 batches too).
+LENGTH_GROUP_STEPS = 50
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """DistributedSampler's rows (the same shuffle by (seed, epoch), the same rows dropped so every rank has
+    an equal share) in an order that pads little: the shuffled rows are cut into megabatches of
+    LENGTH_GROUP_STEPS optimizer steps, each megabatch is sorted by length and cut into steps, and the
+    steps are shuffled. A step is micro-batch × ranks × accumulation rows whatever its split, so 1 rank
+    and 2, or accumulation and none, train on the same rows in each step (the tests compare such runs);
+    rank r takes micro-batch r of each accumulation slot. A last, shorter step is split evenly over ranks."""
+
+    def __init__(self, ds, lengths: list[int], micro_batch: int, accumulation: int, *, num_replicas: int, rank: int, seed: int):
+        super().__init__(ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.lengths, self.micro_batch, self.accumulation = lengths, micro_batch, accumulation
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's shuffle
+        rows = torch.randperm(len(self.dataset), generator=generator).tolist()[: self.total_size]
+        step_rows = self.micro_batch * self.num_replicas * self.accumulation
+        megabatch = step_rows * LENGTH_GROUP_STEPS
+        ordered = [row for start in range(0, len(rows), megabatch)
+                   for row in sorted(rows[start : start + megabatch], key=lambda row: -self.lengths[row])]
+        n_full = len(ordered) // step_rows
+        steps = [ordered[i * step_rows : (i + 1) * step_rows] for i in torch.randperm(n_full, generator=generator).tolist()]
+        mine = [row for step in steps for slot in range(self.accumulation)
+                for row in step[(slot * self.num_replicas + self.rank) * self.micro_batch :][: self.micro_batch]]
+        rest = ordered[n_full * step_rows :]
+        share = len(rest) // self.num_replicas
+        return iter(mine + rest[self.rank * share : (self.rank + 1) * share])
+
+
 def make_loader(
     ds: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -176,9 +210,12 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     lookup: Callable[[dict], dict] | None = None,
+    group_by_length: bool = False,
+    accumulation: int = 1,
 ) -> DataLoader:
     """Batches padded to their own longest row (a multiple of 8, for tensor cores). Training batches are
-    shuffled by (seed, epoch) and sharded over ranks; evaluation rows are sharded without padding rows, so
+    shuffled by (seed, epoch) and sharded over ranks (with `group_by_length`, each optimizer step of
+    `accumulation` micro-batches on every rank holds rows of like length: `LengthGroupedSampler`); evaluation rows are sharded without padding rows, so
     each rank scores a disjoint slice, and batched longest first, so rows of like length share a batch:
     SST-2's dev set in file order was 54% padding at 64 rows a batch, sorted 17%. Its scores are put back
     in row order by example_idx. `lookup(batch)` adds columns found by the batch's example_idx (the teacher
@@ -191,10 +228,12 @@ def make_loader(
             batch.update(lookup(batch))
         return batch
 
-    if train:
+    lengths = [len(ids) for ids in ds["input_ids"]] if len(ds) and (group_by_length or not train) else []
+    if train and group_by_length:
+        sampler = LengthGroupedSampler(ds, lengths, batch_size, accumulation, num_replicas=world_size, rank=rank, seed=seed)
+    elif train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:
-        lengths = [len(ids) for ids in ds["input_ids"]] if len(ds) else []
         sampler = sorted(range(rank, len(ds), world_size), key=lambda row: -lengths[row])  # stable: ties in order
     # Its own generator: a DataLoader draws a seed per iterator, and drawing it from the global RNG would
     # shift the dropout stream of a resumed run (whose iterator starts after the RNG is restored).

@@ -49,6 +49,7 @@ FLAG_CASES = [
     (["--beta-share", "nan"], "--beta-share must be a share of the loss in (0, 1), got nan"),
     (["--beta-share", "-0.1"], "--beta-share must be a share of the loss in (0, 1), got -0.1"),
     (["--objective", "mlm", "--text-files", "x.txt", "--beta-share", "0.2"], "--beta-share: not a flag of --objective mlm"),
+    (["--objective", "mlm", "--text-files", "x.txt", "--no-group-by-length"], "--group-by-length: not a flag of --objective mlm"),
     (["--strategy", "ft,kd", "--beta-share", "0.2"], "--beta-share only applies to PKD students (--strategy skip or last)"),
     (["--log-steps", "0"], "--log-steps must be >= 1, got 0"),
     (["--log-steps", "-5"], "--log-steps must be >= 1, got -5"),

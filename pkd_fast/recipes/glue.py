@@ -161,9 +161,10 @@ def _validate_flags(cfg: Config, need: Need) -> None:
 
 OBJECTIVE = register(Objective(
     "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"),
-    flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "strategy", "layer_map",
-           "init_from", "base_model", "student_hidden_size", "preset"),
-    defaults={"task": "sst2", "data_seed": 42, "strategy": ("ft", "kd", "skip"), "init_from": "teacher", "pt_tokens": "cls"},
+    flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "group_by_length", "strategy",
+           "layer_map", "init_from", "base_model", "student_hidden_size", "preset"),
+    defaults={"task": "sst2", "data_seed": 42, "group_by_length": True, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
+              "pt_tokens": "cls"},
     resolve=_resolve_flags, validate=_validate_flags, output_name=lambda cfg: cfg.task, default=True,
     reads_teacher=lambda cfg: bool(cfg.distilled), teacher_flags="--strategy kd, skip or last",
 ))
@@ -234,13 +235,14 @@ class Context(common.RecipeContext):
                            relation_layer=relation_layer)
 
     def train_loader(self, teacher: TeacherSource, spec: Run):
-        """The run's shuffled, rank-sharded batches; the collate adds the teacher source's rows and, for
+        """The run's shuffled, rank-sharded batches (grouped by length unless --no-group-by-length); the collate adds the teacher source's rows and, for
         --pt-tokens all, the real tokens' positions, so the step finds them without a sync."""
         lookup = teacher.lookup()
         if self.cfg.pt_tokens == "all" and spec.layer_map:
             lookup = _with_token_index(lookup)
         return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
-                                     rank=self.world.rank, world_size=self.world.world_size, lookup=lookup)
+                                     rank=self.world.rank, world_size=self.world.world_size, lookup=lookup,
+                                     group_by_length=self.cfg.group_by_length, accumulation=self.trainer.accum)
 
     def fit(self, model, spec: Run) -> dict:
         """Train `model` on `spec`, distilling from its `teacher_source`."""
