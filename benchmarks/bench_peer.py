@@ -20,8 +20,8 @@ Each trainer runs in its own process, one after another:
 Same objective everywhere: TextBrewer's KD is a CE without T², so its kd weight is α·T² and its hard-label
 weight 1-α; its 'pkd' loss is Σ_layer mean_batch ‖ĥs−ĥt‖², so its weight is β/(L·H), which equals
 pkd_fast's default elementwise_mean scale (with weight β it is L·H times stronger). Same student
-initialisation (the teacher's lower layers, the same seeded head), data order, AdamW (weight decay 0.01 on
-every parameter) and warmup.
+initialisation (the teacher's lower layers, the same seeded head), data order and batches (pkd_fast's loader,
+grouped by length as pkd_fast's runs are by default), AdamW (weight decay 0.01 on every parameter) and warmup.
 
 s/step is the process's CPU time per step, the median over 10-step windows after the first 10 steps
 (pkd_fast: the `cpu_time` of its train_log.jsonl lines, written every 10 steps; the others: clocks read at
@@ -117,7 +117,8 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     train_set = glue_data.tokenize(glue_data.subsample(raw["train"], args.max_train_samples, 42), tokenizer, s["max_seq_length"])
     dev_set = glue_data.tokenize(glue_data.subsample_head(raw["dev"], args.max_eval_samples), tokenizer, s["max_seq_length"])
     batch_size = config["train_micro_batch_size_per_gpu"]
-    loader = glue_data.make_loader(train_set, tokenizer, batch_size, train=True, seed=s["seed"])
+    # pkd_fast's own batches (grouped by length, its default), so every trainer pads and orders alike
+    loader = glue_data.make_loader(train_set, tokenizer, batch_size, train=True, seed=s["seed"], group_by_length=True)
     total = len(loader) * s["epochs"]
 
     teacher = load_classifier(teacher_path, task)
