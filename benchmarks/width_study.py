@@ -60,12 +60,12 @@ def glue_results(task: str, results_dir: Path) -> dict:
 
 
 def sweep_args(task: str, glue: dict, args) -> argparse.Namespace:
-    """glue_table's flags for the task's setup, from its sweep (--max-train-samples, --max-seq-length and
-    --epochs override it: the smoke test's tiny runs)."""
+    """glue_table's flags for the task's setup, from its sweep (--max-train-samples, --max-seq-length,
+    --epochs and --teacher-epochs override it: the smoke test's tiny runs, a study cut to the time at hand)."""
     teacher = glue["rows"]["teacher"]
     rows = args.max_train_samples or (glue["train_rows"] if glue.get("data_seed") is not None else None)
     argv = ["--task", task, "--strategies", ",".join(ROWS), "--seeds", ",".join(map(str, args.seeds)),
-            "--epochs", str(args.epochs or glue["epochs"]), "--teacher-epochs", str(args.epochs or teacher["epochs"]),
+            "--epochs", str(args.epochs or glue["epochs"]), "--teacher-epochs", str(args.teacher_epochs or teacher["epochs"]),
             "--teacher-lr", str(teacher["best"]["lr"]), "--max-seq-length", str(args.max_seq_length or glue["max_seq_length"]),
             "--log-steps", str(args.log_steps), "--deepspeed", args.deepspeed, "--output-dir", str(Path(args.output_dir) / task)]
     if rows:
@@ -176,7 +176,7 @@ class WidthStudy:
             "seeds": args.seeds, "scratch_lrs": args.scratch_lrs,
             "train_rows": students[wide]["rows"]["kd"]["train_rows"],
             "train_rows_available": rows_available, "data_seed": sweep.args.data_seed if sweep.args.max_train_samples else None,
-            "max_seq_length": sweep.args.max_seq_length, "epochs": sweep.args.epochs,
+            "max_seq_length": sweep.args.max_seq_length, "epochs": sweep.args.epochs, "glue_sweep_epochs": self.glue["epochs"],
             "batch_size": read_ds_config(sweep.args.deepspeed)["train_micro_batch_size_per_gpu"],
             "students": students, "paired": paired,
             "train_seconds_total": round(teacher.get("train_seconds", 0.0) + sum(
@@ -195,17 +195,21 @@ def render_markdown(result: dict) -> str:
     data = f"{result['train_rows']:,} training rows" + (f" (--data-seed {result['data_seed']})" if result.get("data_seed") is not None else " (all)")
     lines = [
         (f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers, "
-         f"{teacher['report']:.2f} on the report half) → two students: {data} × {result['epochs']} epoch(s), max length "
+         f"{teacher['report']:.2f} on the report half; {teacher['epochs']} epoch(s) at lr {teacher['lr']:g}) → two students: {data} × {result['epochs']} epoch(s), max length "
          f"{result['max_seq_length']}, batch {result['batch_size']}; seeds {result['seeds']}, paired; {result['device']['name']}, "
          f"{result['device'].get('threads', '?')} thread per run, {result['date']}."),
         "",
         (f"Reported on the dev split's report half ({result['dev_half_rows']['report']:,} rows). "
-         f"Points: {result['points_from']}; T, α and β's share of the loss at step 1 are that sweep's for both students. "
+         f"Points: {result['points_from']}; T, α and β's share of the loss at step 1 are that sweep's for both students"
+         + (", and so are the data and epochs: the 3L-384 rows rerun that sweep's setup on these seeds. "
+            if result["epochs"] == result["glue_sweep_epochs"] else
+            f"; the students train {result['epochs']} epoch(s) where that sweep's trained {result['glue_sweep_epochs']} "
+            f"(cut to fit the time on a shared 2-core machine), the teacher as that sweep's. ") +
          f"The 3L-384 student starts from the teacher's first 3 layers at that sweep's lr; the 4L-192 student starts from "
          f"random weights, so its lr was searched ({', '.join(f'{lr:g}' for lr in result['scratch_lrs'])}, KD, seed "
          f"{result['seeds'][0]}, select half) and its KD and PKD-Skip rows run at the best: an lr search the other student "
          f"did not get, on top of the teacher's weights it did get. The 4L-192 PKD-Skip student learns teacher layers "
-         f"{','.join(map(str, narrow['rows']['skip']['layer_map']))} through a learned 192→384 projection per layer "
+         f"{','.join(map(str, narrow['rows']['skip']['layer_map']))} through a learned {narrow['hidden_size']}→{result['teacher_hidden_size']} projection per layer "
          f"(train-only parameters, not in the deployed model)."),
         "",
         "| student | init | lr | parameters: all / without embeddings | KD | PKD-Skip | CPU ms/step KD / PKD-Skip | train s |",
@@ -284,7 +288,8 @@ def parse_args(argv=None):
     p.add_argument("--glue-results", default=str(RESULTS), help="where the glue_table sweeps whose setup and points are reused are")
     p.add_argument("--max-train-samples", type=int, default=None, help="(default: the glue sweep's) a smoke run's few rows")
     p.add_argument("--max-seq-length", type=int, default=None, help="(default: the glue sweep's)")
-    p.add_argument("--epochs", type=int, default=None, help="(default: the glue sweep's, for students and teacher)")
+    p.add_argument("--epochs", type=int, default=None, help="the students' (default: the glue sweep's)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="(default: the glue sweep's)")
     p.add_argument("--log-steps", type=int, default=20, help="log (and time) every N steps")
     p.add_argument("--deepspeed", default=default_ds_config())
     p.add_argument("--output-dir", default="outputs/width_study", help="one subdirectory per task")

@@ -61,13 +61,13 @@ def _study_result() -> dict:
     params = {"total": 7_780_000, "embeddings": 5_960_000, "non_embedding": 1_820_000, "pt_projections_train_only": 221_568}
     return {
         "task": "sst2", "metric": "accuracy", "teacher": "all-minilm-l6-v2", "teacher_layers": 6, "teacher_hidden_size": 384,
-        "teacher_score": {"report": 86.0}, "dev_half_rows": {"select": 436, "report": 436}, "points_from": "glue_sst2.json",
+        "teacher_score": {"report": 86.0, "epochs": 2, "lr": 5e-5}, "glue_sweep_epochs": 1, "dev_half_rows": {"select": 436, "report": 436}, "points_from": "glue_sst2.json",
         "seeds": [1, 2], "scratch_lrs": [1e-4, 1e-3], "train_rows": 8000, "data_seed": 42, "epochs": 1, "max_seq_length": 64,
         "batch_size": 32, "device": {"name": "CPU", "threads": 1}, "date": "2026-12-06", "train_seconds_total": 120.0,
         "students": {
             "3L-384": {"init_from": "teacher", "lr": 1e-4, "lr_search_select": None, "lr_search_seconds": 0.0,
                        "params": {**params, "total": 17_390_000, "pt_projections_train_only": 0}, "rows": rows([84.0, 85.0], [84.5, 85.5], 240.0)},
-            "4L-192": {"init_from": "scratch", "lr": 1e-3, "lr_search_select": {"0.0001": {"select": 50.9}, "0.001": {"select": 80.1}},
+            "4L-192": {"init_from": "scratch", "hidden_size": 192, "lr": 1e-3, "lr_search_select": {"0.0001": {"select": 50.9}, "0.001": {"select": 80.1}},
                        "lr_search_seconds": 5.0, "params": params, "rows": rows([80.0, 81.0], [80.0, 82.0], 120.0)},
         },
         "paired": {"4L-192 − 3L-384, KD": {"mean": -4.0, "ci95": [-4.0, -4.0], "p": None, "n": 2}},
@@ -82,6 +82,8 @@ def test_the_table_states_sizes_lr_search_and_cost_and_the_chart_is_written(tmp_
     assert "| 80.50 ± 0.50 | 81.00 ± 0.50 | 120 / 120 |" in narrow
     assert "| 4L-192 − 3L-384, KD | -4.00 | [-4.00, -4.00] | - | 2 |" in lines
     assert any("the 3L-384 KD step costs 2.00× the 4L-192's" in line for line in lines)
+    assert "the 3L-384 rows rerun that sweep's setup" in lines[2] and "192→384 projection" in lines[2]
+    assert "the students train 2 epoch(s) where that sweep's trained 1" in render_markdown({**result, "epochs": 2})
     plot(result, tmp_path / "width.png")
     assert (tmp_path / "width.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -94,7 +96,7 @@ def test_study_writes_its_results_and_a_rerun_trains_nothing(tmp_path, capsys):
     config.update({"torch_autocast": {"enabled": False}, "tensorboard": {"enabled": False}})
     (tmp_path / "fp32.json").write_text(json.dumps(config))
     argv = ["--tasks", "sst2", "--seeds", "1", "--scratch-lrs", "1e-3", "--max-train-samples", "32", "--max-seq-length", "16",
-            "--epochs", "1", "--log-steps", "1", "--glue-dir", str(GLUE_DIR), "--deepspeed", str(tmp_path / "fp32.json"),
+            "--epochs", "1", "--teacher-epochs", "1", "--log-steps", "1", "--glue-dir", str(GLUE_DIR), "--deepspeed", str(tmp_path / "fp32.json"),
             "--output-dir", str(tmp_path / "study"), "--results-dir", str(tmp_path / "results")]
     main([*argv[:2], "--students", "4L-192", *argv[2:]])
     assert not (tmp_path / "results").exists()  # one student of two: trained, nothing written
