@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -39,7 +41,8 @@ from benchmarks.harness import describe  # noqa: E402
 from pkd_fast.config import default_ds_config, default_teacher  # noqa: E402
 from pkd_fast.engine import read_ds_config  # noqa: E402
 from pkd_fast.errors import PkdError  # noqa: E402
-from pkd_fast.metrics import DEV_HALVES, dev_halves  # noqa: E402
+from pkd_fast.data import load_glue  # noqa: E402
+from pkd_fast.metrics import DEV_HALVES, dev_halves, glue_metrics_with_halves  # noqa: E402
 from pkd_fast.tasks import get_task  # noqa: E402
 
 RESULTS = glue_table.RESULTS
@@ -93,6 +96,16 @@ def parameter_counts(model_dir: Path, teacher_width: int, pt_layers: int) -> dic
     width = config.hidden_size
     projections = pt_layers * (width * teacher_width + teacher_width) if width != teacher_width else 0
     return {"total": total, "embeddings": embeddings, "non_embedding": total - embeddings, "pt_projections_train_only": projections}
+
+
+def majority_class(task, glue_dir: str | None) -> dict:
+    """The score of answering the training set's most frequent label for every dev row: a student at this
+    number shows nothing it learned (MRPC's F1 is 81 there, not 0)."""
+    raw = load_glue(task, glue_dir)
+    majority = int(np.bincount(raw["train"]["label"]).argmax())
+    labels = np.asarray(raw[task.dev_splits[0]]["label"])
+    scores = glue_metrics_with_halves(np.eye(task.num_labels)[np.full(len(labels), majority)], labels, task)
+    return {"label": majority, "report": dev_score(scores, task.main_metric, "report"), "full_dev": dev_score(scores, task.main_metric, None)}
 
 
 def _spread(values: list[float]) -> dict:
@@ -172,6 +185,7 @@ class WidthStudy:
             "teacher_hidden_size": AutoConfig.from_pretrained(teacher_path).hidden_size,
             "teacher_score": {"report": dev_score(teacher["dev"], metric, "report"), "full_dev": dev_score(teacher["dev"], metric, None),
                               "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs"), "lr": sweep.args.teacher_lr},
+            "majority_class": majority_class(sweep.task, sweep.args.glue_dir or os.environ.get("GLUE_DIR")),
             "points_from": f"benchmarks/results/glue_{sweep.task.name}_{glue_table.teacher_slug(default_teacher())}_3layers.json (best KD and PKD-Skip points)",
             "seeds": args.seeds, "scratch_lrs": args.scratch_lrs,
             "train_rows": students[wide]["rows"]["kd"]["train_rows"],
@@ -195,7 +209,8 @@ def render_markdown(result: dict) -> str:
     data = f"{result['train_rows']:,} training rows" + (f" (--data-seed {result['data_seed']})" if result.get("data_seed") is not None else " (all)")
     lines = [
         (f"**{result['task']}** dev {result['metric']} (%), teacher {result['teacher']} ({result['teacher_layers']} layers, "
-         f"{teacher['report']:.2f} on the report half; {teacher['epochs']} epoch(s) at lr {teacher['lr']:g}) → two students: {data} × {result['epochs']} epoch(s), max length "
+         f"{teacher['report']:.2f} on the report half; {teacher['epochs']} epoch(s) at lr {teacher['lr']:g}; answering the majority "
+         f"class scores {result['majority_class']['report']:.2f}) → two students: {data} × {result['epochs']} epoch(s), max length "
          f"{result['max_seq_length']}, batch {result['batch_size']}; seeds {result['seeds']}, paired; {result['device']['name']}, "
          f"{result['device'].get('threads', '?')} thread per run, {result['date']}."),
         "",
@@ -239,7 +254,8 @@ def render_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Dev score per student and row (bars mean ± std, dots the seeds, the teacher dashed), and CPU ms per step."""
+    """Dev score per student and row (bars mean ± std, dots the seeds, the teacher dashed, the majority class
+    dotted), and CPU ms per step."""
     plt, fig, (score_ax, cost_ax) = glue_table._figure(2, width=4.2)
     names = list(result["students"])
     width = 0.38
@@ -254,7 +270,9 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{n}\n{result['students'][n]['init_from']}, {_millions(result['students'][n]['params']['total'])}" for n in names]
     teacher = result["teacher_score"]["report"]
     score_ax.axhline(teacher, ls="--", color="k", lw=1, label=f"teacher ({result['teacher_layers']}L-{result['teacher_hidden_size']})")
-    low = min(min(r["seeds"]) for s in result["students"].values() for r in s["rows"].values())
+    majority = result["majority_class"]["report"]
+    score_ax.axhline(majority, ls=":", color="k", lw=1, label="majority class")
+    low = min(majority, *(min(r["seeds"]) for s in result["students"].values() for r in s["rows"].values()))
     score_ax.set_ylim(max(0, low - 3), teacher + 2)
     score_ax.set_ylabel(f"dev {result['metric']} (%), report half")
     score_ax.set_title(f"{result['task']}: mean ± std over seeds {result['seeds']}", fontsize=9)

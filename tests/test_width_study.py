@@ -61,7 +61,8 @@ def _study_result() -> dict:
     params = {"total": 7_780_000, "embeddings": 5_960_000, "non_embedding": 1_820_000, "pt_projections_train_only": 221_568}
     return {
         "task": "sst2", "metric": "accuracy", "teacher": "all-minilm-l6-v2", "teacher_layers": 6, "teacher_hidden_size": 384,
-        "teacher_score": {"report": 86.0, "epochs": 2, "lr": 5e-5}, "glue_sweep_epochs": 1, "dev_half_rows": {"select": 436, "report": 436}, "points_from": "glue_sst2.json",
+        "teacher_score": {"report": 86.0, "epochs": 2, "lr": 5e-5}, "glue_sweep_epochs": 1,
+        "majority_class": {"report": 50.9}, "dev_half_rows": {"select": 436, "report": 436}, "points_from": "glue_sst2.json",
         "seeds": [1, 2], "scratch_lrs": [1e-4, 1e-3], "train_rows": 8000, "data_seed": 42, "epochs": 1, "max_seq_length": 64,
         "batch_size": 32, "device": {"name": "CPU", "threads": 1}, "date": "2026-12-06", "train_seconds_total": 120.0,
         "students": {
@@ -82,6 +83,7 @@ def test_the_table_states_sizes_lr_search_and_cost_and_the_chart_is_written(tmp_
     assert "| 80.50 ± 0.50 | 81.00 ± 0.50 | 120 / 120 |" in narrow
     assert "| 4L-192 − 3L-384, KD | -4.00 | [-4.00, -4.00] | - | 2 |" in lines
     assert any("the 3L-384 KD step costs 2.00× the 4L-192's" in line for line in lines)
+    assert "answering the majority class scores 50.90" in lines[0]
     assert "the 3L-384 rows rerun that sweep's setup" in lines[2] and "192→384 projection" in lines[2]
     assert "the students train 2 epoch(s) where that sweep's trained 1" in render_markdown({**result, "epochs": 2})
     plot(result, tmp_path / "width.png")
@@ -107,6 +109,7 @@ def test_study_writes_its_results_and_a_rerun_trains_nothing(tmp_path, capsys):
     assert narrow["params"]["non_embedding"] < wide["params"]["non_embedding"] and narrow["lr"] == 1e-3
     assert set(result["paired"]) == {"4L-192 − 3L-384, KD", "4L-192 − 3L-384, PKD-Skip", "PKD-Skip − KD, 3L-384", "PKD-Skip − KD, 4L-192"}
     assert result["device"]["type"] == "cpu" and result["train_rows"] == 32
+    assert result["majority_class"]["report"] == pytest.approx(50.46, abs=0.01)  # SST-2's train majority is positive
     assert (tmp_path / "results" / "width_sst2.png").is_file() and "| 4L-192 | scratch |" in (tmp_path / "results" / "width_sst2.md").read_text()
     finished = sorted((tmp_path / "study").glob("sst2/*/*/*/seed1/students/*/results.json"))
     assert len(finished) == 4
