@@ -123,7 +123,8 @@ class WidthStudy:
 
     def lr_of(self, teacher: str, student: Student) -> tuple[float, dict | None]:
         """The glue sweep's lr for a student from the teacher's layers; from scratch, the best of --scratch-lrs
-        for KD on the first seed's select half (each lr's select score and train seconds beside it)."""
+        for KD on the first seed's select half, the first listed on a tie (each lr's select score and train
+        seconds beside it)."""
         if student.init_from != "scratch":
             return self.points["kd"]["lr"], None
         metric, seed = self.sweep.task.main_metric, self.args.seeds[0]
@@ -177,12 +178,12 @@ class WidthStudy:
         paired.update({f"PKD-Skip − KD, {name}": paired_difference(s["rows"]["skip"]["seeds"], s["rows"]["kd"]["seeds"])
                        for name, s in students.items()})
         halves = {half: len(rows) for half, rows in zip(DEV_HALVES, dev_halves(sweep.dev_rows))}
+        teacher_config = AutoConfig.from_pretrained(teacher_path)
         return {
             "task": sweep.task.name, "metric": metric,
             "reported_on": "report half of dev (a scratch student's lr picked on the select half, first seed)",
             "dev_half_rows": halves, "teacher": glue_table.teacher_slug(sweep.args.teacher),
-            "teacher_layers": AutoConfig.from_pretrained(teacher_path).num_hidden_layers,
-            "teacher_hidden_size": AutoConfig.from_pretrained(teacher_path).hidden_size,
+            "teacher_layers": teacher_config.num_hidden_layers, "teacher_hidden_size": teacher_config.hidden_size,
             "teacher_score": {"report": dev_score(teacher["dev"], metric, "report"), "full_dev": dev_score(teacher["dev"], metric, None),
                               "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs"), "lr": sweep.args.teacher_lr},
             "majority_class": majority_class(sweep.task, sweep.args.glue_dir or os.environ.get("GLUE_DIR")),
