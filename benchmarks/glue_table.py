@@ -20,6 +20,7 @@ import itertools
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -144,6 +145,34 @@ def paired_table(rows: dict) -> dict:
     return {f"{a}-{b}": {**paired_difference(rows[a]["seeds"], rows[b]["seeds"]), "a": a, "b": b} for a, b in pairs(rows)}
 
 
+@dataclass(frozen=True)
+class Student:
+    """A student's depth, width and initialisation. A glue_table sweep has one (the teacher's first
+    --student-layers layers, at its width; its runs directly under the output directory); a study of
+    several (benchmarks/width_study.py) runs each under its own subdirectory `name`, all reading one teacher
+    cache."""
+
+    layers: int
+    init_from: str | None = None  # train.py's default: the teacher's first `layers` layers
+    hidden_size: int | None = None  # --init-from scratch: the width (default the teacher's)
+    pkd_layers: tuple[int, ...] | None = None  # --layer-map of the PKD rows, where the depth does not divide the teacher's
+    name: str = ""
+
+    def flags(self, strategy: str) -> list[str]:
+        """train.py's flags for this student in a `strategy` run."""
+        argv = ["--student-layers", str(self.layers)]
+        if self.init_from is not None:
+            argv += ["--init-from", self.init_from]
+        if self.hidden_size is not None:
+            argv += ["--student-hidden-size", str(self.hidden_size)]
+        if self.pkd_layers is not None and strategy in ("skip", "last"):
+            argv += ["--layer-map", ",".join(map(str, self.pkd_layers))]
+        return argv
+
+    def layer_map(self, strategy: str, teacher_layers: int) -> tuple[int, ...]:
+        return layer_map(strategy, teacher_layers, self.layers, self.pkd_layers if strategy in ("skip", "last") else None)
+
+
 def teacher_slug(teacher: str) -> str:
     return "all-minilm-l6-v2" if teacher == default_teacher() else Path(teacher.rstrip("/")).name.lower()
 
@@ -169,8 +198,9 @@ class Sweep:
     split's `select` half (first seed), and every seed of that point is reported on the `report` half (the
     whole split is kept beside it)."""
 
-    def __init__(self, args):
+    def __init__(self, args, students: list[Student] | None = None):
         self.args = args
+        self.students = students or [Student(args.student_layers)]
         self.task = get_task(args.task)
         self.out = Path(args.output_dir or f"outputs/sweep_{args.task}")
         self.cache = None if args.live_teacher else Path(args.teacher_cache or self.out / "teacher_cache")
@@ -208,21 +238,21 @@ class Sweep:
         """What the cache stores: the mapped layers of every PKD row, as [CLS] or mean-pooled rows when one
         kind runs, every token when several do (a store of every token serves all three kinds)."""
         n = AutoConfig.from_pretrained(teacher).num_hidden_layers
-        layers = sorted({l for s in ("skip", "last") if s in self.args.strategies for l in layer_map(s, n, self.args.student_layers)})
+        layers = sorted({l for s in ("skip", "last") if s in self.args.strategies for st in self.students for l in st.layer_map(s, n)})
         kinds = set(self.args.pt_tokens)
         return ["--pt-tokens", kinds.pop() if len(kinds) == 1 else "all", *(["--cache-layers", ",".join(map(str, layers))] if layers else [])]
 
-    def run_dir(self, row: str, point: dict, seed: int) -> Path:
+    def run_dir(self, row: str, point: dict, seed: int, student: Student | None = None) -> Path:
         """Where train.py writes one student run (results.json, train_log.jsonl, the model)."""
-        return self.out / point_name(row, point, seed) / "students" / strategy_of(row)
+        return self.out / (student or self.students[0]).name / point_name(row, point, seed) / "students" / strategy_of(row)
 
-    def student(self, teacher: str, row: str, point: dict, seed: int) -> dict:
-        strategy = strategy_of(row)
-        done = self.run_dir(row, point, seed) / "results.json"
+    def student(self, teacher: str, row: str, point: dict, seed: int, student: Student | None = None) -> dict:
+        strategy, student = strategy_of(row), student or self.students[0]
+        done = self.run_dir(row, point, seed, student) / "results.json"
         if not done.is_file():
             argv = [*self.common, "--stage", "student", "--teacher", teacher, "--strategy", strategy,
-                    "--student-layers", str(self.args.student_layers), "--seed", str(seed),
-                    "--output-dir", str(self.out / point_name(row, point, seed))]
+                    *student.flags(strategy), "--seed", str(seed),
+                    "--output-dir", str(done.parents[2])]
             if strategy in ("skip", "last"):
                 argv += ["--pt-tokens", pt_kind(row)]
             if self.cache is not None and strategy != "ft":
