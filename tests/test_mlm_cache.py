@@ -111,13 +111,16 @@ def cached_and_live(tiny):
     return runs
 
 
-def assert_same_training(a, b, rel=1e-5, kd_rel=1e-5):
-    """Equal loss logs and trained weights. `kd_rel`: the logged KL of a near-uniform teacher is ~1e-5 per row at
-    T = 10, where the fp32 rounding of a logsumexp (ulp 5e-7 at 5.7) shifts the top-k form's KL by ~1%: the
-    logged term only, the gradient (softmax(s/T) - p)/T barely moves, as the weights show."""
+def assert_same_training(a, b, rel=1e-5, kd_rel=1e-5, kd_abs=0.0):
+    """Equal loss logs and trained weights. `kd_rel`, `kd_abs`: the logged KL of a near-uniform teacher is ~1e-5
+    per row at T = 10, where the fp32 rounding of a logsumexp (ulp 5e-7 at 5.7) shifts the top-k form's KL by
+    ~1e-5 absolute (1-3% of this run's 6e-4 to 1.3e-3: 1.1% on the native kind, 2.7% at step 3 held to AVX2): the
+    logged term only, the gradient (softmax(s/T) - p)/T barely moves, as the weights show. A wrong teacher row
+    (another epoch's masks, another block) moves it by its own size."""
     for x, y in zip(train_log(a), train_log(b), strict=True):
         for term in ("total", "ce", "kd", "pt"):
-            assert y[term] == pytest.approx(x[term], rel=kd_rel if term == "kd" else rel), (x["step"], term)
+            tolerance = {"rel": kd_rel, "abs": kd_abs} if term == "kd" else {"rel": rel}
+            assert y[term] == pytest.approx(x[term], **tolerance), (x["step"], term)
     weights = [load_file(d / "model" / "model.safetensors") for d in (a, b)]
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=rel, atol=1e-6)
@@ -131,7 +134,7 @@ def test_stage_cache_writes_a_store_that_a_student_trains_from_exactly_as_from_t
     cached, live = (cached_and_live[k][0] for k in ("cached", "live"))
     assert json.loads((cached / "results.json").read_text())["teacher_source"] == f"cache (top-{tiny['vocab']})"
     assert [r["step"] for r in train_log(cached)] == [1, 2, 3, 4] and all(r["kd"] > 0 and r["pt"] > 0 for r in train_log(cached))
-    assert_same_training(live, cached, kd_rel=0.02)
+    assert_same_training(live, cached, kd_rel=0.02, kd_abs=3e-5)
 
 
 def test_resume_from_a_checkpoint_reads_the_store_where_the_run_stopped(tiny, cached_and_live, tmp_path, monkeypatch):
