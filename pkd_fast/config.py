@@ -41,6 +41,14 @@ RESULT_NEUTRAL = frozenset({
     "glue_dir", "teacher_cache", "cache_layers", "overwrite_cache", "verify_cache", "on_nonfinite", "keep_checkpoints", "dist_timeout",
     "precision",  # what it resolves to is in the run key, through the DeepSpeed JSON's precision sections
 })
+# Flags added after runs were first written, with the values that do what runs from before the flag did: a
+# finished run's or checkpoint's key that lacks one matches these values only, so --resume keeps such runs
+# across an upgrade and still refuses a new flag's other values (`engine.require_same_run`).
+ADDED_FLAGS = {
+    "group_by_length": (False, None),  # GLUE batches were plain shuffled; mlm has no such flag
+    "relation_weight": (0.0,), "relation_layers": (None,), "relation_heads": (None,),
+    "mlm_ce_weight": (None, 1.0),  # GLUE has no such flag; mlm's CE had weight 1
+}
 PT_TOKENS = ("cls", "all", "mean")  # the patient loss's rows: models.pt_rows
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZERO2_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"  # the default on a GPU
@@ -153,7 +161,7 @@ class Config:
     student_hidden_size: int | None = None  # --init-from scratch: the student's width (default: the teacher's)
     strategy: tuple[str, ...] | None = None  # default ft,kd,skip (GLUE only)
     layer_map: tuple[int, ...] | None = None
-    init_from: str | None = None  # default teacher (GLUE only)
+    init_from: str | None = None  # default teacher; GLUE also takes pretrained, mlm scratch (no PT)
     temperature: float = 10.0
     alpha: float = 0.7
     beta: float = 100.0
@@ -426,9 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
     g.add_argument("--student-layers", type=int, default=None, help="student depth k (default: half the teacher's)")
     g.add_argument("--init-from", choices=("teacher", "pretrained", "scratch"), default=None,
-                   help="glue: whose first k layers initialise the student, or scratch: random weights (default teacher)")
+                   help="glue: whose first k layers initialise the student, or scratch: random weights (default teacher); "
+                        "mlm: teacher or scratch (then --beta 0)")
     g.add_argument("--student-hidden-size", type=int, default=None, metavar="H",
-                   help="glue, --init-from scratch: the student's width; PT reads it through a learned projection to the teacher's")
+                   help="--init-from scratch: the student's width; glue's PT reads it through a learned projection to the teacher's")
     g.add_argument("--student-layer-choice", choices=STUDENT_LAYER_CHOICES, default=None,
                    help="mlm: the teacher layers the student is built from: first k, or alternate 1,3,5,... (default alternate)")
     g.add_argument("--student-layer-list", type=_int_list, default=None, metavar="1,3,5",

@@ -74,6 +74,7 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
         timeout = timedelta(seconds=timeout_s)
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(verbose=False, timeout=timeout)
+        _unlink_own_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
@@ -82,6 +83,29 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
     if device.type == "cpu":
         _share_cores()
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce makes for `rank` of this run
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: <SHM_BUFFER_NAME>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+
+
+def _unlink_own_shm_buffer() -> None:
+    """DeepSpeed 0.19's CPU all-reduce gives each rank of a one-node group a 66 MB segment in RAM-backed
+    /dev/shm (`shm_buffer`) and never unlinks it: every multi-rank CPU run, finished or killed, left 66 MB a
+    rank behind (185 of them held 12 GB on one machine, and a later run was killed for memory). Each rank
+    maps every peer's segment inside `deepspeed.init_distributed`; once a barrier shows all ranks are past
+    it, each unlinks its own name. The mappings live on until the processes exit, so the all-reduce is
+    unchanged, and nothing is left behind even after SIGKILL."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    if dist.get_world_size() > 1:  # (DeepSpeed makes the segments when LOCAL_SIZE == WORLD_SIZE, one rank included)
+        dist.barrier()
+    shm_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def _share_cores() -> None:
@@ -752,19 +776,20 @@ def remove_checkpoints(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def load_checkpoint(engine, directory: Path, rank: int, run_key: dict) -> tuple[int, dict]:
+def load_checkpoint(engine, directory: Path, rank: int, run_key: dict, added: dict | None = None) -> tuple[int, dict]:
     """Restore the newest intact checkpoint under `directory`: the optimizer step it was taken at and this
     rank's `rank_state`. That is the one `latest` names; when that one is damaged (a file deleted or cut short,
     `latest` unreadable) the newest whose files all match its manifest, said in one line; (0, {}) with a
     warning line when there is no checkpoint at all. A checkpoint of a run that differs from this one in
     anything its results depend on is refused by its manifest, before DeepSpeed loads a model that may not
-    even have this one's shape. Every rank reads the same files (one shared filesystem), so all pick the same."""
+    even have this one's shape (`added`: as `require_same_run`'s). Every rank reads the same files (one shared
+    filesystem), so all pick the same."""
     tag = _intact_checkpoint(directory, rank)
     if tag is None:
         return 0, {}
     manifest = json.loads((directory / tag / MANIFEST).read_text())
     require_same_run(manifest["run_key"], run_key, "checkpoint", f"--resume {directory}: the checkpoint is of another run",
-                     "resume with the same settings, or start a new --output-dir")
+                     "resume with the same settings, or start a new --output-dir", added)
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise PkdError(f"{directory}/{tag}: DeepSpeed could not load the checkpoint; start a new --output-dir")
@@ -820,10 +845,14 @@ def _damage(step_dir: Path) -> str | None:
     return None
 
 
-def require_same_run(stored: dict, now: dict, stored_as: str, what: str, advice: str) -> None:
+def require_same_run(stored: dict, now: dict, stored_as: str, what: str, advice: str, added: dict | None = None) -> None:
     """Refuse when `stored` (a checkpoint's or a finished run's key) differs from this run's `now`, naming each
-    differing key by its path (deepspeed_json.zero_optimization.stage, not the whole JSON)."""
+    differing key by its path (deepspeed_json.zero_optimization.stage, not the whole JSON). `added`: keys newer
+    than some stored runs (config.ADDED_FLAGS), each with the values a stored key lacking it matches."""
     old, new = _flatten(stored), _flatten(now)
+    for key, values in (added or {}).items():
+        if key not in old and new.get(key, _MISSING) in values:
+            old[key] = new[key]
     changed = sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
     if changed:
         diffs = "; ".join(f"{k}: {stored_as} {old.get(k, '(none)')!r} ≠ now {new.get(k, '(none)')!r}" for k in changed)

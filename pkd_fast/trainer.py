@@ -53,6 +53,7 @@ from transformers import PreTrainedModel
 
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
+from pkd_fast.config import ADDED_FLAGS
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LossTerms
 
@@ -246,7 +247,7 @@ class Trainer:
         if not self.resume and world.is_main:  # another run's checkpoints would outlive this one's in pruning
             ds.remove_checkpoints(ckpt_dir)
         dist.barrier()
-        start, rank_state = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key) if self.resume else (0, {})
+        start, rank_state = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key, ADDED_FLAGS) if self.resume else (0, {})
         if streaming and "loader" in rank_state:
             loader.load_state_dict(rank_state["loader"])
         metrics_file, log_file = out / "metrics.jsonl", out / "train_log.jsonl"
@@ -354,7 +355,7 @@ class Trainer:
                            "checked against these; run without --resume to train it again, or in a new --output-dir")
         ds.require_same_run(json.loads(stored.read_text()), self._full_key(run_key), "finished",
                             f"--resume {out}: {name} finished earlier with other settings",
-                            "run without --resume to train it again, or in a new --output-dir")
+                            "run without --resume to train it again, or in a new --output-dir", ADDED_FLAGS)
         log.info("%s: finished earlier, reusing %s", name, done)
         return json.loads(done.read_text())
 

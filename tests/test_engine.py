@@ -431,3 +431,57 @@ def test_the_teacher_by_length_gives_every_familys_outputs():
         torch.testing.assert_close(by_length.logits, whole.logits, rtol=1e-5, atol=1e-5, msg=model_type)
         for got, want in zip(by_length.hidden_states, whole.hidden_states, strict=True):
             torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5, msg=model_type)
+
+
+SHM_PROBE = """
+import torch, deepspeed.comm as dscomm
+from pkd_fast import engine as ds
+world = ds.init_distributed()
+names = [ds.shm_buffer(r) for r in range(world.world_size)]
+left = [str(p) for p in names if p.exists()]
+torch.distributed.barrier()
+t = torch.full((1024,), float(world.rank + 1))
+dscomm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce, through the mappings made at init
+print(f"rank {world.rank}: left {left}, sum {t[0].item()}, {t[-1].item()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_leave_no_shared_memory_segment_and_still_all_reduce(tmp_path):
+    """DeepSpeed's CPU all-reduce segments (66 MB a rank in /dev/shm) are unlinked once every rank has mapped
+    them: gone while the run still runs, its shared-memory all-reduce still right, none left after it."""
+    import subprocess
+    import sys
+
+    port = str(ds._free_port())
+    script = tmp_path / "probe.py"
+    script.write_text(SHM_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", port, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: left [], sum 3.0, 3.0" in proc.stdout, proc.stdout[-2000:]
+    assert not list(ds.SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.parametrize("now, reused", [
+    ({"relation_weight": 0.0, "group_by_length": False}, True),  # what runs before these flags did
+    ({"relation_weight": 0.0, "group_by_length": None}, True),  # mlm: no grouping flag
+    ({"relation_weight": 1.0, "group_by_length": False}, False),  # a new term the stored run never had
+    ({"relation_weight": 0.0, "group_by_length": True}, False),  # grouped batches: not the stored run's
+])
+def test_a_run_from_before_a_flag_existed_matches_only_the_flags_old_behaviour(now, reused):
+    """A finished run or checkpoint written before a flag existed lacks it in its key: --resume keeps it when
+    the flag's value does what runs did then (config.ADDED_FLAGS), and refuses any other value by name."""
+    from pkd_fast.config import ADDED_FLAGS
+
+    stored = {"lr": 1e-4, "deepspeed_json": {"zero_optimization": {"stage": 2}}}
+    check = lambda: ds.require_same_run(stored, {**stored, **now}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)  # noqa: E731
+    if reused:
+        check()
+    else:
+        with pytest.raises(PkdError, match="finished '\\(none\\)' ≠ now"):
+            check()
+    with pytest.raises(PkdError, match="lr: finished 0.0001 ≠ now 0.001"):  # an old flag's change is still refused
+        ds.require_same_run(stored, {**stored, **now, "lr": 1e-3}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pkd_fast import data
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import _free_port
+from pkd_fast.engine import SHM_DIR, _free_port
 from pkd_fast.metrics import glue_metrics
 from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
@@ -57,13 +57,14 @@ PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_
 
 def train(args, *, ranks=1, env=None, check=True):
     """Run the CLI in a fresh process (1 rank: plain python; more: the deepspeed launcher)."""
-    cmd = [sys.executable, str(TRAIN)] if ranks == 1 else [
-        "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN)
-    ]
+    port = str(_free_port())
+    cmd = [sys.executable, str(TRAIN)] if ranks == 1 else ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, str(TRAIN)]
     inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**inherited, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    # DeepSpeed's CPU all-reduce segments (engine._unlink_own_shm_buffer): none may outlive a run, failed or not
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")), f"/dev/shm segments of port {port} left behind"
     return proc
 
 
