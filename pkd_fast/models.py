@@ -409,6 +409,15 @@ def build_mlm_student(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTra
     return student.to(next(teacher.parameters()).dtype)
 
 
+def scratch_mlm_student(teacher: PreTrainedModel, k: int, hidden_size: int) -> PreTrainedModel:
+    """A k-layer masked-LM student of width `hidden_size` with random weights, of the teacher's family, class
+    and vocabulary (`families.width_config`): a bare encoder for a bare-encoder teacher. MiniLMv2's students
+    start this way, since relations compare attention distributions, which need no shared width."""
+    check_student_depth(k, teacher.config.num_hidden_layers)
+    config = width_config(teacher.config, k, hidden_size)
+    return type(teacher)._from_config(config, **attention_kwargs(config)).to(next(teacher.parameters()).dtype)
+
+
 def mlm_row_index(batch: dict, rows: str = "masked") -> torch.Tensor:
     """Flat positions (into [B·L]) whose vocabulary logits the loss reads: the masked positions (those
     with an mlm_label), or every real token (`rows="all"`, for KL over the whole sequence)."""

@@ -128,6 +128,21 @@ def test_relations_alone_need_no_head_and_read_the_same_from_the_cache(corpus, t
         assert b["rel"] == pytest.approx(a["rel"], rel=1e-6)
 
 
+def test_a_general_student_from_random_weights_of_another_width_learns_the_relations(corpus, tmp_path):
+    """MiniLMv2's kind of general student: random weights, half the teacher's width, relations only. Its own
+    run name and width; no weight of it is the teacher's; the relation loss falls over a few steps at a high lr."""
+    summary = main([*mlm_args(corpus, "--init-from", "scratch", "--student-hidden-size", "16", "--student-layers", "2",
+                              "--max-steps", "6", "--lr", "3e-3"), "--output-dir", str(tmp_path / "out")])
+    run = summary["runs"]["scratch_2x16"]
+    assert run["student_layers"] == 2 and run["dev"]["relation_loss"] > 0
+    model = AutoModel.from_pretrained(tmp_path / "out" / "students" / "scratch_2x16" / "model")
+    teacher = AutoModel.from_pretrained(corpus[1])
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 2
+    assert model.embeddings.word_embeddings.weight.shape == (teacher.config.vocab_size, 16)
+    rel = [r["rel"] for r in train_log(tmp_path / "out" / "students" / "scratch_2x16")]
+    assert len(rel) == 6 and rel[-1] < rel[0]
+
+
 @pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE_DIR}")
 def test_a_glue_student_of_another_width_learns_the_relations(tmp_path):
     """KD + relations from a tiny 'fine-tuned' teacher (32 wide) into a scratch student 16 wide: the relation term is
@@ -169,6 +184,10 @@ MLM_BAD = [
     (["--relation-heads", "3"], "--relation-heads 3: must divide both the teacher's hidden size 32 and the student's 32"),
     (["--relation-weight", "0"], "--alpha 0 --mlm-ce-weight 0 leave no term on the logits: the run needs --relation-weight > 0"),
     (["--mlm-ce-weight", "-1"], "--mlm-ce-weight must be >= 0, got -1.0"),
+    (["--init-from", "pretrained"], "--init-from pretrained: --objective mlm starts the student from the teacher's layers"),
+    (["--init-from", "scratch", "--beta", "1"], "--init-from scratch with --beta > 0: under --objective mlm a scratch student's"),
+    (["--init-from", "scratch", "--student-hidden-size", "12"], "--student-hidden-size 12: must be a multiple of the teacher's attention head size"),
+    (["--student-hidden-size", "16"], "--student-hidden-size only applies with --init-from scratch"),
 ]
 
 

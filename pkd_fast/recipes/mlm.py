@@ -49,9 +49,10 @@ from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, O
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
-from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
+from pkd_fast.models import (MaskedLMRows, build_mlm_student, scratch_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
                              load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config)
 from pkd_fast.recipes import common
+from pkd_fast.families import width_config
 from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -93,7 +94,10 @@ def run(cfg: Config) -> dict:
     if cfg.stage != "teacher":  # a bad layer choice or relation term fails before any work (a fitted head keeps the depth)
         layers = mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
         if cfg.relation_weight:
-            relations = relation_plan(cfg.relation_layers, cfg.relation_heads, teacher_config, len(layers), teacher_config.hidden_size)
+            relations = relation_plan(cfg.relation_layers, cfg.relation_heads, teacher_config, len(layers),
+                                      cfg.student_hidden_size or teacher_config.hidden_size)
+        if cfg.init_from == "scratch" and cfg.stage in ("all", "student"):  # the width against the teacher's heads
+            width_config(teacher_config, len(layers), cfg.student_hidden_size or teacher_config.hidden_size)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out, relations)
     fits_head = headless and reads_logits(cfg)
     if not cfg.streaming and (fits_head or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
@@ -127,7 +131,9 @@ def reads_logits(cfg: Config) -> bool:
 
 def _resolve_flags(cfg: Config) -> None:
     if cfg.student_layer_choice is None and cfg.student_layer_list is None:
-        cfg.student_layer_choice = "alternate"
+        # a scratch student copies no layer, only its depth counts: "first" allows any --student-layers up to
+        # the teacher's, "alternate" gives half the teacher's depth without it
+        cfg.student_layer_choice = "first" if cfg.init_from == "scratch" and cfg.student_layers else "alternate"
 
 
 def _validate_flags(cfg: Config, need: Need) -> None:
@@ -154,6 +160,12 @@ def _validate_flags(cfg: Config, need: Need) -> None:
     for flag, globs in (("--text-files", cfg.text_files), ("--validation-files", cfg.validation_files)):
         if globs is not None:
             corpus.resolve_text_files(globs, flag)  # each glob must match a file of a known format
+    need(cfg.init_from in (None, "teacher", "scratch"),
+         f"--init-from {cfg.init_from}: --objective mlm starts the student from the teacher's layers (teacher, the default) "
+         "or from random weights (scratch)")
+    if cfg.init_from == "scratch":
+        need(cfg.beta == 0, "--init-from scratch with --beta > 0: under --objective mlm a scratch student's hidden states are "
+                            "not the teacher's layers' (and may differ in width); use --beta 0 (KD, CE and relations need no PT)")
     if cfg.teacher_lr is not None:
         need(cfg.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
 
@@ -161,7 +173,8 @@ def _validate_flags(cfg: Config, need: Need) -> None:
 OBJECTIVE = register(Objective(
     "mlm", run, "masked-LM distillation on raw text (--text-files or --dataset)", stages=("all", "teacher", "cache", "student"),
     flags=("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
-           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk", "mlm_ce_weight"),
+           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk", "mlm_ce_weight", "init_from",
+           "student_hidden_size"),
     defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64,
               "mlm_ce_weight": 1.0},
     resolve=_resolve_flags, validate=_validate_flags,
@@ -261,18 +274,26 @@ class MlmContext(common.RecipeContext):
         n = teacher.config.num_hidden_layers
         layers, pt_map = self.student_plan(n)
         name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
+        if cfg.init_from == "scratch":
+            name = f"scratch_{len(layers)}x{cfg.student_hidden_size or teacher.config.hidden_size}"
         spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta,
                       cfg.relation_weight, cfg.mlm_ce_weight)
         set_seed(cfg.seed)
-        student = MaskedLMRows(build_mlm_student(teacher, layers))
+        if cfg.init_from == "scratch":
+            student = MaskedLMRows(scratch_mlm_student(teacher, len(layers), cfg.student_hidden_size or teacher.config.hidden_size))
+        else:
+            student = MaskedLMRows(build_mlm_student(teacher, layers))
         source = self.teacher_source(teacher, spec, cache)  # after the student: a live teacher is cast and moved
         if not reads_logits(cfg):  # scored by its relations to the teacher, run live on the held-out blocks (no store has them)
             self.held_out_teacher = source if cache is None else self.teacher_source(load_encoder(teacher_path), spec)
+        teacher_width = teacher.config.hidden_size
         del teacher  # a live source holds what it runs; a cached one needs nothing of it
         cached = cache is not None and bool(spec.alpha or spec.pt_map or spec.gamma)
         relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} in "
                      f"{self.relations.heads} heads" if spec.gamma else "")
-        describe = (f", teacher layers {list(layers)} of {n}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
+        init = (f"random weights, {len(layers)} layers of width {cfg.student_hidden_size or teacher_width}" if cfg.init_from == "scratch"
+                else f"teacher layers {list(layers)} of {n}")
+        describe = (f", {init}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
                     f"β={spec.beta:g} T={cfg.temperature:g}{relations}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
                     f"{source.description}")
         # A cached teacher's top-k KL is another loss than a live teacher's: its runs are keyed apart.
