@@ -437,9 +437,8 @@ SHM_PROBE = """
 import torch, deepspeed.comm as dscomm
 from pkd_fast import engine as ds
 world = ds.init_distributed()
-names = [ds.shm_buffer(r) for r in range(world.world_size)]
-left = [str(p) for p in names if p.exists()]
-torch.distributed.barrier()
+torch.distributed.barrier()  # every rank is past its own unlink
+left = [str(p) for p in (ds.shm_buffer(r) for r in range(world.world_size)) if p.exists()]
 t = torch.full((1024,), float(world.rank + 1))
 dscomm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce, through the mappings made at init
 print(f"rank {world.rank}: left {left}, sum {t[0].item()}, {t[-1].item()}", flush=True)
