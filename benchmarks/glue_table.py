@@ -157,6 +157,7 @@ class Student:
     hidden_size: int | None = None  # --init-from scratch: the width (default the teacher's)
     pkd_layers: tuple[int, ...] | None = None  # --layer-map of the PKD rows, where the depth does not divide the teacher's
     name: str = ""
+    base_model: str | None = None  # --init-from pretrained: the model whose first `layers` layers it starts from
 
     def flags(self, strategy: str) -> list[str]:
         """train.py's flags for this student in a `strategy` run."""
@@ -165,6 +166,8 @@ class Student:
             argv += ["--init-from", self.init_from]
         if self.hidden_size is not None:
             argv += ["--student-hidden-size", str(self.hidden_size)]
+        if self.base_model is not None:
+            argv += ["--base-model", self.base_model]
         if self.pkd_layers is not None and strategy in ("skip", "last"):
             argv += ["--layer-map", ",".join(map(str, self.pkd_layers))]
         return argv
