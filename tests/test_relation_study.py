@@ -29,6 +29,7 @@ def test_each_arm_starts_from_its_general_student_with_its_baselines_layer_map_i
 
 def _result() -> dict:
     seeds = {"3L teacher layers": [84.0, 85.0, 84.5], "3L mlm-kd general": [80.0, 81.0, 80.5], "3L rel general": [85.0, 86.5, 85.0],
+             "3L mix general": [82.0, 83.0, 82.5],
              "4L-192 random init": [77.0, 78.0, 77.5], "4L-192 rel general": [80.0, 82.0, 81.0]}
     task = {"task": "sst2", "metric": "accuracy", "point": {"temperature": 10, "alpha": 0.7, "beta_share": 0.1}, "teacher": 86.47,
             "majority_class": 50.46, "train_rows": 8000, "epochs": 1, "max_seq_length": 64, "dev_half_rows": {"select": 436, "report": 436},
