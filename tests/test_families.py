@@ -237,5 +237,8 @@ def test_a_student_width_that_splits_no_head_is_refused(tmp_path, capsys):
 def test_student_hidden_size_needs_a_student_from_scratch(tmp_path, capsys):
     assert_one_line_error(capsys, ["--student-hidden-size", "16", "--output-dir", str(tmp_path)],
                           "--student-hidden-size only applies with --init-from scratch")
-    assert_one_line_error(capsys, ["--objective", "mlm", "--student-hidden-size", "16", "--output-dir", str(tmp_path)],
-                          "--student-hidden-size: not a flag of --objective mlm")
+    text = tmp_path / "corpus.txt"
+    text.write_text("a sentence\n")
+    assert_one_line_error(capsys, ["--objective", "mlm", "--text-files", str(text), "--student-hidden-size", "16",
+                                   "--output-dir", str(tmp_path)],
+                          "--student-hidden-size only applies with --init-from scratch")  # a general student of any width

@@ -49,10 +49,11 @@ from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, O
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
-from pkd_fast.models import (MaskedLMRows, build_mlm_student, scratch_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
-                             load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config)
-from pkd_fast.recipes import common
 from pkd_fast.families import width_config
+from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
+                             load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config,
+                             scratch_mlm_student)
+from pkd_fast.recipes import common
 from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
 from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
@@ -274,25 +275,21 @@ class MlmContext(common.RecipeContext):
         n = teacher.config.num_hidden_layers
         layers, pt_map = self.student_plan(n)
         name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
-        if cfg.init_from == "scratch":
-            name = f"scratch_{len(layers)}x{cfg.student_hidden_size or teacher.config.hidden_size}"
+        scratch_width = (cfg.student_hidden_size or teacher.config.hidden_size) if cfg.init_from == "scratch" else None
+        if scratch_width:
+            name = f"scratch_{len(layers)}x{scratch_width}"
         spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta,
                       cfg.relation_weight, cfg.mlm_ce_weight)
         set_seed(cfg.seed)
-        if cfg.init_from == "scratch":
-            student = MaskedLMRows(scratch_mlm_student(teacher, len(layers), cfg.student_hidden_size or teacher.config.hidden_size))
-        else:
-            student = MaskedLMRows(build_mlm_student(teacher, layers))
+        student = MaskedLMRows(scratch_mlm_student(teacher, len(layers), scratch_width) if scratch_width else build_mlm_student(teacher, layers))
         source = self.teacher_source(teacher, spec, cache)  # after the student: a live teacher is cast and moved
         if not reads_logits(cfg):  # scored by its relations to the teacher, run live on the held-out blocks (no store has them)
             self.held_out_teacher = source if cache is None else self.teacher_source(load_encoder(teacher_path), spec)
-        teacher_width = teacher.config.hidden_size
         del teacher  # a live source holds what it runs; a cached one needs nothing of it
         cached = cache is not None and bool(spec.alpha or spec.pt_map or spec.gamma)
         relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} in "
                      f"{self.relations.heads} heads" if spec.gamma else "")
-        init = (f"random weights, {len(layers)} layers of width {cfg.student_hidden_size or teacher_width}" if cfg.init_from == "scratch"
-                else f"teacher layers {list(layers)} of {n}")
+        init = f"random weights, {len(layers)} layers of width {scratch_width}" if scratch_width else f"teacher layers {list(layers)} of {n}"
         describe = (f", {init}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
                     f"β={spec.beta:g} T={cfg.temperature:g}{relations}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
                     f"{source.description}")
