@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks import glue_table
 import torch
 
-from benchmarks.harness import device_name
+from benchmarks.harness import device_name, write_study
 from pkd_fast import train
 from pkd_fast.config import KD_POSITIONS, default_teacher
 
@@ -146,22 +146,28 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def general_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the corpus and the masked-LM general stage (`general_stage` reads them), shared with the
+    studies that start from that stage (benchmarks/relation_study.py)."""
     p.add_argument("--glue-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
     p.add_argument("--teacher", default=default_teacher())
-    p.add_argument("--phase", choices=("general", "all"), default="all")
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--mlm-seq-length", type=int, default=128)
     p.add_argument("--mlm-epochs", type=int, default=1)
-    p.add_argument("--mlm-lr", type=float, default=1e-4, help="the general student's")
+    p.add_argument("--mlm-lr", type=float, default=1e-4, help="the general student's (from the teacher's layers)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the teacher's new MLM head's (its body stays frozen)")
     p.add_argument("--kd-positions", choices=KD_POSITIONS, default="masked",
                    help="masked keeps the vocabulary KL to the 15%% masked rows: the CPU budget (state it)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    general_args(p)
+    p.add_argument("--phase", choices=("general", "all"), default="all")
     p.add_argument("--out", type=Path, default=Path("outputs/general_distil"))
     p.add_argument("--sweep-dir", type=Path, default=Path("outputs/paired"), help="the paired study's output dirs (<dir>/<task>)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
 
@@ -180,11 +186,7 @@ def main(argv=None) -> dict:
         "point": POINT, "seeds": args.seeds, "general": general,
         "tasks": [task_stage(args, task, student) for task in ("sst2", "mrpc")],
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "general_distil.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results_dir / "general_distil.md").write_text(render(result) + "\n")
-    plot(result, args.results_dir / "general_distil.png")
-    print(render(result))
+    print(write_study(args.results_dir / "general_distil", result, render, plot))
     return result
 
 

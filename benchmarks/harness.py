@@ -347,6 +347,17 @@ def results_path(device: torch.device) -> Path:
     return RESULTS_DIR / f"{device_slug(device)}.json"
 
 
+def write_study(stem: Path, result: dict, render: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> str:
+    """A study's `result` as <stem>.json, its tables (`render`) as <stem>.md and its chart (`plot`) as
+    <stem>.png, the directory made first; returns the tables."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = render(result)
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(result, stem.with_suffix(".png"))
+    return text
+
+
 def update_results(path: Path, device: torch.device, **sections) -> dict:
     """Write `sections` into the results file, keeping the other sections a previous run wrote there,
     so each benchmark script can run alone and one file collects every number of the device."""

@@ -41,9 +41,9 @@ if not __package__:  # run as `python benchmarks/relation_study.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import general_distil, glue_table, width_study  # noqa: E402
 from benchmarks.glue_table import Student, Sweep, dev_score, paired_difference  # noqa: E402
-from benchmarks.harness import describe  # noqa: E402
+from benchmarks.harness import describe, write_study  # noqa: E402
 from pkd_fast import train  # noqa: E402
-from pkd_fast.config import default_ds_config, default_teacher  # noqa: E402
+from pkd_fast.config import default_ds_config  # noqa: E402
 
 RESULTS = glue_table.RESULTS
 TASKS = ("sst2", "mrpc")
@@ -210,24 +210,15 @@ def plot(result: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--glue-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
-    p.add_argument("--teacher", default=default_teacher())
+    general_distil.general_args(p)  # the corpus and general_distil's masked-LM stage, whose student is mlm-kd-3L
     p.add_argument("--only", choices=list(GENERALS), default=None,
                    help="this general student and its task runs only (writes nothing); without it, everything, then the results")
-    p.add_argument("--student-layers", type=int, default=3, help="general_distil's masked-LM student")
-    p.add_argument("--mlm-seq-length", type=int, default=128)
-    p.add_argument("--mlm-epochs", type=int, default=1)
-    p.add_argument("--mlm-lr", type=float, default=1e-4, help="the general students from the teacher's layers")
     p.add_argument("--scratch-lr", type=float, default=5e-4, help="the general student from random weights")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="masked-LM KD: the fitted head's")
-    p.add_argument("--kd-positions", default="masked", help="masked-LM KD: general_distil's")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     p.add_argument("--out", type=Path, default=Path("outputs/relation_study"))
     p.add_argument("--width-dir", type=Path, default=None, help="the width study's output (<dir>/<task>); default <out>/tasks")
     p.add_argument("--glue-results", type=Path, default=RESULTS, help="where width_<task>.json and the glue sweeps are")
     p.add_argument("--deepspeed", default=default_ds_config())
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.width_dir = args.width_dir or args.out / "tasks"
     return args
@@ -250,11 +241,7 @@ def main(argv=None) -> dict | None:
               "corpus_sentences": sum(counts.values()), "corpus_counts": counts, "train_blocks": generals["rel-3L"]["train_blocks"],
               "mlm_seq_length": args.mlm_seq_length, "mlm_epochs": args.mlm_epochs, "seeds": args.seeds,
               "generals": generals, "tasks": tasks}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "relation_study.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results_dir / "relation_study.md").write_text(render(result) + "\n")
-    plot(result, args.results_dir / "relation_study.png")
-    print(render(result))
+    print(write_study(args.results_dir / "relation_study", result, render, plot))
     return result
 
 

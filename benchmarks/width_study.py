@@ -37,7 +37,7 @@ if not __package__:  # run as `python benchmarks/width_study.py`: make the repos
 from benchmarks import glue_table  # noqa: E402
 from benchmarks.bench_peer import window_seconds  # noqa: E402
 from benchmarks.glue_table import NAMES, Student, Sweep, dev_score, paired_difference  # noqa: E402
-from benchmarks.harness import describe  # noqa: E402
+from benchmarks.harness import describe, write_study  # noqa: E402
 from pkd_fast.config import default_ds_config, default_teacher  # noqa: E402
 from pkd_fast.engine import read_ds_config  # noqa: E402
 from pkd_fast.errors import PkdError  # noqa: E402
@@ -289,10 +289,7 @@ def plot(result: dict, path: Path) -> None:
 
 def write_results(result: dict, results_dir: Path) -> Path:
     stem = results_dir / f"width_{result['task']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result) + "\n")
-    plot(result, stem.with_suffix(".png"))
+    write_study(stem, result, render_markdown, plot)
     return stem
 
 
