@@ -3,7 +3,8 @@ teacher's own layers, or than the masked-LM KD general student? (#22, item 5)
 
     OMP_NUM_THREADS=1 python -m benchmarks.relation_study                       # all of it; finished runs are reused
     OMP_NUM_THREADS=1 python -m benchmarks.relation_study --only rel-3L         # one general student and its task runs
-                                                                                # (processes can share the work)
+                                                                                # (one process per general student: two on
+                                                                                # the same one meet its output-dir lock)
 
 1. corpus   general_distil's: every training sentence of SST-2, MRPC and STS-B, in blocks of 128 tokens.
 2. general  three general students, one epoch over those blocks each (general_distil's budget), from the
