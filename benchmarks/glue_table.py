@@ -263,6 +263,12 @@ class Sweep:
             train.main(argv + [arg for k, v in point.items() for arg in (f"--{k.replace('_', '-')}", str(v))])
         return _same_epochs(done, json.loads(done.read_text()), self.args.epochs)
 
+    def search_lr(self, teacher: str, row: str, point: dict, lrs: list[float], student: Student | None = None) -> tuple[float, dict]:
+        """`row` at `point` with each of `lrs`, on the first seed: the lr whose run scores best on the dev
+        split's select half (the first listed on a tie), and each lr's run."""
+        runs = {lr: self.student(teacher, row, {**point, "lr": lr}, self.args.seeds[0], student) for lr in lrs}
+        return max(runs, key=lambda lr: dev_score(runs[lr]["dev"], self.task.main_metric, "select")), runs
+
     def run(self, on_row=lambda result: None) -> dict:
         """Teacher, then each row's search and seeds; `on_row` gets the result so far after every row."""
         metric = self.task.main_metric

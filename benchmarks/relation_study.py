@@ -134,9 +134,8 @@ def task_stage(task: str, args, general_models: dict, arms: list[str]) -> dict:
         student = arm_student(arm, general_models)
         lr, search = width["students"][ARMS[arm][0]]["lr"], None
         if arm in SEARCHED:  # the width study's search for the random start, on this start: seed 1, select half
-            tried = {lr: sweep.student(teacher_path, "skip", {**skip_point, "lr": lr}, args.seeds[0], student) for lr in width["scratch_lrs"]}
-            search = {f"{lr:g}": dev_score(r["dev"], metric, "select") for lr, r in tried.items()}
-            lr = max(tried, key=lambda lr: search[f"{lr:g}"])
+            lr, tried = sweep.search_lr(teacher_path, "skip", skip_point, width["scratch_lrs"], student)
+            search = {f"{tried_lr:g}": dev_score(r["dev"], metric, "select") for tried_lr, r in tried.items()}
         point = {**skip_point, "lr": lr}
         runs = [sweep.student(teacher_path, "skip", point, seed, student) for seed in args.seeds]
         rows[arm] = {"report": [dev_score(r["dev"], metric, "report") for r in runs],

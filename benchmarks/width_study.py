@@ -127,11 +127,10 @@ class WidthStudy:
         seconds beside it)."""
         if student.init_from != "scratch":
             return self.points["kd"]["lr"], None
-        metric, seed = self.sweep.task.main_metric, self.args.seeds[0]
-        runs = {lr: self.sweep.student(teacher, "kd", {**self.points["kd"], "lr": lr}, seed, student) for lr in self.args.scratch_lrs}
-        scores = {lr: dev_score(r["dev"], metric, "select") for lr, r in runs.items()}
-        best = max(scores, key=scores.get)
-        return best, {f"{lr:g}": {"select": scores[lr], "train_seconds": r["train_seconds"]} for lr, r in runs.items()}
+        best, runs = self.sweep.search_lr(teacher, "kd", self.points["kd"], self.args.scratch_lrs, student)
+        metric = self.sweep.task.main_metric
+        return best, {f"{lr:g}": {"select": dev_score(r["dev"], metric, "select"), "train_seconds": r["train_seconds"]}
+                      for lr, r in runs.items()}
 
     def run(self, names: list[str]) -> dict | None:
         """Train what `names` need; the result (None unless every student was asked for)."""
