@@ -11,8 +11,8 @@ CPU, so load from other processes falls on each alike), and each alone in a fres
   cache  PKD-Skip reading the teacher's logits and [CLS] states from a store written once by
          glue.Context.write_cache (the data loader's collate reads the rows)
 
-A step is the trainer's own (`Trainer.train_micro_batch` on the run's `Context.teacher_source`,
-`Context.train_loader` and `Context.step_fn`): the loader's next batch (with the cache's rows), on the
+A step is the trainer's own (`Trainer.train_micro_batch` on the run's `Context.distiller` and
+`Context.train_loader`): the loader's next batch (with the cache's rows), on the
 device, the loss, the non-finite guard's look, `engine.backward`, `engine.step`. Teacher and student have random weights (speed does
 not depend on them); every token is real. On CUDA a BERT-base-sized teacher (12 × 768) in bf16 ZeRO-2
 (ds_configs/zero2.json), timed with device events; on the CPU a 12 × 384 teacher in fp32, small enough for
@@ -140,10 +140,11 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
     spec = Run(mode, "ft" if mode == "ft" else "skip", lmap, 0.0 if mode == "ft" else ctx.cfg.alpha,
                ctx.cfg.beta if lmap else 0.0, 5e-5, 1, workdir / mode)
     ctx.cache = teacher_cache.TeacherCache.open(workdir / "cache", fingerprint(ctx)) if mode == "cache" else None
-    teacher = ctx.teacher_source(spec)
-    engine = ctx.trainer.engine(load_classifier(str(workdir / "student"), TASK), spec.lr, total_steps=10**6, out=workdir)
-    step_fn = ctx.step_fn(teacher, spec, "triton" if device.type == "cuda" else "eager")
-    step = harness.trainer_step(ctx.trainer, engine, step_fn, ctx.train_loader(teacher, spec))
+    student = load_classifier(str(workdir / "student"), TASK)
+    distiller = ctx.distiller(student, spec).replace(loss_impl="triton" if device.type == "cuda" else "eager")
+    teacher = distiller.teacher
+    engine = ctx.trainer.engine(student, spec.lr, total_steps=10**6, out=workdir)
+    step = harness.trainer_step(ctx.trainer, engine, distiller, ctx.train_loader(distiller))
     for _ in range(2):  # warm-up: optimizer state, allocator pools, first touch of memory-mapped weights
         step()
     harness.synchronize(device)

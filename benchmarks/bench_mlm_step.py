@@ -30,8 +30,9 @@ from benchmarks.bench_step import LR, RECIPE, STEP_BUDGET
 from pkd_fast import engine as ds
 from pkd_fast.config import ZERO2_DS_CONFIG, default_teacher
 from pkd_fast.models import MaskedLMRows, build_mlm_student, mlm_student_layers
+from pkd_fast import distill
+from pkd_fast.distill import Distiller
 from pkd_fast.recipes import mlm as mlm_recipe
-from pkd_fast.teacher import LiveTeacher
 
 MASK_RATE = mlm_recipe.OBJECTIVE.defaults["mlm_probability"]
 # Model sizes and batch per device: BERT-base → 6 layers on a GPU; MiniLM-sized (6 × 384) → 3 on the CPU. The
@@ -105,8 +106,8 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
         spec = mlm_recipe.MlmRun("student", LR, 1, workdir, layers, pt_map, plan.cfg.alpha, plan.cfg.beta)
         teacher, student = models(setup, layers)
         engine = plan.trainer.engine(student, LR, total_steps=10**6, out=workdir)
-        # the recipe's live source (`MlmContext.teacher_source`), around the switchable head
-        source = LiveTeacher(teacher, plan.ds_config, world.device, spec.pt_map, logits=spec.alpha > 0)
+        # the recipe's step (`MlmContext.step_spec`) on a live teacher, around the switchable head
+        distiller = Distiller(teacher, student, plan.step_spec(spec), ds_config=plan.ds_config, device=world.device)
 
         def on_head(head: str, call):
             def run():
@@ -115,15 +116,16 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
             return run
 
         def step(ctx: mlm_recipe.MlmContext, head: str):
-            return on_head(head, harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec), ctx.train_loader(source),
-                                                      ctx.loss_units(spec)))
+            at = distiller.replace(loss_impl=ctx.cfg.loss_impl, logit_rows=ctx.cfg.kd_positions)
+            return on_head(head, harness.trainer_step(ctx.trainer, engine, at, ctx.train_loader(at), at.loss_units))
 
         engine.eval()  # no dropout: the two heads must give the same loss on the same batch
         with torch.no_grad():
             for kd in KD_POSITIONS:
                 ctx = context(kd, "eager")
-                batch, divisors = next(ctx.trainer.micro_batches(ctx.train_loader(source), ctx.loss_units(spec)))
-                ref, full = (on_head(head, lambda: ctx.step_fn(source, spec)(engine, batch, False, divisors).terms.total)()
+                at = distiller.replace(logit_rows=kd)
+                batch, divisors = next(ctx.trainer.micro_batches(ctx.train_loader(at), at.loss_units))
+                ref, full = (on_head(head, lambda: at(engine, batch, False, divisors).terms.total)()
                              for head in HEADS)
                 torch.testing.assert_close(full, ref, rtol=1e-3 if setup["dtype"] == "fp32" else 2e-2, atol=1e-4)
         engine.train()
@@ -137,14 +139,14 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
                     if not isinstance(timing, harness.Timing):
                         yield {**row, "error": harness.error_text(timing)}
                         continue
-                    loss = harness.time_call(harness.loss_alone(steps[head], mlm_recipe), device, harness.budget(device, quick))
+                    loss = harness.time_call(harness.loss_alone(steps[head], distill), device, harness.budget(device, quick))
                     tokens = setup["micro_batch"] * setup["seq"]
                     row = {**row, "step": timing.as_dict(), "tokens_per_s": harness.sig(tokens / timing.ms * 1e3),
                            "loss": loss.as_dict(), "loss_share": harness.sig(loss.ms / timing.ms),
                            "peak_mb": harness.peak_memory_mb(steps[head], device)[0]}
                     print(_line(row), flush=True)
                     yield row
-        del engine, teacher, student, source
+        del engine, teacher, student, distiller
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

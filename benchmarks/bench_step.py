@@ -35,7 +35,8 @@ from benchmarks import harness
 from benchmarks.bench_losses import INTERPRET_MAX_ROWS, VOCAB
 from pkd_fast import engine as ds
 from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
-from pkd_fast.losses import resolve_impl
+from pkd_fast import distill
+from pkd_fast.distill import Distiller
 from pkd_fast.models import MaskedLMRows, build_mlm_student, build_student, layer_map
 from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.recipes import mlm as mlm_recipe
@@ -95,7 +96,7 @@ def ds_json(micro_batch: int) -> dict:
 class TrainerSteps:
     """One case's student engine and live teacher, shared by every micro-batch and loss impl (DeepSpeed's
     step does not depend on them): `step(micro_batch, impl)` is the trainer's step at that micro-batch with
-    that loss impl; `recipe` the module whose step it is (`harness.loss_alone` records its loss call)."""
+    that loss impl; `recipe` the module whose step calls the loss (`pkd_fast.distill`: `harness.loss_alone` records that call)."""
 
     step: Callable[[int, str], Callable[[], object]]
     recipe: ModuleType
@@ -123,7 +124,7 @@ class StepCase:
         return (self._mlm if self.mlm else self._glue)(workdir, world, max_micro_batch, AutoTokenizer.from_pretrained(default_teacher()))
 
     def _glue(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
-        """PKD-Skip in the GLUE recipe's `Context`: the teacher is saved for its `teacher_source` to load."""
+        """PKD-Skip in the GLUE recipe's `Context`: the teacher is saved for its `Distiller` to load."""
         teacher = AutoModelForSequenceClassification.from_config(self.size.bert_config(num_labels=TASK.num_labels), attn_implementation="sdpa")
         teacher.save_pretrained(workdir / "teacher")
         tokenizer.save_pretrained(workdir / "teacher")
@@ -138,18 +139,17 @@ class StepCase:
 
         largest = context(max_micro_batch)
         engine = largest.trainer.engine(student, LR, total_steps=10**6, out=workdir)
-        source = largest.teacher_source(spec)
+        distiller = largest.distiller(engine.module, spec)
 
         def step(micro_batch: int, impl: str):
-            ctx = context(micro_batch)
-            return harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec, resolve_impl(impl, world.device)),
-                                        ctx.train_loader(source, spec))
+            ctx, at_impl = context(micro_batch), distiller.replace(loss_impl=impl)
+            return harness.trainer_step(ctx.trainer, engine, at_impl, ctx.train_loader(at_impl))
 
-        return TrainerSteps(step, glue_recipe)
+        return TrainerSteps(step, distill)
 
     def _mlm(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
         """The masked-LM recipe's `MlmContext` with β = 0 and KL over every real token: its student plan,
-        its loss units, its teacher source."""
+        its step spec, its Distiller."""
         flags = {"kd_positions": "all", "beta": 0.0, "student_layers": self.size.student_layers}
 
         def context(micro_batch: int, impl: str = "auto") -> mlm_recipe.MlmContext:
@@ -162,13 +162,13 @@ class StepCase:
         layers, pt_map = largest.student_plan(self.size.teacher_layers)
         spec = mlm_recipe.MlmRun(self.name, LR, 1, workdir, layers, pt_map, largest.cfg.alpha, largest.cfg.beta)
         engine = largest.trainer.engine(MaskedLMRows(build_mlm_student(teacher, layers)), LR, total_steps=10**6, out=workdir)
-        source = largest.teacher_source(teacher, spec)
+        distiller = Distiller(teacher, engine.module, largest.step_spec(spec), ds_config=largest.ds_config, device=world.device)
 
         def step(micro_batch: int, impl: str):
-            ctx = context(micro_batch, impl)
-            return harness.trainer_step(ctx.trainer, engine, ctx.step_fn(source, spec), ctx.train_loader(source), ctx.loss_units(spec))
+            ctx, at_impl = context(micro_batch, impl), distiller.replace(loss_impl=impl)
+            return harness.trainer_step(ctx.trainer, engine, at_impl, ctx.train_loader(at_impl), at_impl.loss_units)
 
-        return TrainerSteps(step, mlm_recipe)
+        return TrainerSteps(step, distill)
 
 
 CASES = {

@@ -379,7 +379,8 @@ def trainer_step(trainer, engine, step_fn: Callable, loader, count_fn: Callable 
     loader's next batch on the device (with its teacher source's rows and, for a masked-LM recipe, its
     `count_fn` divisors), then `Trainer.train_micro_batch` (the recipe's `step_fn`, the non-finite guard's
     look, `engine.backward`, `engine.step`). Returns the step's `StepOutput`."""
-    from pkd_fast.trainer import WATCHED, NonFiniteGuard
+    from pkd_fast.distill import WATCHED
+    from pkd_fast.trainer import NonFiniteGuard
 
     micro_batches = trainer.micro_batches(loader, count_fn)  # endless: the timer decides how many
     guard = NonFiniteGuard(WATCHED, trainer.world.device, trainer.world)

@@ -289,15 +289,32 @@ def _cpp_compiler() -> str | None:
 
 
 def _by_impl(reference, fused: str):
-    """`reference`'s contract, computed by `impl`: the eager reference itself, it under torch.compile, or the
-    fused Triton kernel `pkd_fast.kernels.<fused>`."""
-    def loss(*args, impl: str = "eager", **kwargs) -> torch.Tensor:
+    """`reference`'s contract, computed by `impl`: the eager reference itself, it under torch.compile, the
+    fused Triton kernel `pkd_fast.kernels.<fused>`, or "auto": the kernel where the first tensor is on CUDA,
+    the eager reference elsewhere (the recipes pass what `resolve_impl` chose for the whole run)."""
+    def loss(*args, impl: str = "auto", **kwargs) -> torch.Tensor:
+        if impl == "auto":
+            impl = resolve_impl(impl, _first_tensor(args).device)
         if impl == "triton":
             return getattr(_fused(), fused)(*args, **kwargs)
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"impl must be one of {LOSS_IMPLS}, got {impl!r}")
         return (_compiled(reference) if impl == "compile" else reference)(*args, **kwargs)
 
-    loss.__doc__ = f"`{reference.__name__}`'s contract, computed by `impl` (eager, compile or triton)."
+    loss.__name__ = reference.__name__.removesuffix("_reference")
+    loss.__doc__ = (f"`{reference.__name__}` computed by `impl`: auto (the fused Triton kernel on CUDA, eager elsewhere), "
+                    f"triton, eager or compile. Same arguments, shapes, dtypes and reductions:\n\n{reference.__doc__}")
     return loss
+
+
+def _first_tensor(args) -> torch.Tensor:
+    """The first tensor of a loss's arguments (a layer list's first), whose device picks the "auto" impl."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0]
+    raise TypeError("the loss was given no tensor")
 
 
 kd_loss = _by_impl(kd_loss_reference, "fused_kd_loss")
@@ -435,3 +452,46 @@ def pkd_loss(
                 terms.rel = rel_share * relation_loss_reference(student_qkv, relations.teacher_qkv, relations.attention_mask,
                                                                 relations.heads)
     return terms
+
+
+# -- the losses as modules (Liger's face: a function and a thin nn.Module each) ------------------------------
+
+class KDLoss(torch.nn.Module):
+    """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE(s, labels) (`kd_loss`). forward(student_logits [N, C],
+    teacher_logits [N, C], labels [N] or None) → a scalar (a vector [N] with reduction "none"); logits of
+    any float dtype, accumulated in fp32; labels equal to `ignore_index` are left out of CE."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 impl: str = "auto"):
+        super().__init__()
+        self.temperature, self.alpha, self.reduction, self.ignore_index, self.impl = temperature, alpha, reduction, ignore_index, impl
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, self.temperature, labels, alpha=self.alpha, ignore_index=self.ignore_index,
+                       reduction=self.reduction, impl=self.impl)
+
+
+class PatientLoss(torch.nn.Module):
+    """PKD's patient term (`patient_loss`): Σ over L layer pairs of the mean ‖ĥs − ĥt‖² of L2-normalised rows.
+    forward(student_hidden, teacher_hidden): L tensors [N, H] each (or stacked [L, N, H]), any float dtype,
+    accumulated in fp32 → a scalar; `reduction` mean, sum or elementwise_mean (÷ L·H, the authors' scale)."""
+
+    def __init__(self, reduction: str = "mean", normalize: bool = True, impl: str = "auto"):
+        super().__init__()
+        self.reduction, self.normalize, self.impl = reduction, normalize, impl
+
+    def forward(self, student_hidden: Hidden, teacher_hidden: Hidden) -> torch.Tensor:
+        return patient_loss(student_hidden, teacher_hidden, self.normalize, self.reduction, impl=self.impl)
+
+
+class RelationLoss(torch.nn.Module):
+    """MiniLMv2's Q-Q, K-K, V-V relation loss (`relation_loss`) over `heads` relation heads. forward(student_qkv,
+    teacher_qkv, attention_mask [B, T]): each side (q, k, v) of [B, T, H] (or stacked [3, B, T, H]; the two
+    widths may differ, both divisible by `heads`) → a scalar, the mean per real query row."""
+
+    def __init__(self, heads: int, impl: str = "auto"):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+
+    def forward(self, student_qkv: QKV, teacher_qkv: QKV, attention_mask: torch.Tensor) -> torch.Tensor:
+        return relation_loss(student_qkv, teacher_qkv, attention_mask, self.heads, impl=self.impl)

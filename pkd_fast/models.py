@@ -135,17 +135,19 @@ def num_layers(model: PreTrainedModel) -> int:
     return model.config.num_hidden_layers
 
 
-def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedModel:
-    """Embeddings + the first k encoder layers + pooler of `source`, with a freshly initialised head.
+def build_student(source: PreTrainedModel, k: int, task: Task | None = None) -> PreTrainedModel:
+    """Embeddings + the first k encoder layers + pooler of `source`, with a freshly initialised head for
+    `task` (None: the head `source`'s config describes, its classes and problem type).
 
     The paper's initialisation. The student's backbone keys are a subset of the source's (layers < k),
     so copying by key copies exactly the first k layers, whatever the family calls them.
     """
     check_student_depth(k, num_layers(source))
     config = student_config(source.config, range(1, k + 1))
-    config.num_labels = task.num_labels
-    config.problem_type = "regression" if task.regression else "single_label_classification"
-    label_task(config, task)
+    if task is not None:
+        config.num_labels = task.num_labels
+        config.problem_type = "regression" if task.regression else "single_label_classification"
+        label_task(config, task)
     student = AutoModelForSequenceClassification.from_config(config, **attention_kwargs(config))
     src = source.base_model.state_dict()
     wanted = student.base_model.state_dict().keys()
@@ -154,6 +156,12 @@ def build_student(source: PreTrainedModel, k: int, task: Task) -> PreTrainedMode
         raise PkdError(f"the source model lacks backbone weights the student needs: {missing[:5]}")
     student.base_model.load_state_dict({key: src[key] for key in wanted}, strict=True)
     return student.to(next(source.parameters()).dtype)
+
+
+def student_from_teacher(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A student for `teacher` (a Hugging Face sequence classifier), as PKD initialises one: its embeddings
+    and first `num_layers` layers, and a fresh head for the same classes (`build_student`)."""
+    return build_student(teacher, num_layers)
 
 
 def scratch_student(teacher_config, k: int, hidden_size: int, task: Task) -> PreTrainedModel:

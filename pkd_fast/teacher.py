@@ -101,6 +101,9 @@ class TeacherSource(abc.ABC):
         """What the run's loader adds to each batch at collate time (None: nothing)."""
         return None
 
+    def follow(self, device: torch.device) -> None:
+        """Be where the batches are (a user's loop may move the student after the teacher was set up)."""
+
     @abc.abstractmethod
     def __call__(self, batch: dict, rows: Rows) -> TeacherOutputs:
         """The teacher's outputs for `batch` (on the device), cut to `rows`."""
@@ -131,7 +134,12 @@ class LiveTeacher(TeacherSource):
                  logits: bool = True, relation_layer: int | None = None):
         super().__init__(layers, logits=logits, relation_layer=relation_layer)
         self.capture = QkvCapture(model, relation_layer) if relation_layer else None
-        self.model = ds.frozen_teacher(model, ds_config, device)
+        self.model, self.device = ds.frozen_teacher(model, ds_config, device), torch.device(device)
+
+    def follow(self, device: torch.device) -> None:
+        if device != self.device and isinstance(self.model, torch.nn.Module) and not hasattr(self.model, "module"):
+            self.model.to(device)  # a plain frozen module (a ZeRO-3 engine stays where DeepSpeed put it)
+            self.device = device
 
     @torch.no_grad()
     def __call__(self, batch: dict, rows: Rows) -> TeacherOutputs:

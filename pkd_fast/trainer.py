@@ -2,8 +2,9 @@
 recipe computes, logging, the non-finite guard, crash-safe checkpoints, exact resume, and the save-and-exit
 on SIGTERM/SIGINT.
 
-A recipe hands `Trainer.fit` a model, a loader and a `step_fn(engine, batch, return_terms, divisors)` that
-returns the step's `StepOutput`: the loss terms and the tensors whose finiteness the guard watches (student
+A recipe hands `Trainer.fit` a model, a loader and its step, a `pkd_fast.distill.Distiller` (any
+`step_fn(engine, batch, return_terms, divisors)` will do) that returns the step's `DistillOutput`: the loss
+terms and the tensors whose finiteness the guard watches (student
 and teacher outputs, cache rows, loss). The loop never asks where the teacher's outputs came from.
 
 Loss units. A recipe whose loss is a sum over units that micro-batches hold in unequal numbers (the
@@ -43,7 +44,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,20 +55,12 @@ from transformers import PreTrainedModel
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.config import ADDED_FLAGS
+from pkd_fast.distill import STUDENT, DistillOutput
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LossTerms
 
 log = logging.getLogger("pkd_fast")
-STUDENT = "student output"  # the watched name every step_fn provides: the student's logits (its Q/K/V where it has none)
-# What the non-finite guard watches each step (a live teacher's outputs and cache rows alike).
-WATCHED = (STUDENT, "teacher logits", "teacher hidden states", "teacher Q/K/V", "loss")
 RUN_KEY_FILE = "run_key.json"  # beside a finished run's results.json: what they depend on
-
-
-@dataclass
-class StepOutput:
-    terms: LossTerms
-    watched: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)  # name → what must stay finite
 
 
 class NonFiniteError(PkdError):
@@ -213,7 +206,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         loader,
-        step_fn: Callable[[object, dict, bool, torch.Tensor | None], StepOutput],
+        step_fn: Callable[[object, dict, bool, torch.Tensor | None], DistillOutput],
         *,
         name: str,
         out: Path,
@@ -321,7 +314,7 @@ class Trainer:
         return ds.student_engine(model, config)
 
     def train_micro_batch(self, engine, step_fn: Callable, batch: dict, divisors: torch.Tensor | None, guard: NonFiniteGuard,
-                          step: int, return_terms: bool) -> tuple[StepOutput, bool]:
+                          step: int, return_terms: bool) -> tuple[DistillOutput, bool]:
         """One micro-batch as `fit` trains it (and the benchmarks time it): the recipe's `step_fn`, the guard's
         look at what it watches, backward and step. Returns the step's output and whether --on-nonfinite skip
         dropped it (its gradient is then exactly zero)."""
@@ -487,7 +480,7 @@ def _non_finite(value: torch.Tensor | list[torch.Tensor] | None, device: torch.d
     return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 
-def _inject_nonfinite(output: StepOutput, step: int) -> None:
+def _inject_nonfinite(output: DistillOutput, step: int) -> None:
     """Tests of the guard only: PKD_FAST_FAULT "nonfinite-student@N" (or "nonfinite-teacher@N", narrowed to
     one rank by ":rankR") makes that watched value NaN at step N, as a broken forward would."""
     for phase, name in (("nonfinite-student", STUDENT), ("nonfinite-teacher", "teacher logits")):
@@ -500,7 +493,7 @@ def _stopped_line(signalled: str, where: str, ckpt_dir: Path, step: int) -> str:
             "with --resume to continue from it")
 
 
-def _no_gradient(output: StepOutput) -> torch.Tensor:
+def _no_gradient(output: DistillOutput) -> torch.Tensor:
     """A loss whose gradient is exactly zero, through the student's own output: the dropped micro-batch still
     runs a backward, so every rank's DeepSpeed hooks and accumulation count stay in step."""
     student = output.watched[STUDENT]

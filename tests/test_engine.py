@@ -301,7 +301,8 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
     """Without --resume, an earlier run's step12 would outrank this run's step2 when pruning by step number
     (removing the checkpoint just published); the run starts by removing it."""
     from pkd_fast.losses import LossTerms
-    from pkd_fast.trainer import StepOutput, Trainer
+    from pkd_fast.distill import DistillOutput
+    from pkd_fast.trainer import Trainer
 
     world = ds.init_distributed()
     stale = tmp_path / "checkpoints" / "step12"
@@ -316,7 +317,7 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
 
     def step(engine, batch, terms, divisors):
         loss = engine(batch["x"], batch["y"])
-        return StepOutput(LossTerms(loss), {"student output": loss})
+        return DistillOutput(LossTerms(loss), {"student output": loss})
 
     trainer.fit(Tiny(), rows, step, name="tiny", out=tmp_path, lr=1e-2, epochs=1, run_key=KEY, evaluate=lambda e: {"x": 0.0},
                 watch=["student output"])

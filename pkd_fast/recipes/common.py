@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -18,8 +19,10 @@ from transformers.utils import logging as hf_logging
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.config import RESULT_NEUTRAL, Config
+from pkd_fast.distill import WATCHED, Distiller
 from pkd_fast.precision import apply_precision, describe_device, resolve_precision
-from pkd_fast.trainer import STOP, Stopped, Trainer
+from pkd_fast.relations import QkvCapture
+from pkd_fast.trainer import STOP, FitResult, Stopped, Trainer
 
 log = logging.getLogger("pkd_fast")
 
@@ -105,6 +108,48 @@ class RecipeContext:
         (`Trainer.finished`: one of other settings is refused), else None."""
         out.mkdir(parents=True, exist_ok=True)
         return self.trainer.finished(name, out, key)
+
+    def train(self, model, *, name: str, out: Path, key: dict, lr: float, epochs: int | None,
+              distiller: Callable[[], Distiller], loader: Callable[[Distiller], object], summary: Callable[[FitResult, Distiller], dict],
+              describe: str = "", checkpoint_key: Callable[[Distiller], dict] | None = None) -> dict:
+        """One training run, the same for every objective: with --resume, the results of the run `key` that
+        finished in `out` already; else its `distiller` (made only now: a live teacher is loaded there, and
+        the hooks it puts on `model` are removed after), the `loader` its collate reads the teacher's rows
+        in, the loop, and the saved model and results (`summary`'s fields). `checkpoint_key`: what the
+        checkpoints are keyed by once the distiller has settled its spec (--beta-share's β); `key` else."""
+        finished = self.finished(name, out, key)
+        if finished is not None:
+            return finished
+        with distiller() as step:
+            result = self.trainer.fit(model, loader(step), step, name=name, out=out, lr=lr, epochs=epochs, max_steps=self.cfg.max_steps,
+                                      run_key=checkpoint_key(step) if checkpoint_key else key, evaluate=self.evaluate, watch=WATCHED,
+                                      describe=describe + step.describe(), count_fn=step.loss_units)
+        return self.trainer.finish(result, out, self.tokenizer, summary(result, step), key)
+
+    def evaluate(self, model) -> dict:
+        """The objective's held-out metrics of `model` (each recipe's own)."""
+        raise NotImplementedError
+
+    def evaluate_only(self, model: torch.nn.Module, row: dict) -> dict:
+        """`row` with the held-out metrics of a model that is not trained here (the table's teacher row)."""
+        return {**row, "dev": self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))}
+
+    @torch.no_grad()
+    def write_teacher_store(self, writer, model: torch.nn.Module, relation_layer: int | None, batches: Iterable, n_batches: int,
+                            forward: Callable, write: Callable) -> object:
+        """One pass of the frozen teacher `model` over `batches` ((batch, counted) pairs, `n_batches` of them),
+        every objective's store alike: `forward(teacher, batch)` runs it (the relation layer's Q, K, V caught by
+        hooks in the same forward), `write(batch, outputs, qkv)` stores a counted batch's rows; returns the
+        committed store (`writer.commit`)."""
+        capture = QkvCapture(model, relation_layer) if relation_layer else None
+        teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
+        for batch, counted in teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
+            with capture.recording() if capture else contextlib.nullcontext():
+                outputs = forward(teacher, batch)
+            qkv = torch.stack(capture.take()) if capture else None
+            if counted:
+                write(batch, outputs, qkv)
+        return writer.commit()
 
     def inference_batches(self, dataset, lookup: Callable[[dict], dict] | None = None) -> tuple[Iterator[tuple[dict, bool]], int]:
         """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the

@@ -6,7 +6,6 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -25,15 +24,13 @@ from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
-from pkd_fast.losses import Relations, pkd_loss, resolve_impl
+from pkd_fast.distill import Distiller, DistillSpec, with_projection
 from pkd_fast.metrics import glue_metrics_with_halves
-from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
-                             layer_map, load_classifier, model_config, num_layers, project_rows, scratch_student)
+from pkd_fast.models import (build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
+                             layer_map, load_classifier, model_config, num_layers, scratch_student)
 from pkd_fast.recipes import common
-from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
+from pkd_fast.relations import RelationPlan, relation_plan
 from pkd_fast.tasks import Task, get_task
-from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
-from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
 
 log = logging.getLogger("pkd_fast")
 
@@ -129,9 +126,7 @@ def run(cfg: Config) -> dict:
             gamma = 0.0 if strategy == "ft" else cfg.relation_weight
             student_run = Run(strategy, strategy, lmap, alpha, beta, cfg.lr, cfg.epochs, out / "students" / strategy, gamma)
             set_seed(cfg.seed)  # the same fresh head for every strategy
-            student = build_student(init_source, k, task)
-            if lmap and student.config.hidden_size != teacher_width:  # PT through a learned map (TinyBERT's W_h)
-                student = WidthProjected(student, teacher_width, len(lmap))
+            student = with_projection(build_student(init_source, k, task), teacher_width, len(lmap))
             results[strategy] = ctx.fit(student, student_run)
 
     # -- table ---------------------------------------------------------------------------------------
@@ -195,15 +190,6 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
     raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
 
 
-def _with_token_index(lookup):
-    """The collate-time lookup, plus the flattened positions of the batch's real tokens (`Rows.tokens`)."""
-    def read(batch: dict) -> dict:
-        extra = lookup(batch) if lookup is not None else {}
-        return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
-
-    return read
-
-
 class Context(common.RecipeContext):
     """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
@@ -221,80 +207,61 @@ class Context(common.RecipeContext):
         return self.relations.teacher_layer if self.relations else None
 
     # -- one training run ----------------------------------------------------------------------------
-    def teacher_source(self, spec: Run) -> TeacherSource:
-        """What `spec` learns from: nothing (FT), the cache's rows, or a fresh live teacher (frozen_teacher
-        casts, moves or partitions the module it is given, so one run's teacher is never handed to the next)."""
-        if not (spec.alpha or spec.layer_map or spec.gamma):
-            return NoTeacher()
-        layers, logits = spec.layer_map, spec.alpha > 0
-        relation_layer = self.relation_layer if spec.gamma else None
-        if self.cache is not None:
-            return CachedTeacher(self.cache, layers, self.cfg.pt_tokens, logits=logits, pin=self.world.device.type == "cuda",
-                                 relation_layer=relation_layer)
-        return LiveTeacher(load_classifier(self.teacher_path, self.task), self.ds_config, self.world.device, layers, logits=logits,
-                           relation_layer=relation_layer)
+    def distiller(self, model, spec: Run) -> Distiller:
+        """`spec`'s step on `model`: from the cache's rows where there is one, else from a fresh live teacher
+        (loaded only if the spec reads one: the Distiller casts, moves or partitions it)."""
+        cfg = self.cfg
+        step = DistillSpec(alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, temperature=cfg.temperature, layer_map=spec.layer_map,
+                           pt_tokens=cfg.pt_tokens, pt_reduction=cfg.pt_reduction, relations=self.relations if spec.gamma else None,
+                           loss_impl=cfg.loss_impl, regression=self.task.regression)
+        teacher = self.cache if self.cache is not None else (lambda: load_classifier(self.teacher_path, self.task))
+        return Distiller(teacher, model, step, ds_config=self.ds_config, device=self.world.device)
 
-    def train_loader(self, teacher: TeacherSource, spec: Run):
-        """The run's shuffled, rank-sharded batches (grouped by length unless --no-group-by-length); the collate adds the teacher source's rows and, for
-        --pt-tokens all, the real tokens' positions, so the step finds them without a sync."""
-        lookup = teacher.lookup()
-        if self.cfg.pt_tokens == "all" and spec.layer_map:
-            lookup = _with_token_index(lookup)
+    def train_loader(self, distiller: Distiller):
+        """The run's shuffled, rank-sharded batches (grouped by length unless --no-group-by-length); the collate
+        adds what the distiller reads there (`Distiller.lookup`), so the step finds it without a sync."""
         return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
-                                     rank=self.world.rank, world_size=self.world.world_size, lookup=lookup,
+                                     rank=self.world.rank, world_size=self.world.world_size, lookup=distiller.lookup(),
                                      group_by_length=self.cfg.group_by_length, accumulation=self.trainer.accum)
 
     def fit(self, model, spec: Run) -> dict:
-        """Train `model` on `spec`, distilling from its `teacher_source`."""
-        cfg, world = self.cfg, self.world
-        key = self._run_key(spec)  # before --beta-share picks β: that β is a function of this key
-        finished = self.finished(spec.name, spec.out, key)
-        if finished is not None:
-            return finished
+        """Train `model` on `spec` (`common.RecipeContext.train`), its β set by --beta-share where given."""
+        cfg = self.cfg
 
-        teacher = self.teacher_source(spec)
-        loader = self.train_loader(teacher, spec)
-        impl = resolve_impl(cfg.loss_impl, world.device, wide=cfg.pt_tokens == "all" and bool(spec.layer_map))
-        capture = QkvCapture(model, self.relations.student_layer) if spec.gamma else None
-        if cfg.beta_share is not None and spec.layer_map:
-            spec = dataclasses.replace(spec, beta=self.calibrate_beta(model, teacher, loader, spec, impl, capture))
-        relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} "
-                     f"in {self.relations.heads} heads" if capture else "")
-        try:
-            result = self.trainer.fit(
-                model, loader, self.step_fn(teacher, spec, impl, capture),
-                name=spec.name, out=spec.out, lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=self._run_key(spec),
-                evaluate=self.evaluate, watch=WATCHED,
-                describe=f", layer map {list(spec.layer_map) or '-'}, α={spec.alpha:g} β={spec.beta:g} T={cfg.temperature:g}{relations}, "
-                         f"loss impl {impl}, {teacher.description}",
-            )
-        finally:
-            if capture is not None:
-                capture.remove()
-        return self.trainer.finish(result, spec.out, self.tokenizer, {
-            "task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
-            "student_layers": result.engine.module.config.num_hidden_layers,
-            "alpha": spec.alpha, "beta": spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None, "gamma": spec.gamma,
-            "temperature": cfg.temperature, "lr": spec.lr,
-            "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
-            "train_rows": len(self.train_set),
-        }, key)
+        def distiller() -> Distiller:
+            step = self.distiller(model, spec)
+            if cfg.beta_share is not None and spec.layer_map:
+                step = step.replace(beta=self.calibrate_beta(model, step, self.train_loader(step), spec.name))
+            return step
+
+        def summary(result, step: Distiller) -> dict:
+            return {"task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
+                    "student_layers": result.engine.module.config.num_hidden_layers,
+                    "alpha": spec.alpha, "beta": step.spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None,
+                    "gamma": spec.gamma, "temperature": cfg.temperature, "lr": spec.lr,
+                    "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
+                    "train_rows": len(self.train_set)}
+
+        # keyed before --beta-share picks β (that β is a function of this key); the checkpoints hold the β picked
+        return self.train(model, name=spec.name, out=spec.out, key=self._run_key(spec), lr=spec.lr, epochs=spec.epochs,
+                          distiller=distiller, loader=self.train_loader, summary=summary,
+                          checkpoint_key=lambda step: self._run_key(dataclasses.replace(spec, beta=step.spec.beta)))
 
     @torch.no_grad()
-    def calibrate_beta(self, model, teacher, loader, spec: Run, impl: str, capture: QkvCapture | None) -> float:
+    def calibrate_beta(self, model, distiller: Distiller, loader, name: str) -> float:
         """--beta-share s: the β that makes β·PT the share s of the loss on the run's first batch at its
         initial weights, β = s/(1-s)·((1-α)·CE + α·KD)/PT, so a β grid means the same across --pt-tokens
         kinds and teachers whose PT differs by orders of magnitude. The terms are averaged over ranks (one β
         everywhere) and depend only on the run's flags and data, so --resume finds the same β. Dropout is off
         and the RNG state is restored: the run's dropout stream is the one it has without the flag."""
-        world, dtype = self.world, ds.train_dtype(self.ds_config)
+        world, dtype, spec = self.world, ds.train_dtype(self.ds_config), distiller.spec
         (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(0)
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             batch = glue_data.batch_to_device(next(iter(loader)), world.device)
             was_training = model.training
             model.to(world.device).eval()
             with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                terms = self.loss(model, teacher, batch, dataclasses.replace(spec, beta=1.0), impl, True, capture).terms
+                terms = distiller.replace(beta=1.0)(model, batch, True).terms
             model.train(was_training)
         rest = (1 - spec.alpha) * terms.ce + (spec.alpha * terms.kd if terms.kd is not None else 0.0)
         rest = rest + (spec.gamma * terms.rel if terms.rel is not None else 0.0)
@@ -306,36 +273,12 @@ class Context(common.RecipeContext):
                            f"layers equal the teacher layers {list(spec.layer_map)} they learn from), so no β scales it; give --beta")
         beta = self.cfg.beta_share / (1 - self.cfg.beta_share) * rest / pt
         log.info("%s: --beta-share %g → β = %.6g ((1-α)·CE + α·KD %.4g, PT %.4g on the first batch)",
-                 spec.name, self.cfg.beta_share, beta, rest, pt)
+                 name, self.cfg.beta_share, beta, rest, pt)
         return beta
 
     def _run_key(self, spec: Run) -> dict:
         return common.run_key(self.cfg, self.ds_config, run=spec.name, layer_map=spec.layer_map, alpha=spec.alpha,
                               beta=spec.beta, lr=spec.lr, epochs=spec.epochs)
-
-    def step_fn(self, teacher: TeacherSource, spec: Run, impl: str, capture: QkvCapture | None = None):
-        """The run's `Trainer` step function (GLUE losses are means per micro-batch: no divisors)."""
-        return lambda engine, batch, return_terms, _divisors: self.loss(engine, teacher, batch, spec, impl, return_terms, capture)
-
-    def loss(self, engine, teacher: TeacherSource, batch, spec: Run, impl: str, return_terms: bool,
-             capture: QkvCapture | None = None) -> StepOutput:
-        """One forward of the student, the teacher's outputs for the batch → the PKD loss terms, and what the
-        non-finite guard watches. A student of another width than the teacher's reads its PT rows through
-        its learned projection (`models.project_rows`); its relations need none (R heads of its own size).
-        `capture`: the hooks on the student's relation layer (γ > 0)."""
-        need_hidden = bool(spec.layer_map)
-        with capture.recording() if capture else contextlib.nullcontext():
-            student = engine(**model_inputs(engine, batch), output_hidden_states=need_hidden)
-        rows = Rows(tokens=batch.get("token_index"), pool_mask=batch["attention_mask"] if self.cfg.pt_tokens == "mean" else None)
-        t = teacher(batch, rows)
-        s_rows = project_rows(engine, rows.states(student.hidden_states, range(1, len(spec.layer_map) + 1))) if need_hidden else []
-        relations = Relations(torch.stack(capture.take()), t.qkv, batch["attention_mask"], self.relations.heads) if capture else None
-        terms = pkd_loss(
-            student.logits, t.logits, batch["labels"], s_rows, t.hidden,
-            temperature=self.cfg.temperature, alpha=spec.alpha, beta=spec.beta, regression=self.task.regression,
-            pt_reduction=self.cfg.pt_reduction, impl=impl, return_terms=return_terms, gamma=spec.gamma, relations=relations,
-        )
-        return StepOutput(terms, {STUDENT: student.logits, "loss": terms.total, **t.watched()})
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -390,22 +333,15 @@ class Context(common.RecipeContext):
             relation_layer=self.relation_layer or 0, relation_positions=self.cfg.max_seq_length if self.relation_layer else 0,
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
-            capture = QkvCapture(model, self.relation_layer) if self.relation_layer else None
-            teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self.inference_batches(self.train_set)
-            for batch, counted in common.teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
-                with capture.recording() if capture else contextlib.nullcontext():
-                    out = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
-                qkv = torch.stack(capture.take()) if capture else None
-                if counted:
-                    writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"], qkv)
-            return writer.commit()
+            return self.write_teacher_store(
+                writer, model, self.relation_layer, batches, n_batches,
+                forward=lambda teacher, batch: teacher(**model_inputs(teacher, batch), output_hidden_states=True),
+                write=lambda batch, out, qkv: writer.write(batch["example_idx"], out.logits, out.hidden_states, batch["attention_mask"], qkv))
 
     def evaluate_only(self, model, name: str) -> dict:
         """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
-        layers = num_layers(model)
-        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
-        return {"strategy": name, "layers": layers, "dev": metrics}
+        return super().evaluate_only(model, {"strategy": name, "layers": num_layers(model)})
 
 
 def render_table(summary: dict, task: Task) -> str:

@@ -27,10 +27,8 @@ held out  Masked-LM loss and accuracy on --validation-files, or else on the corp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +45,16 @@ from pkd_fast import engine as ds
 from pkd_fast import mlm_cache
 from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
 from pkd_fast.errors import PkdError
-from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
+from pkd_fast.distill import Distiller, DistillSpec
+from pkd_fast.losses import relation_loss_reference
 from pkd_fast.mlm_cache import MlmTeacherCache
 from pkd_fast.families import width_config
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
-                             load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config,
+                             load_mlm_teacher, mlm_row_index, mlm_rows, mlm_student_layers, model_config,
                              scratch_mlm_student)
 from pkd_fast.recipes import common
-from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
-from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows, TeacherSource
-from pkd_fast.trainer import STUDENT, WATCHED, StepOutput
+from pkd_fast.relations import RelationPlan, relation_plan
+from pkd_fast.teacher import Rows, TeacherSource
 
 log = logging.getLogger("pkd_fast")
 # Without --validation-files: the corpus's last 1% of blocks, at least HELD_OUT_MIN (one block, often the
@@ -190,9 +188,8 @@ class MlmContext(common.RecipeContext):
     def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
-        self.capture: QkvCapture | None = None  # the hooks on the training student's relation layer (`_fit`)
+        self.training: Distiller | None = None  # the training student's step: its relation hooks (`distil`, `evaluate_relations`)
         self.held_out_teacher: TeacherSource | None = None  # a headless student's scorer (`distil`, `evaluate_relations`)
-        self.impl = resolve_impl(cfg.loss_impl, world.device, wide=True)  # vocabulary-sized logits
         source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                   "text_column": cfg.text_column}
         self.cache_dir = out / "corpus_cache"
@@ -231,17 +228,18 @@ class MlmContext(common.RecipeContext):
             dist.barrier()
         return blocks
 
-    def train_loader(self, teacher: TeacherSource) -> corpus.MlmLoader:
+    def train_loader(self, distiller: Distiller | None = None) -> corpus.MlmLoader:
         """A fresh loader for one run (a stream starts from its beginning); its collate masks each batch, then
-        adds the teacher source's rows for it (`TeacherSource.lookup`)."""
+        adds what the distiller reads there (`Distiller.lookup`: a cache's rows)."""
+        lookup = distiller.lookup() if distiller is not None else None
         cfg, world = self.cfg, self.world
         if cfg.streaming:
             docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
             stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
             return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
-                                        lookup=teacher.lookup())
+                                        lookup=lookup)
         return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
-                                 rank=world.rank, world_size=world.world_size, lookup=teacher.lookup())
+                                 rank=world.rank, world_size=world.world_size, lookup=lookup)
 
     def student_plan(self, teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The student's teacher layers (1-based) and the PT map its layers 1..k-1 learn from (none without β)."""
@@ -254,7 +252,7 @@ class MlmContext(common.RecipeContext):
         teacher cache must hold)."""
         if self.cfg.epochs is not None:
             return self.cfg.epochs
-        steps_per_epoch = len(self.train_loader(NoTeacher())) // self.trainer.accum
+        steps_per_epoch = len(self.train_loader()) // self.trainer.accum
         return -(-self.cfg.max_steps // steps_per_epoch)
 
     # -- the two runs --------------------------------------------------------------------------------
@@ -265,7 +263,7 @@ class MlmContext(common.RecipeContext):
         set_seed(cfg.seed)
         model = MaskedLMRows(fresh_mlm_head(cfg.teacher, train_body=cfg.teacher_lr is not None))
         trains = "head and body" if cfg.teacher_lr is not None else "head only (body frozen)"
-        return self._fit(model, spec, NoTeacher(), f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
+        return self._fit(model, spec, None, f", fitting a masked-LM head on {cfg.teacher}: {trains}", {"trains": trains})
 
     def distil(self, teacher_path: str, cache: MlmTeacherCache | None = None) -> tuple[str, dict]:
         """Distil a student from the teacher at `teacher_path`, or from `cache`'s rows (then the teacher's
@@ -282,99 +280,54 @@ class MlmContext(common.RecipeContext):
                       cfg.relation_weight, cfg.mlm_ce_weight)
         set_seed(cfg.seed)
         student = MaskedLMRows(scratch_mlm_student(teacher, len(layers), scratch_width) if scratch_width else build_mlm_student(teacher, layers))
-        source = self.teacher_source(teacher, spec, cache)  # after the student: a live teacher is cast and moved
-        if not reads_logits(cfg):  # scored by its relations to the teacher, run live on the held-out blocks (no store has them)
-            self.held_out_teacher = source if cache is None else self.teacher_source(load_encoder(teacher_path), spec)
-        del teacher  # a live source holds what it runs; a cached one needs nothing of it
         cached = cache is not None and bool(spec.alpha or spec.pt_map or spec.gamma)
-        relations = (f", relations γ={spec.gamma:g} of layers {self.relations.teacher_layer}:{self.relations.student_layer} in "
-                     f"{self.relations.heads} heads" if spec.gamma else "")
+        if cached:
+            cache.require(spec.pt_map, self.epochs_needed(), self.relations.teacher_layer if spec.gamma else None, logits=spec.alpha > 0)
+        source = cache if cached else teacher  # a live teacher is cast and moved by the Distiller, after the student is built
+        del teacher  # a live source holds what it runs; a cached one needs nothing of it
         init = f"random weights, {len(layers)} layers of width {scratch_width}" if scratch_width else f"teacher layers {list(layers)} of {n}"
-        describe = (f", {init}, PT map {list(spec.pt_map) or '-'}, α={spec.alpha:g} "
-                    f"β={spec.beta:g} T={cfg.temperature:g}{relations}, KL over {cfg.kd_positions} rows, loss impl {self.impl}, "
-                    f"{source.description}")
         # A cached teacher's top-k KL is another loss than a live teacher's: its runs are keyed apart.
-        return name, self._fit(student, spec, source, describe, {
+        return name, self._fit(student, spec, source, f", {init}, KL over {cfg.kd_positions} rows", {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "gamma": spec.gamma, "mlm_ce_weight": spec.ce_weight, "temperature": cfg.temperature,
             "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
             "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
-        }, {"teacher_source": "cache"} if cached else {})
+        }, {"teacher_source": "cache"} if cached else {}, held_out_teacher=teacher_path if cached else None)
 
-    def teacher_source(self, teacher, spec: MlmRun, cache: MlmTeacherCache | None = None) -> TeacherSource:
-        """What the student learns from: nothing when neither KL nor PT reads the teacher; else `cache`'s rows,
-        read at collate time (its top-k logits, at the T the store was written for: the fingerprint holds
-        it), or the teacher run live (only the rows and layers the loss reads)."""
-        if not (spec.alpha or spec.pt_map or spec.gamma):
-            return NoTeacher()
-        relation_layer = self.relations.teacher_layer if spec.gamma else None
-        if cache is not None:
-            cache.require(spec.pt_map, self.epochs_needed(), relation_layer, logits=spec.alpha > 0)
-            return CachedTeacher(cache, spec.pt_map, self.cfg.pt_tokens, logits=spec.alpha > 0, pin=self.world.device.type == "cuda",
-                                 relation_layer=relation_layer, kd_positions=self.cfg.kd_positions)
-        return LiveTeacher(MaskedLMRows(teacher), self.ds_config, self.world.device, spec.pt_map, logits=spec.alpha > 0,
-                           relation_layer=relation_layer)
+    def step_spec(self, spec: MlmRun) -> DistillSpec:
+        """The distillation step of `spec` on the masked-LM rows (KL over --kd-positions)."""
+        cfg = self.cfg
+        return DistillSpec(alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, temperature=cfg.temperature, layer_map=spec.pt_map,
+                           pt_tokens=cfg.pt_tokens, pt_reduction=cfg.pt_reduction, relations=self.relations if spec.gamma else None,
+                           loss_impl=cfg.loss_impl, ce_weight=spec.ce_weight, logit_rows=cfg.kd_positions, student_head=reads_logits(cfg))
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
 
-    def _fit(self, model: MaskedLMRows, spec: MlmRun, teacher: TeacherSource, describe: str, summary: dict,
-             key: dict | None = None) -> dict:
-        """Train `model` on `spec` from `teacher`; `key`: what else the run's results depend on (its run key)."""
+    def _fit(self, model: MaskedLMRows, spec: MlmRun, teacher, describe: str, summary: dict, key: dict | None = None,
+             held_out_teacher: str | None = None) -> dict:
+        """Train `model` on `spec` from `teacher` (a module, a store or None: `Distiller`); `key`: what else the
+        run's results depend on (its run key). A student scored by its relations alone is scored against the
+        live teacher, the training one or, when that is a store, the encoder at `held_out_teacher`."""
         cfg = self.cfg
         run_key = common.run_key(cfg, self.ds_config, run=spec.name, layers=spec.layers, layer_map=spec.pt_map,
                                  alpha=spec.alpha, beta=spec.beta, lr=spec.lr, epochs=spec.epochs, **(key or {}))
-        finished = self.finished(spec.name, spec.out, run_key)
-        if finished is not None:
-            return finished
-        self.capture = QkvCapture(model, self.relations.student_layer) if spec.gamma else None
-        try:
-            result = self.trainer.fit(model, self.train_loader(teacher), self.step_fn(teacher, spec), name=spec.name, out=spec.out,
-                                      lr=spec.lr, epochs=spec.epochs, max_steps=cfg.max_steps, run_key=run_key, evaluate=self.evaluate,
-                                      watch=WATCHED, describe=describe, count_fn=self.loss_units(spec))
-        finally:
-            if self.capture is not None:
-                self.capture.remove()
-        return self.trainer.finish(result, spec.out, self.tokenizer, {
-            "objective": "mlm", "run": spec.name, **summary,
-            "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr, "epochs": spec.epochs,
-            "max_steps": cfg.max_steps, "mlm_probability": cfg.mlm_probability, "seed": cfg.seed,
-            "train_blocks": self.train_blocks,
-        }, run_key)
+        step_spec = self.step_spec(spec)
 
-    def loss_units(self, spec: MlmRun) -> Callable[[dict], torch.Tensor]:
-        """The trainer's `count_fn`: a micro-batch's [masked tokens, KL rows (--kd-positions), real tokens], the
-        units its CE and KL sums and its relation term's query rows are divided by over the whole optimizer
-        step (`pkd_fast.trainer`, `losses.pkd_loss`)."""
-        kl_rows = self.cfg.kd_positions if spec.alpha else "masked"  # without a KL its divisor is unused
-        return lambda batch: torch.stack([mlm_row_count(batch, "masked"), mlm_row_count(batch, kl_rows), mlm_row_count(batch, "all")])
+        def distiller() -> Distiller:
+            self.training = Distiller(teacher, model, step_spec, ds_config=self.ds_config, device=self.world.device)
+            if not reads_logits(cfg):  # no store has the held-out blocks' relations
+                self.held_out_teacher = (self.training.teacher if held_out_teacher is None else
+                                         Distiller.teacher_source(load_encoder(held_out_teacher), step_spec, self.ds_config,
+                                                                  self.world.device, {}))
+            return self.training
 
-    def step_fn(self, teacher: TeacherSource, spec: MlmRun) -> Callable:
-        """The run's `Trainer` step function."""
-        return lambda engine, batch, return_terms, divisors: self.loss(engine, teacher, batch, spec, return_terms, divisors)
-
-    def loss(self, engine, teacher: TeacherSource, batch: dict, spec: MlmRun, return_terms: bool,
-             divisors: torch.Tensor) -> StepOutput:
-        """One micro-batch's PKD terms on the masked-LM rows, its CE and KL sums divided by `divisors` (its
-        share of the step's masked tokens and KL rows), and what the non-finite guard watches."""
-        cfg, capture = self.cfg, self.capture
-        with capture.recording() if capture else contextlib.nullcontext():
-            student = mlm_rows(engine, batch, rows=cfg.kd_positions if spec.alpha else "masked",
-                               output_hidden_states=bool(spec.pt_map), head=reads_logits(cfg))
-        tokens = None
-        if cfg.pt_tokens == "all" and spec.pt_map:
-            tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
-        rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
-        t = teacher(batch, rows)
-        s_rows = rows.states(student.hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
-        student_qkv = torch.stack(capture.take()) if capture else None
-        relations = Relations(student_qkv, t.qkv, batch["attention_mask"], self.relations.heads) if capture else None
-        terms = pkd_loss(student.logits, t.logits, student.labels, s_rows, t.hidden,
-                         temperature=cfg.temperature, alpha=spec.alpha, beta=spec.beta, pt_reduction=cfg.pt_reduction,
-                         impl=self.impl, return_terms=return_terms, divisors=divisors, ce_weight=spec.ce_weight,
-                         gamma=spec.gamma, relations=relations)
-        output = next(x for x in (student.logits, student_qkv, *s_rows) if x is not None)  # what the student put out
-        return StepOutput(terms, {STUDENT: output, "loss": terms.total, **t.watched()})
+        return self.train(model, name=spec.name, out=spec.out, key=run_key, lr=spec.lr, epochs=spec.epochs, distiller=distiller,
+                          loader=self.train_loader, describe=describe, summary=lambda result, step: {
+                              "objective": "mlm", "run": spec.name, **summary,
+                              "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr,
+                              "epochs": spec.epochs, "max_steps": cfg.max_steps, "mlm_probability": cfg.mlm_probability,
+                              "seed": cfg.seed, "train_blocks": self.train_blocks})
 
     # -- teacher cache -------------------------------------------------------------------------------
     def ensure_cache(self, teacher_path: str) -> MlmTeacherCache:
@@ -416,8 +369,6 @@ class MlmContext(common.RecipeContext):
             hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature,
             relation_layer=self.relations.teacher_layer if self.relations else 0, logits=logits)
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
-            capture = QkvCapture(model, layout.relation_layer) if layout.relation_layer else None
-            teacher = ds.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
             per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
 
@@ -427,16 +378,15 @@ class MlmContext(common.RecipeContext):
                     yield from glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                            world_size=world.world_size, lookup=masker)[0]
 
-            for batch, counted in common.teacher_pass(batches(), epochs * per_epoch, world, cfg.teacher_cache):
+            def forward(teacher, batch):
                 units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
                 batch = glue_data.batch_to_device(batch, world.device)
-                with capture.recording() if capture else contextlib.nullcontext():
-                    kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
-                                                row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
-                qkv = torch.stack(capture.take()) if capture else None
-                if counted:
-                    writer.write(units, counts, kd_logits, hidden, batch["attention_mask"], qkv)
-            return writer.commit()
+                kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
+                                            row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
+                return units, counts, kd_logits, hidden, batch["attention_mask"]
+
+            return self.write_teacher_store(writer, MaskedLMRows(model), layout.relation_layer, batches(), epochs * per_epoch,
+                                            forward=forward, write=lambda batch, out, qkv: writer.write(*out, qkv))
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -472,9 +422,10 @@ class MlmContext(common.RecipeContext):
         batches, _ = self.inference_batches(self.held_out, lookup=self.held_out_masker)
         sums = torch.zeros(2, dtype=torch.float64, device=self.world.device)  # loss × real tokens, real tokens
         for batch, counted in batches:
-            with self.capture.recording():
+            capture = self.training.capture
+            with capture.recording():
                 mlm_rows(model, batch, head=False)
-            student_qkv = torch.stack(self.capture.take())
+            student_qkv = torch.stack(capture.take())
             t = self.held_out_teacher(batch, Rows(logits=mlm_row_index(batch)))
             if counted:
                 tokens = batch["attention_mask"].sum().double()
@@ -488,9 +439,7 @@ class MlmContext(common.RecipeContext):
     def evaluate_only(self, path: str) -> dict:
         """Held-out metrics of a teacher that already has its head (the teacher row of the table)."""
         teacher = load_mlm_teacher(path)
-        layers = teacher.config.num_hidden_layers
-        model = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
-        return {"run": "teacher", "student_layers": layers, "dev": self.evaluate(model)}
+        return super().evaluate_only(MaskedLMRows(teacher), {"run": "teacher", "student_layers": teacher.config.num_hidden_layers})
 
 
 def render_table(summary: dict) -> str:
