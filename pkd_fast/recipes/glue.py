@@ -6,8 +6,10 @@ Read `run` top to bottom: data → teacher → teacher cache → students → ta
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast.cache import TeacherCache
-from pkd_fast.config import PRESETS, Config, Need, Objective, register
+from pkd_fast.config import PKD_STRATEGIES, PRESETS, STRATEGIES, Config, Need, Objective, int_list, need_model_path, register, strategies
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
 from pkd_fast.distill import Distiller, DistillSpec, with_projection
@@ -30,7 +32,7 @@ from pkd_fast.models import (build_student, check_max_seq_length, check_same_tok
                              layer_map, load_classifier, model_config, num_layers, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.relations import RelationPlan, relation_plan
-from pkd_fast.tasks import Task, get_task
+from pkd_fast.tasks import TASKS, Task, get_task
 
 log = logging.getLogger("pkd_fast")
 
@@ -53,19 +55,19 @@ class Run:
 def run(cfg: Config) -> dict:
     # -- setup ---------------------------------------------------------------------------------------
     world, out, ds_config, device = common.start(cfg)
-    task = get_task(cfg.task)
+    task = get_task(cfg.options.task)
     log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
     # -- every flag against the models' configs (no weights loaded), before any work ---------------------
-    configs = {flag: model_config(flag, path) for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.base_model)) if path}
+    configs = {flag: model_config(flag, path) for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.options.base_model)) if path}
     for flag, config in configs.items():
         check_max_seq_length(cfg.max_seq_length, flag, config)
     n = configs["--teacher"].num_hidden_layers  # fine-tuning and caching keep the depth
     k = cfg.student_layers or max(1, n // 2)
     if cfg.stage in ("all", "student"):
         for flag, config in configs.items():  # the --base-model's layers initialise the student with --init-from pretrained
-            check_student_depth(k, config.num_hidden_layers, "the teacher's" if flag == "--teacher" else f"--base-model {cfg.base_model}'s")
-        maps = {strategy: layer_map(strategy, n, k, cfg.layer_map) for strategy in cfg.strategy}
+            check_student_depth(k, config.num_hidden_layers, "the teacher's" if flag == "--teacher" else f"--base-model {cfg.options.base_model}'s")
+        maps = {strategy: layer_map(strategy, n, k, cfg.options.layer_map) for strategy in cfg.options.strategy}
         if cfg.init_from == "scratch":  # the width is checked against the teacher's heads
             width_config(configs["--teacher"], k, cfg.student_hidden_size or configs["--teacher"].hidden_size)
     relations = None
@@ -76,16 +78,16 @@ def run(cfg: Config) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
-        check_same_tokenizer(tokenizer, "--base-model", cfg.base_model)
+        check_same_tokenizer(tokenizer, "--base-model", cfg.options.base_model)
 
     # -- data ----------------------------------------------------------------------------------------
-    raw = glue_data.load_glue(task, cfg.glue_dir)
+    raw = glue_data.load_glue(task, cfg.options.glue_dir)
     full_train_rows = len(raw["train"])
     train_set = glue_data.tokenize(
-        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.data_seed), tokenizer, cfg.max_seq_length
+        glue_data.subsample(raw["train"], cfg.options.max_train_samples, cfg.options.data_seed), tokenizer, cfg.max_seq_length
     )
     dev_sets = {
-        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
+        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.options.max_eval_samples), tokenizer, cfg.max_seq_length)
         for split in task.dev_splits
     }
     ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets, relations)
@@ -94,7 +96,7 @@ def run(cfg: Config) -> dict:
     teacher_path, results = cfg.teacher, {}
     finetuned = is_finetuned(cfg.teacher, task)
     if cfg.stage in ("all", "student") or (not finetuned and cfg.stage == "teacher"):  # something trains: checked before it does
-        subset = cfg.max_train_samples is not None and cfg.max_train_samples < full_train_rows
+        subset = cfg.options.max_train_samples is not None and cfg.options.max_train_samples < full_train_rows
         ctx.trainer.require_full_step(len(train_set), f"{task.name} training rows",
                                       "raise --max-train-samples" if subset else "give more training rows")
     if not finetuned and cfg.stage in ("all", "teacher"):
@@ -102,14 +104,14 @@ def run(cfg: Config) -> dict:
         set_seed(cfg.seed)
         results["teacher"] = ctx.fit(load_classifier(cfg.teacher, task), teacher_run)
         teacher_path = str(teacher_run.out / "model")
-    elif not finetuned and (cfg.distilled or cfg.stage == "cache"):
+    elif not finetuned and (cfg.options.distilled or cfg.stage == "cache"):
         raise PkdError(f"--stage {cfg.stage} needs a teacher fine-tuned on {task.name}; --teacher {cfg.teacher} has no classifier head")
     elif finetuned and cfg.stage in ("all", "teacher"):  # the stages whose table has a teacher row
         results["teacher"] = ctx.evaluate_only(load_classifier(teacher_path, task), "teacher")
 
     # -- teacher cache: run the teacher once over the training set (or reuse a matching store) ---------
     ctx.teacher_path = teacher_path
-    if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.distilled)):
+    if cfg.teacher_cache and (cfg.stage in ("all", "cache") or (cfg.stage == "student" and cfg.options.distilled)):
         ctx.cache = ctx.ensure_cache(teacher_path)
 
     # -- students ------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def run(cfg: Config) -> dict:
         "train_rows": len(train_set),
         "train_rows_available": full_train_rows,
         "dev_rows": {split: len(dev) for split, dev in dev_sets.items()},
-        "preset": cfg.preset,
+        "preset": cfg.options.preset,
         "device": device,
         "runs": results,
     }
@@ -144,24 +146,87 @@ def run(cfg: Config) -> dict:
     return summary
 
 
+@dataclass
+class GlueOptions:
+    """The flags only --objective glue reads (`cfg.options`); None where not given (`OBJECTIVE.defaults`)."""
+
+    task: str | None = None  # default sst2
+    glue_dir: str | None = None  # default $GLUE_DIR, else the hub
+    max_train_samples: int | None = None
+    data_seed: int | None = None  # default 42: picks the --max-train-samples subset, apart from --seed
+    max_eval_samples: int | None = None
+    group_by_length: bool | None = None  # default True: each optimizer step's rows of like length (data.LengthGroupedSampler)
+    strategy: tuple[str, ...] | None = None  # default ft,kd,skip
+    layer_map: tuple[int, ...] | None = None
+    beta_share: float | None = None  # β set at step 0 so that β·PT is this share of the loss (replaces --beta)
+    base_model: str | None = None  # pretrained weights for --init-from pretrained; default: the teacher's own base
+    preset: str | None = None
+
+    @property
+    def distilled(self) -> tuple[str, ...]:
+        """The strategies that read a teacher (all but ft)."""
+        return tuple(s for s in self.strategy or () if s != "ft")
+
+
+def _add_flags(p) -> None:
+    g = p.add_argument_group("glue (--objective glue)")
+    g.add_argument("--task", default=None, help=f"GLUE task: {', '.join(TASKS)} (default sst2)")
+    g.add_argument("--glue-dir", default=None, help="classic glue_data/ folder (default $GLUE_DIR; else the hub)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of the training set")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of that subset (independent of --seed, so runs over seeds train on the same rows; default 42)")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="the first N dev rows")
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="shuffled optimizer steps whose rows have like lengths, so batches are barely padded (SST-2: 1.05× the real "
+                        "tokens instead of 3×); --no-group-by-length: plain shuffled batches (default: on)")
+    g.add_argument("--base-model", default=None, help="pretrained weights for --init-from pretrained (default: the model the teacher was fine-tuned from)")
+    g.add_argument("--strategy", type=strategies, default=None, help=f"comma-separated subset of {STRATEGIES} (default ft,kd,skip)")
+    g.add_argument("--layer-map", type=int_list, default=None, help="1-based teacher layers for student layers 1..k-1 (overrides skip/last)")
+    g.add_argument("--beta-share", type=float, default=None, metavar="S",
+                   help="set β at step 0 so that β·PT is this share (0-1) of the loss on the first batch, the "
+                        "same on every rank and on --resume (replaces --beta; the chosen β is in results.json)")
+
+
 def _resolve_flags(cfg: Config) -> None:
-    if cfg.glue_dir is None:
-        cfg.glue_dir = os.environ.get("GLUE_DIR") or None
+    if cfg.options.glue_dir is None:
+        cfg.options.glue_dir = os.environ.get("GLUE_DIR") or None
 
 
 def _validate_flags(cfg: Config, need: Need) -> None:
-    need(not cfg.relation_weight or bool(cfg.distilled),
+    o = cfg.options
+    need(o.task in TASKS, f"unknown task {o.task!r}; expected one of: {', '.join(TASKS)}")
+    need(o.beta_share is None or (math.isfinite(o.beta_share) and 0.0 < o.beta_share < 1.0),
+         f"--beta-share must be a share of the loss in (0, 1), got {o.beta_share}")
+    need(o.data_seed is None or o.data_seed >= 0, f"--data-seed must be >= 0, got {o.data_seed}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(o, name)
+        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    need(not cfg.relation_weight or bool(o.distilled),
          "--relation-weight only applies to students that learn from the teacher (--strategy kd, skip or last)")
 
 
+def _validate_use(cfg: Config, need: Need) -> None:
+    """GLUE's paths, and its flags that would do nothing in this run (refused, not ignored)."""
+    o = cfg.options
+    need(o.glue_dir is None or Path(o.glue_dir).is_dir(), f"--glue-dir {o.glue_dir}: no such directory")
+    need_model_path(need, "--base-model", o.base_model)
+    pkd = [s for s in o.strategy or () if s in PKD_STRATEGIES]
+    trains_students = cfg.stage in ("all", "student")
+    if o.layer_map is not None:
+        need(trains_students and bool(pkd), "--layer-map only applies to PKD students (--strategy skip or last)")
+        need(len(pkd) == 1, "--layer-map with both skip and last would train the same map twice; pass one of them")
+    if o.beta_share is not None:
+        need(trains_students and bool(pkd), "--beta-share only applies to PKD students (--strategy skip or last)")
+    if o.base_model is not None:
+        need(cfg.init_from == "pretrained" and trains_students, "--base-model only applies with --init-from pretrained")
+
+
 OBJECTIVE = register(Objective(
-    "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"),
-    flags=("task", "beta_share", "glue_dir", "max_train_samples", "data_seed", "max_eval_samples", "group_by_length", "strategy",
-           "layer_map", "init_from", "base_model", "student_hidden_size", "preset"),
+    "glue", run, "distil on a GLUE task", stages=("all", "teacher", "cache", "student"), options=GlueOptions, add_flags=_add_flags,
     defaults={"task": "sst2", "data_seed": 42, "group_by_length": True, "strategy": ("ft", "kd", "skip"), "init_from": "teacher",
               "pt_tokens": "cls"},
-    resolve=_resolve_flags, validate=_validate_flags, output_name=lambda cfg: cfg.task, default=True,
-    reads_teacher=lambda cfg: bool(cfg.distilled), teacher_flags="--strategy kd, skip or last",
+    resolve=_resolve_flags, validate=_validate_flags, validate_use=_validate_use, output_name=lambda cfg: cfg.options.task,
+    default=True, reads_teacher=lambda cfg: bool(cfg.options.distilled), teacher_flags="--strategy kd, skip or last",
 ))
 
 
@@ -183,8 +248,8 @@ def _student_source(cfg: Config, teacher_path: str, teacher_config, k: int, task
 
 
 def _base_model(cfg: Config, teacher_path: str) -> str:
-    if cfg.base_model:
-        return cfg.base_model
+    if cfg.options.base_model:
+        return cfg.options.base_model
     if teacher_path != cfg.teacher:  # we fine-tuned it, so --teacher is the pretrained base
         return cfg.teacher
     raise PkdError("--init-from pretrained with an already fine-tuned --teacher needs --base-model (its pretrained base)")
@@ -222,7 +287,7 @@ class Context(common.RecipeContext):
         adds what the distiller reads there (`Distiller.lookup`), so the step finds it without a sync."""
         return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
                                      rank=self.world.rank, world_size=self.world.world_size, lookup=distiller.lookup(),
-                                     group_by_length=self.cfg.group_by_length, accumulation=self.trainer.accum)
+                                     group_by_length=self.cfg.options.group_by_length, accumulation=self.trainer.accum)
 
     def fit(self, model, spec: Run) -> dict:
         """Train `model` on `spec` (`common.RecipeContext.train`), its β set by --beta-share where given."""
@@ -230,14 +295,14 @@ class Context(common.RecipeContext):
 
         def distiller() -> Distiller:
             step = self.distiller(model, spec)
-            if cfg.beta_share is not None and spec.layer_map:
+            if cfg.options.beta_share is not None and spec.layer_map:
                 step = step.replace(beta=self.calibrate_beta(model, step, self.train_loader(step), spec.name))
             return step
 
         def summary(result, step: Distiller) -> dict:
             return {"task": self.task.name, "strategy": spec.strategy, "layer_map": list(spec.layer_map),
                     "student_layers": result.engine.module.config.num_hidden_layers,
-                    "alpha": spec.alpha, "beta": step.spec.beta, "beta_share": cfg.beta_share if spec.layer_map else None,
+                    "alpha": spec.alpha, "beta": step.spec.beta, "beta_share": cfg.options.beta_share if spec.layer_map else None,
                     "gamma": spec.gamma, "temperature": cfg.temperature, "lr": spec.lr,
                     "epochs": spec.epochs, "seed": cfg.seed, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
                     "train_rows": len(self.train_set)}
@@ -269,11 +334,11 @@ class Context(common.RecipeContext):
         dist.all_reduce(values)
         rest, pt = (values / world.world_size).tolist()
         if not pt > 0:
-            raise PkdError(f"--beta-share {self.cfg.beta_share}: the patient loss is {pt:g} on the first batch (the student's "
+            raise PkdError(f"--beta-share {self.cfg.options.beta_share}: the patient loss is {pt:g} on the first batch (the student's "
                            f"layers equal the teacher layers {list(spec.layer_map)} they learn from), so no β scales it; give --beta")
-        beta = self.cfg.beta_share / (1 - self.cfg.beta_share) * rest / pt
+        beta = self.cfg.options.beta_share / (1 - self.cfg.options.beta_share) * rest / pt
         log.info("%s: --beta-share %g → β = %.6g ((1-α)·CE + α·KD %.4g, PT %.4g on the first batch)",
-                 name, self.cfg.beta_share, beta, rest, pt)
+                 name, self.cfg.options.beta_share, beta, rest, pt)
         return beta
 
     def _run_key(self, spec: Run) -> dict:

@@ -43,7 +43,7 @@ from pkd_fast import corpus
 from pkd_fast import data as glue_data
 from pkd_fast import engine as ds
 from pkd_fast import mlm_cache
-from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
+from pkd_fast.config import Config, Need, Objective, int_list, register
 from pkd_fast.errors import PkdError
 from pkd_fast.distill import Distiller, DistillSpec
 from pkd_fast.losses import relation_loss_reference
@@ -91,7 +91,7 @@ def run(cfg: Config) -> dict:
                        f"fit one first with --stage teacher (or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
     relations = None
     if cfg.stage != "teacher":  # a bad layer choice or relation term fails before any work (a fitted head keeps the depth)
-        layers = mlm_student_layers(cfg.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.student_layer_list)
+        layers = mlm_student_layers(cfg.options.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.options.student_layer_list)
         if cfg.relation_weight:
             relations = relation_plan(cfg.relation_layers, cfg.relation_heads, teacher_config, len(layers),
                                       cfg.student_hidden_size or teacher_config.hidden_size)
@@ -99,7 +99,7 @@ def run(cfg: Config) -> dict:
             width_config(teacher_config, len(layers), cfg.student_hidden_size or teacher_config.hidden_size)
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out, relations)
     fits_head = headless and reads_logits(cfg)
-    if not cfg.streaming and (fits_head or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
+    if not cfg.options.streaming and (fits_head or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
         ctx.trainer.require_full_step(ctx.train_blocks, f"training blocks of {cfg.max_seq_length} tokens",
                                       "give more text or a shorter --max-seq-length")
 
@@ -125,38 +125,38 @@ def run(cfg: Config) -> dict:
 
 def reads_logits(cfg: Config) -> bool:
     """Whether the student's loss reads logits (CE or KL): only then do teacher and student need an MLM head."""
-    return cfg.alpha > 0 or cfg.mlm_ce_weight > 0
+    return cfg.alpha > 0 or cfg.options.mlm_ce_weight > 0
 
 
 def _resolve_flags(cfg: Config) -> None:
-    if cfg.student_layer_choice is None and cfg.student_layer_list is None:
+    if cfg.options.student_layer_choice is None and cfg.options.student_layer_list is None:
         # a scratch student copies no layer, only its depth counts: "first" allows any --student-layers up to
         # the teacher's, "alternate" gives half the teacher's depth without it
-        cfg.student_layer_choice = "first" if cfg.init_from == "scratch" and cfg.student_layers else "alternate"
+        cfg.options.student_layer_choice = "first" if cfg.init_from == "scratch" and cfg.student_layers else "alternate"
 
 
 def _validate_flags(cfg: Config, need: Need) -> None:
-    need((cfg.text_files is None) != (cfg.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
-    need(cfg.dataset_config is None or cfg.dataset is not None, "--dataset-config only applies with --dataset")
-    need(0.0 < cfg.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {cfg.mlm_probability}")
-    need(cfg.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {cfg.kd_positions!r}")
-    need(cfg.student_layer_choice is None or cfg.student_layer_list is None,
+    need((cfg.options.text_files is None) != (cfg.options.dataset is None), "--objective mlm reads one corpus: give --text-files or --dataset")
+    need(cfg.options.dataset_config is None or cfg.options.dataset is not None, "--dataset-config only applies with --dataset")
+    need(0.0 < cfg.options.mlm_probability < 1.0, f"--mlm-probability must be between 0 and 1, got {cfg.options.mlm_probability}")
+    need(cfg.options.kd_positions in KD_POSITIONS, f"--kd-positions must be one of {KD_POSITIONS}, got {cfg.options.kd_positions!r}")
+    need(cfg.options.student_layer_choice is None or cfg.options.student_layer_list is None,
          "--student-layer-choice and --student-layer-list both pick the student's layers; give one")
-    need(cfg.student_layer_choice is None or cfg.student_layer_choice in STUDENT_LAYER_CHOICES,
-         f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {cfg.student_layer_choice!r}")
-    need(cfg.student_layer_list is None or bool(cfg.student_layer_list), "--student-layer-list: no layers given")
-    need(cfg.cache_topk >= 1, f"--cache-topk must be >= 1, got {cfg.cache_topk}")
-    need(math.isfinite(cfg.mlm_ce_weight) and cfg.mlm_ce_weight >= 0, f"--mlm-ce-weight must be >= 0, got {cfg.mlm_ce_weight}")
+    need(cfg.options.student_layer_choice is None or cfg.options.student_layer_choice in STUDENT_LAYER_CHOICES,
+         f"--student-layer-choice must be one of {STUDENT_LAYER_CHOICES}, got {cfg.options.student_layer_choice!r}")
+    need(cfg.options.student_layer_list is None or bool(cfg.options.student_layer_list), "--student-layer-list: no layers given")
+    need(cfg.options.cache_topk >= 1, f"--cache-topk must be >= 1, got {cfg.options.cache_topk}")
+    need(math.isfinite(cfg.options.mlm_ce_weight) and cfg.options.mlm_ce_weight >= 0, f"--mlm-ce-weight must be >= 0, got {cfg.options.mlm_ce_weight}")
     need(reads_logits(cfg) or cfg.relation_weight > 0,
          "--alpha 0 --mlm-ce-weight 0 leave no term on the logits: the run needs --relation-weight > 0 (the student, a bare "
          "encoder then, is scored by its relations to the teacher)")
-    if cfg.streaming:
+    if cfg.options.streaming:
         need(cfg.teacher_cache is None, "--teacher-cache needs a map-style corpus: a stream's blocks have no fixed index to "
                                         "store the teacher's outputs by; drop --streaming or --teacher-cache")
         need(cfg.max_steps is not None, "--streaming needs --max-steps (a stream has no length to count epochs by)")
-        need(cfg.validation_files is not None,
+        need(cfg.options.validation_files is not None,
              "--streaming needs --validation-files (a stream has no held-out tail to evaluate on)")
-    for flag, globs in (("--text-files", cfg.text_files), ("--validation-files", cfg.validation_files)):
+    for flag, globs in (("--text-files", cfg.options.text_files), ("--validation-files", cfg.options.validation_files)):
         if globs is not None:
             corpus.resolve_text_files(globs, flag)  # each glob must match a file of a known format
     need(cfg.init_from in (None, "teacher", "scratch"),
@@ -169,11 +169,61 @@ def _validate_flags(cfg: Config, need: Need) -> None:
         need(cfg.stage in ("all", "teacher"), "--teacher-lr only applies when the teacher's head is fitted (--stage teacher or all)")
 
 
+KD_POSITIONS = ("masked", "all")
+STUDENT_LAYER_CHOICES = ("first", "alternate")
+
+
+@dataclass
+class MlmOptions:
+    """The flags only --objective mlm reads (`cfg.options`); None where not given (`OBJECTIVE.defaults`)."""
+
+    text_files: tuple[str, ...] | None = None  # globs
+    validation_files: tuple[str, ...] | None = None  # globs; default: the last 1% of the training blocks
+    dataset: str | None = None  # a `datasets` corpus instead of --text-files
+    dataset_config: str | None = None
+    text_column: str | None = None  # default text
+    streaming: bool = False
+    mlm_probability: float | None = None  # default 0.15
+    kd_positions: str | None = None  # default all: KL over every real token (masked: only the masked ones)
+    student_layer_choice: str | None = None  # default alternate (unless --student-layer-list)
+    student_layer_list: tuple[int, ...] | None = None
+    cache_topk: int | None = None  # default 64: the teacher's top-k logits a masked-LM cache keeps per KD row
+    mlm_ce_weight: float | None = None  # default 1: the masked-LM CE's weight w, so w·(1-α)·CE
+
+
+def _globs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_flags(p) -> None:
+    g = p.add_argument_group("mlm (--objective mlm)")
+    g.add_argument("--text-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
+                   help=".txt/.text (a document per line) or .jsonl (--text-column field), optionally .gz")
+    g.add_argument("--dataset", default=None, metavar="NAME", help="a `datasets` corpus instead of --text-files")
+    g.add_argument("--dataset-config", default=None, metavar="C", help="its configuration name")
+    g.add_argument("--text-column", default=None, help="the text field of .jsonl lines or --dataset rows (default text)")
+    g.add_argument("--validation-files", type=_globs, default=None, metavar="GLOB[,GLOB]",
+                   help="held-out text for the masked-LM loss/accuracy (default: the last 1%% of the training blocks)")
+    g.add_argument("--streaming", action="store_true",
+                   help="read the corpus lazily (no cache; needs --max-steps and --validation-files)")
+    g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens masked, 80/10/10 (default 0.15)")
+    g.add_argument("--student-layer-choice", choices=STUDENT_LAYER_CHOICES, default=None,
+                   help="the teacher layers the student is built from: first k, or alternate 1,3,5,... (default alternate)")
+    g.add_argument("--student-layer-list", type=int_list, default=None, metavar="1,3,5",
+                   help="those layers explicitly (1-based); student layer j learns from the teacher layer it was copied from")
+    g.add_argument("--mlm-ce-weight", type=float, default=None, metavar="W",
+                   help="the masked-LM CE's weight, W·(1-α)·CE (default 1); 0 with --alpha 0 --beta 0 --relation-weight γ "
+                        "is MiniLMv2's relations-only objective, which needs no MLM head")
+    g.add_argument("--kd-positions", choices=KD_POSITIONS, default=None,
+                   help="rows of the soft-label KL, the masked tokens or every real token (default all)")
+    g.add_argument("--cache-topk", type=int, default=None,
+                   help="the teacher's top-k logits kept per KD row (default 64), with the full row's logsumexp at --temperature; "
+                        "students then learn a sparse KL (the rest of the teacher's mass in one bucket)")
+
+
 OBJECTIVE = register(Objective(
     "mlm", run, "masked-LM distillation on raw text (--text-files or --dataset)", stages=("all", "teacher", "cache", "student"),
-    flags=("text_files", "validation_files", "dataset", "dataset_config", "text_column", "streaming", "mlm_probability",
-           "kd_positions", "student_layer_choice", "student_layer_list", "cache_topk", "mlm_ce_weight", "init_from",
-           "student_hidden_size"),
+    options=MlmOptions, add_flags=_add_flags,
     defaults={"text_column": "text", "mlm_probability": 0.15, "kd_positions": "all", "pt_tokens": "all", "cache_topk": 64,
               "mlm_ce_weight": 1.0},
     resolve=_resolve_flags, validate=_validate_flags,
@@ -190,14 +240,14 @@ class MlmContext(common.RecipeContext):
         self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
         self.training: Distiller | None = None  # the training student's step: its relation hooks (`distil`, `evaluate_relations`)
         self.held_out_teacher: TeacherSource | None = None  # a headless student's scorer (`distil`, `evaluate_relations`)
-        source = {"text_files": cfg.text_files, "dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
-                  "text_column": cfg.text_column}
+        source = {"text_files": cfg.options.text_files, "dataset": cfg.options.dataset, "dataset_config": cfg.options.dataset_config,
+                  "text_column": cfg.options.text_column}
         self.cache_dir = out / "corpus_cache"
-        if cfg.streaming:
+        if cfg.options.streaming:
             self.source, self.train_set, self.train_blocks = source, None, None
         else:
             blocks = self._blocks(**source)
-            if cfg.validation_files is not None:
+            if cfg.options.validation_files is not None:
                 self.train_set = blocks
             else:
                 n_held = max(HELD_OUT_MIN, int(len(blocks) * HELD_OUT_SHARE))
@@ -207,17 +257,17 @@ class MlmContext(common.RecipeContext):
                 self.train_set = blocks.select(range(len(blocks) - n_held))
                 self.held_out = blocks.select(range(len(blocks) - n_held, len(blocks)))
             self.train_blocks = len(self.train_set)
-        if cfg.validation_files is not None:
-            self.held_out = self._blocks(text_files=cfg.validation_files, text_column=cfg.text_column, flag="--validation-files")
+        if cfg.options.validation_files is not None:
+            self.held_out = self._blocks(text_files=cfg.options.validation_files, text_column=cfg.options.text_column, flag="--validation-files")
         # Every evaluation masks the held-out blocks alike (epoch 0), so a set that masking leaves empty is
         # known now, before the head or the student is trained, not at the first evaluation.
-        self.held_out_masker = corpus.MlmMasker(tokenizer, cfg.mlm_probability, seed=cfg.seed)
+        self.held_out_masker = corpus.MlmMasker(tokenizer, cfg.options.mlm_probability, seed=cfg.seed)
         if not corpus.masks_any(self.held_out, self.held_out_masker):
-            where = f"--validation-files {','.join(cfg.validation_files)}" if cfg.validation_files else "the corpus's held-out tail"
-            raise PkdError(f"{where}: masking (--mlm-probability {cfg.mlm_probability:g}) selects no token in its "
+            where = f"--validation-files {','.join(cfg.options.validation_files)}" if cfg.options.validation_files else "the corpus's held-out tail"
+            raise PkdError(f"{where}: masking (--mlm-probability {cfg.options.mlm_probability:g}) selects no token in its "
                            f"{len(self.held_out)} block(s), so there is nothing to score; give more held-out text")
         log.info("corpus: %s training blocks of %d tokens, %d held-out blocks",
-                 "streamed" if cfg.streaming else f"{self.train_blocks:,}", cfg.max_seq_length, len(self.held_out))
+                 "streamed" if cfg.options.streaming else f"{self.train_blocks:,}", cfg.max_seq_length, len(self.held_out))
 
     def _blocks(self, **source) -> datasets.Dataset:
         """Packed blocks of a map-style corpus: built (and cached) by the main rank, then loaded by the others."""
@@ -233,18 +283,18 @@ class MlmContext(common.RecipeContext):
         adds what the distiller reads there (`Distiller.lookup`: a cache's rows)."""
         lookup = distiller.lookup() if distiller is not None else None
         cfg, world = self.cfg, self.world
-        if cfg.streaming:
+        if cfg.options.streaming:
             docs = corpus.stream_documents(**self.source, rank=world.rank, world_size=world.world_size)
             stream = corpus.StreamingBlocks(docs, self.tokenizer, cfg.max_seq_length, rank=world.rank, world_size=world.world_size)
-            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+            return corpus.stream_loader(stream, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.options.mlm_probability,
                                         lookup=lookup)
-        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+        return corpus.map_loader(self.train_set, self.tokenizer, self.micro_batch, seed=cfg.seed, mlm_probability=cfg.options.mlm_probability,
                                  rank=world.rank, world_size=world.world_size, lookup=lookup)
 
     def student_plan(self, teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The student's teacher layers (1-based) and the PT map its layers 1..k-1 learn from (none without β)."""
         cfg = self.cfg
-        layers = mlm_student_layers(cfg.student_layer_choice, teacher_layers, cfg.student_layers, cfg.student_layer_list)
+        layers = mlm_student_layers(cfg.options.student_layer_choice, teacher_layers, cfg.student_layers, cfg.options.student_layer_list)
         return layers, layers[:-1] if cfg.beta else ()
 
     def epochs_needed(self) -> int:
@@ -272,12 +322,12 @@ class MlmContext(common.RecipeContext):
         teacher = load_mlm_teacher(teacher_path) if reads_logits(cfg) else load_encoder(teacher_path)
         n = teacher.config.num_hidden_layers
         layers, pt_map = self.student_plan(n)
-        name = cfg.student_layer_choice or "layers_" + "_".join(map(str, layers))
+        name = cfg.options.student_layer_choice or "layers_" + "_".join(map(str, layers))
         scratch_width = (cfg.student_hidden_size or teacher.config.hidden_size) if cfg.init_from == "scratch" else None
         if scratch_width:
             name = f"scratch_{len(layers)}x{scratch_width}"
         spec = MlmRun(name, cfg.lr, cfg.epochs, self._out("students", name), layers, pt_map, cfg.alpha, cfg.beta,
-                      cfg.relation_weight, cfg.mlm_ce_weight)
+                      cfg.relation_weight, cfg.options.mlm_ce_weight)
         set_seed(cfg.seed)
         student = MaskedLMRows(scratch_mlm_student(teacher, len(layers), scratch_width) if scratch_width else build_mlm_student(teacher, layers))
         cached = cache is not None and bool(spec.alpha or spec.pt_map or spec.gamma)
@@ -287,11 +337,11 @@ class MlmContext(common.RecipeContext):
         del teacher  # a live source holds what it runs; a cached one needs nothing of it
         init = f"random weights, {len(layers)} layers of width {scratch_width}" if scratch_width else f"teacher layers {list(layers)} of {n}"
         # A cached teacher's top-k KL is another loss than a live teacher's: its runs are keyed apart.
-        return name, self._fit(student, spec, source, f", {init}, KL over {cfg.kd_positions} rows", {
+        return name, self._fit(student, spec, source, f", {init}, KL over {cfg.options.kd_positions} rows", {
             "teacher": teacher_path, "layers": list(layers), "layer_map": list(spec.pt_map), "alpha": spec.alpha,
             "beta": spec.beta, "gamma": spec.gamma, "mlm_ce_weight": spec.ce_weight, "temperature": cfg.temperature,
-            "kd_positions": cfg.kd_positions, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
-            "teacher_source": f"cache (top-{cfg.cache_topk})" if cached else "live",
+            "kd_positions": cfg.options.kd_positions, "pt_tokens": cfg.pt_tokens, "pt_reduction": cfg.pt_reduction,
+            "teacher_source": f"cache (top-{cfg.options.cache_topk})" if cached else "live",
         }, {"teacher_source": "cache"} if cached else {}, held_out_teacher=teacher_path if cached else None)
 
     def step_spec(self, spec: MlmRun) -> DistillSpec:
@@ -299,7 +349,7 @@ class MlmContext(common.RecipeContext):
         cfg = self.cfg
         return DistillSpec(alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, temperature=cfg.temperature, layer_map=spec.pt_map,
                            pt_tokens=cfg.pt_tokens, pt_reduction=cfg.pt_reduction, relations=self.relations if spec.gamma else None,
-                           loss_impl=cfg.loss_impl, ce_weight=spec.ce_weight, logit_rows=cfg.kd_positions, student_head=reads_logits(cfg))
+                           loss_impl=cfg.loss_impl, ce_weight=spec.ce_weight, logit_rows=cfg.options.kd_positions, student_head=reads_logits(cfg))
 
     def _out(self, *parts: str) -> Path:
         return Path(self.cfg.output_dir, *parts)
@@ -326,7 +376,7 @@ class MlmContext(common.RecipeContext):
                           loader=self.train_loader, describe=describe, summary=lambda result, step: {
                               "objective": "mlm", "run": spec.name, **summary,
                               "student_layers": result.engine.module.model.config.num_hidden_layers, "lr": spec.lr,
-                              "epochs": spec.epochs, "max_steps": cfg.max_steps, "mlm_probability": cfg.mlm_probability,
+                              "epochs": spec.epochs, "max_steps": cfg.max_steps, "mlm_probability": cfg.options.mlm_probability,
                               "seed": cfg.seed, "train_blocks": self.train_blocks})
 
     # -- teacher cache -------------------------------------------------------------------------------
@@ -336,7 +386,7 @@ class MlmContext(common.RecipeContext):
         cfg = self.cfg
         fingerprint = mlm_cache.fingerprint(
             teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, ds.train_dtype(self.ds_config), mask_seed=cfg.seed,
-            mlm_probability=cfg.mlm_probability, kd_positions=cfg.kd_positions, topk=cfg.cache_topk, temperature=cfg.temperature)
+            mlm_probability=cfg.options.mlm_probability, kd_positions=cfg.options.kd_positions, topk=cfg.options.cache_topk, temperature=cfg.temperature)
         return teacher_cache.open_or_write(
             MlmTeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
             overwrite=cfg.overwrite_cache, write=lambda: self.write_cache(teacher_path, fingerprint),
@@ -358,14 +408,14 @@ class MlmContext(common.RecipeContext):
         logits = has_mlm_head(teacher_path)
         model = load_mlm_teacher(teacher_path) if logits else load_encoder(teacher_path)
         n, vocab = model.config.num_hidden_layers, model.config.vocab_size
-        if logits and cfg.cache_topk > vocab:
-            raise PkdError(f"--cache-topk {cfg.cache_topk}: the teacher's vocabulary has {vocab} entries")
+        if logits and cfg.options.cache_topk > vocab:
+            raise PkdError(f"--cache-topk {cfg.options.cache_topk}: the teacher's vocabulary has {vocab} entries")
         layers, epochs = self.cache_layers(n), self.epochs_needed()
-        masker = corpus.MlmMasker(self.tokenizer, cfg.mlm_probability, seed=cfg.seed)
-        offsets = mlm_cache.kd_row_offsets(self.train_set, masker, epochs, cfg.kd_positions)
+        masker = corpus.MlmMasker(self.tokenizer, cfg.options.mlm_probability, seed=cfg.seed)
+        offsets = mlm_cache.kd_row_offsets(self.train_set, masker, epochs, cfg.options.kd_positions)
         layout = mlm_cache.MlmLayout(
             blocks=self.train_blocks, epochs=epochs, tokens=int(mlm_cache.block_lengths(self.train_set).sum()),
-            positions=cfg.max_seq_length, kd_rows=int(offsets[-1]), topk=cfg.cache_topk, teacher_layers=n,
+            positions=cfg.max_seq_length, kd_rows=int(offsets[-1]), topk=cfg.options.cache_topk, teacher_layers=n,
             hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature,
             relation_layer=self.relations.teacher_layer if self.relations else 0, logits=logits)
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
@@ -379,10 +429,10 @@ class MlmContext(common.RecipeContext):
                                                            world_size=world.world_size, lookup=masker)[0]
 
             def forward(teacher, batch):
-                units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
+                units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.options.kd_positions)
                 batch = glue_data.batch_to_device(batch, world.device)
                 kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
-                                            row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
+                                            row_index=mlm_row_index(batch, cfg.options.kd_positions) if logits else None)
                 return units, counts, kd_logits, hidden, batch["attention_mask"]
 
             return self.write_teacher_store(writer, MaskedLMRows(model), layout.relation_layer, batches(), epochs * per_epoch,
