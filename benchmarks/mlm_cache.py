@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--head-steps", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="T of the KL (default 1: benchmarks/results/topk_gap.md finds top-k KD of this teacher useful near T = 1 only)")
+                   help="T of the KL (default 1: studies/results/topk_gap.md finds top-k KD of this teacher useful near T = 1 only)")
     args = p.parse_args()
     device = torch.device("cpu")
     root = Path(tempfile.mkdtemp(prefix="mlm_cache_bench-"))

@@ -28,7 +28,7 @@ def glue_metrics(logits: np.ndarray, labels: np.ndarray, task: Task) -> dict[str
     return {name: 100.0 * float(_METRICS[name](np.asarray(labels), preds)) for name in task.metrics}
 
 
-# The dev split's halves: one picks hyperparameters, the other reports (benchmarks/glue_table.py), so the
+# The dev split's halves: one picks hyperparameters, the other reports (studies/glue_table.py), so the
 # numbers a table reports were not also the ones that chose its grid point. A fixed permutation: every run
 # of every strategy splits the same way.
 DEV_HALVES_SEED = 20191104  # the PKD paper's EMNLP date: any fixed number

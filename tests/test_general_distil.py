@@ -1,4 +1,4 @@
-"""benchmarks/general_distil.py: the corpus it distils on and the table it writes."""
+"""studies/general_distil.py: the corpus it distils on and the table it writes."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.general_distil import INITS, render, write_corpus  # noqa: E402
+from studies.general_distil import INITS, render, write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))

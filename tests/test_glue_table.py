@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.glue_table import (GRIDS, README, README_MARKERS, grid_points, paired_difference, paired_table, pairs,  # noqa: E402
-                                   splice_readme, write_summary)
-from benchmarks.glue_table import main as glue_table_main  # noqa: E402
+from studies.glue_table import (GRIDS, RESULTS_DOC, RESULTS_DOC_MARKERS, grid_points, paired_difference, paired_table,  # noqa: E402
+                                pairs, splice_results_doc, write_summary)
+from studies.glue_table import main as glue_table_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -53,14 +53,14 @@ def test_pairs_compare_each_pt_kind_with_kd_and_skip_with_last_of_the_same_kind(
         {"temperature": 10, "alpha": 0.5, "lr": 1e-4}, {"temperature": 10, "alpha": 0.5, "beta_share": 0.1, "lr": 1e-4}]
 
 
-def test_the_readme_table_is_the_results_summary_spliced_in(tmp_path):
-    """The README's GLUE table is written by glue_table.py from the results files, never by hand."""
-    begin, end = README_MARKERS
-    readme = README.read_text()
-    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == (REPO / "benchmarks" / "results" / "glue_summary.md").read_text().strip()
-    copy = tmp_path / "README.md"
+def test_the_results_doc_table_is_the_results_summary_spliced_in(tmp_path):
+    """docs/results.md's GLUE table is written by glue_table.py from the results files, never by hand."""
+    begin, end = RESULTS_DOC_MARKERS
+    doc = RESULTS_DOC.read_text()
+    assert doc.split(begin, 1)[1].split(end, 1)[0].strip() == (REPO / "studies" / "results" / "glue_summary.md").read_text().strip()
+    copy = tmp_path / "results.md"
     copy.write_text(f"intro\n{begin}\nold\n{end}\nrest\n")
-    splice_readme("| new |", copy)
+    splice_results_doc("| new |", copy)
     assert copy.read_text() == f"intro\n{begin}\n| new |\n{end}\nrest\n"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.pt_signal import main  # noqa: E402
+from studies.pt_signal import main  # noqa: E402
 from pkd_fast.config import default_teacher  # noqa: E402
 
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))

@@ -1,14 +1,14 @@
-"""The relation study (benchmarks/relation_study.py): general students by relations, started from in PKD-Skip
+"""The relation study (studies/relation_study.py): general students by relations, started from in PKD-Skip
 runs beside the width study's own students, paired by seed."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import glue_table  # noqa: E402
-from benchmarks.glue_table import Sweep  # noqa: E402
-from benchmarks.relation_study import ARMS, GENERALS, PAIRS, arm_student, paired, plot, render  # noqa: E402
-from benchmarks.width_study import STUDENTS  # noqa: E402
+from studies import glue_table  # noqa: E402
+from studies.glue_table import Sweep  # noqa: E402
+from studies.relation_study import ARMS, GENERALS, PAIRS, arm_student, paired, plot, render  # noqa: E402
+from studies.width_study import STUDENTS  # noqa: E402
 
 MODELS = {name: f"/g/{name}" for name in GENERALS}
 

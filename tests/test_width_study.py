@@ -1,4 +1,4 @@
-"""The width study (benchmarks/width_study.py): a narrow student from scratch against the teacher's first
+"""The width study (studies/width_study.py): a narrow student from scratch against the teacher's first
 layers, KD and PKD-Skip, paired by seed, with each student's size and CPU step cost."""
 
 import json
@@ -10,9 +10,9 @@ import pytest
 from transformers import BertConfig, BertForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import glue_table  # noqa: E402
-from benchmarks.glue_table import Student, Sweep  # noqa: E402
-from benchmarks.width_study import STUDENTS, cpu_step_ms, main, parameter_counts, plot, render_markdown  # noqa: E402
+from studies import glue_table  # noqa: E402
+from studies.glue_table import Student, Sweep  # noqa: E402
+from studies.width_study import STUDENTS, cpu_step_ms, main, parameter_counts, plot, render_markdown  # noqa: E402
 from pkd_fast.config import default_teacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Width against depth on real GLUE data: a narrower, deeper student from scratch vs a shallower one from the
 teacher's layers, distilled by KD and by PKD-Skip, paired by seed.
 
-    OMP_NUM_THREADS=1 python benchmarks/width_study.py --tasks sst2,mrpc
-    python benchmarks/width_study.py --tasks sst2 --students 4L-192        # one student only: trains, writes nothing
+    OMP_NUM_THREADS=1 python studies/width_study.py --tasks sst2,mrpc
+    python studies/width_study.py --tasks sst2 --students 4L-192        # one student only: trains, writes nothing
 
-Each task reruns the setup of its glue_table sweep (benchmarks/results/glue_<task>_all-minilm-l6-v2_3layers.json:
+Each task reruns the setup of its glue_table sweep (studies/results/glue_<task>_all-minilm-l6-v2_3layers.json:
 its training rows, --data-seed, max length, epochs, the teacher's epochs and lr) and the points that sweep
 picked for KD and PKD-Skip (T, α, β's share of the loss, lr), so the teacher-initialised student's rows are
 that sweep's runs on these seeds. The teacher is fine-tuned once per task and cached once for every student
@@ -14,7 +14,7 @@ scratch has no teacher weights to start from, so its lr is searched: KD on the f
 
 A CPU step's cost is read from the runs' own logs (train_log.jsonl: the process's CPU seconds between two
 log lines, a line every --log-steps steps; one thread, so other processes on the cores do not inflate it).
-Results: benchmarks/results/width_<task>.{json,md,png}, written once every student of the task has finished
+Results: studies/results/width_<task>.{json,md,png}, written once every student of the task has finished
 (so processes that run one student each can share the cores, and a last run without --students writes).
 """
 
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-if not __package__:  # run as `python benchmarks/width_study.py`: make the repository's packages importable
+if not __package__:  # run as `python studies/width_study.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import glue_table  # noqa: E402
+from studies import glue_table  # noqa: E402
 from benchmarks.bench_peer import window_seconds  # noqa: E402
-from benchmarks.glue_table import NAMES, Student, Sweep, dev_score, paired_difference  # noqa: E402
+from studies.glue_table import NAMES, Student, Sweep, dev_score, paired_difference  # noqa: E402
 from benchmarks.harness import describe, write_study  # noqa: E402
 from pkd_fast.config import default_ds_config, default_teacher  # noqa: E402
 from pkd_fast.engine import read_ds_config  # noqa: E402
@@ -58,7 +58,7 @@ def glue_results(task: str, results_dir: Path) -> dict:
     """The task's glue_table sweep (the default teacher's, 3-layer students): the setup and points this study reuses."""
     path = results_dir / f"glue_{task}_{glue_table.teacher_slug(default_teacher())}_3layers.json"
     if not path.is_file():
-        raise PkdError(f"{path}: no glue_table sweep of {task} to take the setup and KD/PKD-Skip points from; run benchmarks/glue_table.py --task {task} first")
+        raise PkdError(f"{path}: no glue_table sweep of {task} to take the setup and KD/PKD-Skip points from; run studies/glue_table.py --task {task} first")
     return json.loads(path.read_text())
 
 
@@ -186,7 +186,7 @@ class WidthStudy:
             "teacher_score": {"report": dev_score(teacher["dev"], metric, "report"), "full_dev": dev_score(teacher["dev"], metric, None),
                               "train_rows": teacher.get("train_rows"), "epochs": teacher.get("epochs"), "lr": sweep.args.teacher_lr},
             "majority_class": majority_class(sweep.task, sweep.args.glue_dir or os.environ.get("GLUE_DIR")),
-            "points_from": f"benchmarks/results/glue_{sweep.task.name}_{glue_table.teacher_slug(default_teacher())}_3layers.json (best KD and PKD-Skip points)",
+            "points_from": f"studies/results/glue_{sweep.task.name}_{glue_table.teacher_slug(default_teacher())}_3layers.json (best KD and PKD-Skip points)",
             "seeds": args.seeds, "scratch_lrs": args.scratch_lrs,
             "train_rows": students[wide]["rows"]["kd"]["train_rows"],
             "train_rows_available": rows_available, "data_seed": sweep.args.data_seed if sweep.args.max_train_samples else None,

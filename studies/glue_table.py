@@ -4,8 +4,8 @@ For a task and a student depth: fine-tune the teacher once, search each strategy
 (the paper's grid, or a CPU-sized subset), rerun each strategy's best point over several seeds, and write
 mean ± std as JSON, a markdown table and a bar chart.
 
-    python benchmarks/glue_table.py --task mrpc --grid small --max-train-samples 1000
-    deepspeed benchmarks/glue_table.py --task sst2 --grid paper          # every rank runs each point together
+    python studies/glue_table.py --task mrpc --grid small --max-train-samples 1000
+    deepspeed studies/glue_table.py --task sst2 --grid paper          # every rank runs each point together
 
 Every point is a `pkd_fast/train.py` run in this process; a finished point (its results.json exists) is
 never run again, so an interrupted sweep resumes where it stopped. The teacher runs over the training set
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-if not __package__:  # run as `python benchmarks/glue_table.py`: make the repository's packages importable
+if not __package__:  # run as `python studies/glue_table.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import device_name  # noqa: E402
 from pkd_fast import train
@@ -149,7 +149,7 @@ def paired_table(rows: dict) -> dict:
 class Student:
     """A student's depth, width and initialisation. A glue_table sweep has one (the teacher's first
     --student-layers layers, at its width; its runs directly under the output directory); a study of
-    several (benchmarks/width_study.py) runs each under its own subdirectory `name`, all reading one teacher
+    several (studies/width_study.py) runs each under its own subdirectory `name`, all reading one teacher
     cache."""
 
     layers: int
@@ -435,7 +435,7 @@ def _best_variant(rows: dict) -> str:
 
 
 def write_summary(results_dir: Path) -> str | None:
-    """All tasks' tables in one (the README's, spliced in by `splice_readme`): teacher and students beside
+    """All tasks' tables in one (docs/results.md's, spliced in by `splice_results_doc`): teacher and students beside
     the paper's 6-layer PKD, plus one chart per task side by side. Returns the markdown, or None when no
     sweep has finished yet."""
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("glue_*layers.json"))]
@@ -466,19 +466,19 @@ def write_summary(results_dir: Path) -> str | None:
     return markdown
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_MARKERS = ("<!-- glue_summary.md: begin (written by benchmarks/glue_table.py) -->", "<!-- glue_summary.md: end -->")
+RESULTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+RESULTS_DOC_MARKERS = ("<!-- glue_summary.md: begin (written by studies/glue_table.py) -->", "<!-- glue_summary.md: end -->")
 
 
-def splice_readme(markdown: str, readme: Path = README) -> None:
-    """Put the summary table between the README's markers: the README's numbers are the results files',
+def splice_results_doc(markdown: str, doc: Path = RESULTS_DOC) -> None:
+    """Put the summary table between docs/results.md's markers: its numbers are the results files',
     never typed by hand (tests/test_glue_table.py checks the two agree)."""
-    text = readme.read_text()
-    begin, end = README_MARKERS
+    text = doc.read_text()
+    begin, end = RESULTS_DOC_MARKERS
     if begin not in text or end not in text:
-        raise PkdError(f"{readme}: no {begin} … {end} block to write the summary table into")
+        raise PkdError(f"{doc}: no {begin} … {end} block to write the summary table into")
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
+    doc.write_text(head + begin + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
 
 
 def parse_args(argv=None):
@@ -504,7 +504,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default <output-dir>/teacher_cache)")
     p.add_argument("--live-teacher", action="store_true", help="run the teacher in every KD/PKD point instead of caching it once")
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--summary", action="store_true", help="only rewrite glue_summary.{md,png} (and the README's table) from the results there")
+    p.add_argument("--summary", action="store_true", help="only rewrite glue_summary.{md,png} (and docs/results.md's table) from the results there")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for pt in args.pt_tokens:
@@ -516,31 +516,31 @@ def parse_args(argv=None):
     return args
 
 
-def write_results(result: dict, results_dir: Path, student_layers: int, readme: bool) -> None:
-    """The task's JSON, markdown and chart, then the all-task summary (and the README's copy of it)."""
+def write_results(result: dict, results_dir: Path, student_layers: int, doc: bool) -> None:
+    """The task's JSON, markdown and chart, then the all-task summary (and docs/results.md's copy of it)."""
     stem = results_dir / f"glue_{result['task']}_{result['teacher']}_{student_layers}layers"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(render_markdown(result) + "\n")
     plot(result, stem.with_suffix(".png"))
     summary = write_summary(stem.parent)
-    if readme:
-        splice_readme(summary)
+    if doc:
+        splice_results_doc(summary)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     results_dir = Path(args.results_dir)
-    readme = results_dir.resolve() == RESULTS  # the shipped results: the README shows them
+    doc = results_dir.resolve() == RESULTS  # the shipped results: docs/results.md shows them
     if args.summary:
         summary = write_summary(results_dir)
-        if summary and readme:
-            splice_readme(summary)
+        if summary and doc:
+            splice_results_doc(summary)
         print(summary or f"no glue_*layers.json in {args.results_dir} yet")
         return {}
     try:
         # each finished row is written at once, so a sweep stopped midway still leaves its table
-        result = Sweep(args).run(on_row=lambda r: write_results(r, results_dir, args.student_layers, readme)
+        result = Sweep(args).run(on_row=lambda r: write_results(r, results_dir, args.student_layers, doc)
                                  if torch.distributed.get_rank() == 0 else None)
     except PkdError as err:
         print(f"error: {err}", file=sys.stderr)

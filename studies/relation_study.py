@@ -1,10 +1,10 @@
 """Is a general student distilled by MiniLMv2's self-attention relations a better start for PKD-Skip than the
 teacher's own layers, or than the masked-LM KD general student? (#22, item 5)
 
-    OMP_NUM_THREADS=1 python -m benchmarks.relation_study                       # all of it; finished runs are reused
-    OMP_NUM_THREADS=1 python -m benchmarks.relation_study --only rel-3L         # one general student and its task runs
-                                                                                # (one process per general student: two on
-                                                                                # the same one meet its output-dir lock)
+    OMP_NUM_THREADS=1 python -m studies.relation_study                       # all of it; finished runs are reused
+    OMP_NUM_THREADS=1 python -m studies.relation_study --only rel-3L         # one general student and its task runs
+                                                                             # (one process per general student: two on
+                                                                             # the same one meet its output-dir lock)
 
 1. corpus   general_distil's: every training sentence of SST-2, MRPC and STS-B, in blocks of 128 tokens.
 2. general  three general students, one epoch over those blocks each (general_distil's budget), from the
@@ -16,7 +16,7 @@ teacher's own layers, or than the masked-LM KD general student? (#22, item 5)
             rel-4L-192  relations only, a 4-layer 192-wide student from random weights (MiniLMv2's kind of start);
             mix-3L      mlm-kd-3L's loss plus relations at γ 0.3 (about as large as the rest of that loss at
                         step 1: 0.3 × 7.8 against 2.3), from the same fitted head and layers.
-3. task     PKD-Skip on SST-2 and MRPC in the width study's setup (benchmarks/width_study.py: its fine-tuned
+3. task     PKD-Skip on SST-2 and MRPC in the width study's setup (studies/width_study.py: its fine-tuned
             teacher, teacher cache, training rows, epochs, T, α, β's share, its plain shuffled batches), seeds
             1-3. The 3-layer students run at that study's lr (1e-4); the 4L-192 one's lr is searched as that
             study searched it for the 4L-192 student from random weights (its lrs, seed 1, select half). The width study's own PKD-Skip runs are the baselines: the
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # run as `python benchmarks/relation_study.py`: make the repository's packages importable
+if not __package__:  # run as `python studies/relation_study.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import general_distil, glue_table, width_study  # noqa: E402
-from benchmarks.glue_table import Student, Sweep, dev_score, paired_difference  # noqa: E402
+from studies import general_distil, glue_table, width_study  # noqa: E402
+from studies.glue_table import Student, Sweep, dev_score, paired_difference  # noqa: E402
 from benchmarks.harness import describe, write_study  # noqa: E402
 from pkd_fast import train  # noqa: E402
 from pkd_fast.config import default_ds_config  # noqa: E402

@@ -1,7 +1,7 @@
 """Does general (masked-LM) distillation help a task distillation on this teacher? (#10)
 
-    python -m benchmarks.general_distil                 # all of it; finished runs are reused
-    python -m benchmarks.general_distil --phase general # only the masked-LM stage
+    python -m studies.general_distil                 # all of it; finished runs are reused
+    python -m studies.general_distil --phase general # only the masked-LM stage
 
 1. corpus   every training sentence of SST-2, MRPC and STS-B (both sides of a pair), one per line.
 2. general  `--objective mlm`: a head is fitted on the headless MiniLM teacher, then a 3-layer student
@@ -24,7 +24,7 @@ import statistics
 from datetime import date
 from pathlib import Path
 
-from benchmarks import glue_table
+from studies import glue_table
 import torch
 
 from benchmarks.harness import device_name, write_study
@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = (("SST-2", ("sentence",)), ("MRPC", ("#1 String", "#2 String")), ("STS-B", ("sentence1", "sentence2")))
 # The task stage's point: the `cpu` grid of glue_table (its lr: short CPU runs at ≤ 5e-5 stayed at the majority class).
 POINT = {"temperature": 10, "alpha": 0.7, "beta": 100, "lr": 1e-4}
-# The paired study's settings per task (README: `glue_table.py --grid paired`), so its fine-tuned teacher and
+# The paired study's settings per task (docs/results.md: `glue_table.py --grid paired`), so its fine-tuned teacher and
 # teacher cache are reused as they are.
 TASK_ARGS = {
     "sst2": ["--max-train-samples", "8000", "--epochs", "1", "--teacher-epochs", "2", "--max-seq-length", "64"],
@@ -149,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
 
 def general_args(p: argparse.ArgumentParser) -> None:
     """The flags of the corpus and the masked-LM general stage (`general_stage` reads them), shared with the
-    studies that start from that stage (benchmarks/relation_study.py)."""
+    studies that start from that stage (studies/relation_study.py)."""
     p.add_argument("--glue-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
     p.add_argument("--teacher", default=default_teacher())
     p.add_argument("--student-layers", type=int, default=3)

@@ -15,7 +15,7 @@ forward at those layers, which is exactly what a student copied from those layer
 is a coarsening of the dense one (k + 1 outcomes), so it is never larger; the gap is the KL the cache
 cannot see, inside the teacher's tail.
 
-    python -m benchmarks.topk_gap          # GLUE_DIR=/work/shared/data/glue → results/topk_gap.{json,md}
+    python -m studies.topk_gap          # GLUE_DIR=/work/shared/data/glue → results/topk_gap.{json,md}
 """
 
 from __future__ import annotations

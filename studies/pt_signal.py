@@ -7,7 +7,7 @@ distance is small whatever the student does), and the gradient norm that each we
 student's weights. The ratio β·‖∇PT‖ / ‖∇(α·KD)‖ says whether β, on the chosen PT reduction, gives the
 patient term any say next to the soft labels.
 
-    python benchmarks/pt_signal.py --task mrpc --teacher outputs/sweep_mrpc/teacher/teacher/model
+    python studies/pt_signal.py --task mrpc --teacher outputs/sweep_mrpc/teacher/teacher/model
 """
 
 from __future__ import annotations
