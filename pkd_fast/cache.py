@@ -51,8 +51,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pkd_fast.data import mean_pool
-from pkd_fast.engine import fault_point, require_shared_directory
+from pkd_fast.dist import require_shared_directory
 from pkd_fast.errors import PkdError
+from pkd_fast.faults import fault_point
 
 log = logging.getLogger("pkd_fast")
 

@@ -455,7 +455,7 @@ class MaskedLMRows(torch.nn.Module):
         self.model = model
 
     def save_pretrained(self, *args, **kwargs):
-        """The wrapped model in Hugging Face format (what `pkd_fast.engine.save_pretrained` writes)."""
+        """The wrapped model in Hugging Face format (what `pkd_fast.checkpoints.save_pretrained` writes)."""
         return self.model.save_pretrained(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):

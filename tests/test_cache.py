@@ -17,12 +17,13 @@ from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data
-from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import FAULT_ENV, Dist, _free_port
+from pkd_fast.dist import Dist, _free_port
 from pkd_fast.errors import PkdError
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.models import load_classifier, pt_rows
+from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 

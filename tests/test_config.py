@@ -192,7 +192,7 @@ def test_auto_values_in_the_deepspeed_json_are_refused(capsys, tmp_path):
 
 
 def test_global_batch_alone_derives_the_accumulation():
-    from pkd_fast.engine import check_batch_layout
+    from pkd_fast.deepspeed_json import check_batch_layout
 
     config = check_batch_layout({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}, "x.json", world_size=2)
     assert config["gradient_accumulation_steps"] == 4

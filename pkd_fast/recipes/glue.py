@@ -20,9 +20,10 @@ from transformers import AutoTokenizer, PreTrainedModel, set_seed
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json, engines
 from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config, Need, Objective, register
+from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import Relations, pkd_loss, resolve_impl
@@ -207,7 +208,7 @@ def _with_token_index(lookup):
 class Context(common.RecipeContext):
     """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
-    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets,
+    def __init__(self, cfg: Config, task: Task, world: Dist, ds_config: dict, tokenizer, train_set, dev_sets,
                  relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.task, self.train_set, self.dev_sets = task, train_set, dev_sets
@@ -287,7 +288,7 @@ class Context(common.RecipeContext):
         kinds and teachers whose PT differs by orders of magnitude. The terms are averaged over ranks (one β
         everywhere) and depend only on the run's flags and data, so --resume finds the same β. Dropout is off
         and the RNG state is restored: the run's dropout stream is the one it has without the flag."""
-        world, dtype = self.world, ds.train_dtype(self.ds_config)
+        world, dtype = self.world, deepspeed_json.train_dtype(self.ds_config)
         (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(0)
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             batch = glue_data.batch_to_device(next(iter(loader)), world.device)
@@ -368,7 +369,7 @@ class Context(common.RecipeContext):
         of another teacher or data set is replaced only with --overwrite-cache."""
         cfg = self.cfg
         fingerprint = teacher_cache.fingerprint(
-            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
+            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, deepspeed_json.train_dtype(self.ds_config)
         )
         return teacher_cache.open_or_write(
             TeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
@@ -391,7 +392,7 @@ class Context(common.RecipeContext):
         )
         with teacher_cache.Writer(self.cfg.teacher_cache, fingerprint, layout, self.world) as writer:
             capture = QkvCapture(model, self.relation_layer) if self.relation_layer else None
-            teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
+            teacher = engines.frozen_teacher(model, self.ds_config, self.world.device)
             batches, n_batches = self.inference_batches(self.train_set)
             for batch, counted in common.teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
                 with capture.recording() if capture else contextlib.nullcontext():
@@ -404,7 +405,7 @@ class Context(common.RecipeContext):
     def evaluate_only(self, model, name: str) -> dict:
         """Dev metrics of an already fine-tuned model (the teacher row of the table)."""
         layers = num_layers(model)
-        metrics = self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))
+        metrics = self.evaluate(engines.frozen_teacher(model, self.ds_config, self.world.device))
         return {"strategy": name, "layers": layers, "dev": metrics}
 
 

@@ -43,13 +43,14 @@ from transformers import AutoTokenizer, set_seed
 from pkd_fast import cache as teacher_cache
 from pkd_fast import corpus
 from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json, engines
 from pkd_fast import mlm_cache
 from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
+from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
+from pkd_fast.families import width_config
 from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
-from pkd_fast.families import width_config
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
                              load_mlm_teacher, mlm_row_count, mlm_row_index, mlm_rows, mlm_student_layers, model_config,
                              scratch_mlm_student)
@@ -187,7 +188,7 @@ OBJECTIVE = register(Objective(
 class MlmContext(common.RecipeContext):
     """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
 
-    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
+    def __init__(self, cfg: Config, world: Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
         self.capture: QkvCapture | None = None  # the hooks on the training student's relation layer (`_fit`)
@@ -382,7 +383,7 @@ class MlmContext(common.RecipeContext):
         (--stage student), or reused or written (--stage cache, all) as `cache.open_or_write` rules."""
         cfg = self.cfg
         fingerprint = mlm_cache.fingerprint(
-            teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, ds.train_dtype(self.ds_config), mask_seed=cfg.seed,
+            teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, deepspeed_json.train_dtype(self.ds_config), mask_seed=cfg.seed,
             mlm_probability=cfg.mlm_probability, kd_positions=cfg.kd_positions, topk=cfg.cache_topk, temperature=cfg.temperature)
         return teacher_cache.open_or_write(
             MlmTeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
@@ -417,7 +418,7 @@ class MlmContext(common.RecipeContext):
             relation_layer=self.relations.teacher_layer if self.relations else 0, logits=logits)
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
             capture = QkvCapture(model, layout.relation_layer) if layout.relation_layer else None
-            teacher = ds.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
+            teacher = engines.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
             per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
 
@@ -489,7 +490,7 @@ class MlmContext(common.RecipeContext):
         """Held-out metrics of a teacher that already has its head (the teacher row of the table)."""
         teacher = load_mlm_teacher(path)
         layers = teacher.config.num_hidden_layers
-        model = ds.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
+        model = engines.frozen_teacher(MaskedLMRows(teacher), self.ds_config, self.world.device)
         return {"run": "teacher", "student_layers": layers, "dev": self.evaluate(model)}
 
 
