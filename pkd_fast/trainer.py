@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pkd_fast import checkpoints, deepspeed_json, engines, faults
-from pkd_fast import data as glue_data
+from pkd_fast import data
 from pkd_fast.config import ADDED_FLAGS
 from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
@@ -395,7 +395,7 @@ class Trainer:
         the same as without read-ahead. Every rank gets the same number of steps, so each all-reduces the
         same number of times."""
         micro_batches = iter(batches)
-        while group := [glue_data.batch_to_device(b, self.world.device) for b in itertools.islice(micro_batches, self.accum)]:
+        while group := [data.batch_to_device(b, self.world.device) for b in itertools.islice(micro_batches, self.accum)]:
             divisors = None
             if count_fn is not None:
                 counts = torch.stack([count_fn(b) for b in group]).sum(0)

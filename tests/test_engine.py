@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pkd_fast import checkpoints, deepspeed_json
-from pkd_fast.dist import SHM_DIR, Dist, _free_port, _share_cores, init_distributed, shm_buffer
+from pkd_fast.dist import SHM_DIR, Dist, _free_port, _share_cores, init_distributed
 from pkd_fast.engines import TEACHER_ROWS_PER_FORWARD, student_engine, teacher_forward
 from pkd_fast.errors import PkdError
 from pkd_fast.output_lock import OutputLock, _process_identity
@@ -438,6 +438,7 @@ def test_the_teacher_by_length_gives_every_familys_outputs():
 
 SHM_PROBE = """
 import torch, deepspeed.comm as dscomm
+from pkd_fast.dist import init_distributed, shm_buffer
 world = init_distributed()
 torch.distributed.barrier()  # every rank is past its own unlink
 left = [str(p) for p in (shm_buffer(r) for r in range(world.world_size)) if p.exists()]

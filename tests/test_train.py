@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pkd_fast import data
+from pkd_fast import data, glue_files
 from pkd_fast.config import default_teacher
 from pkd_fast.dist import SHM_DIR, _free_port
 from pkd_fast.faults import FAULT_ENV
@@ -99,7 +99,7 @@ def dev_metric_of_saved_model(model_dir: Path, task_name: str, micro_batch: int,
     task = get_task(task_name)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    dev = data.tokenize(data.subsample_head(data.load_glue(task, GLUE_DIR)["dev"], max_eval), tok, 32)
+    dev = data.tokenize(data.subsample_head(glue_files.load_glue(task, GLUE_DIR)["dev"], max_eval), tok, 32)
     logits, labels = [], []
     with torch.no_grad():
         for batch in data.make_loader(dev, tok, 2 * micro_batch, train=False, seed=0):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from pkd_fast import data as glue_data
+from pkd_fast import data
 from pkd_fast import deepspeed_json
 from pkd_fast.config import RESULT_NEUTRAL, Config
 from pkd_fast.dist import Dist, init_distributed, require_shared_directory
@@ -112,9 +112,9 @@ class RecipeContext:
         """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
         same on every rank (`data.inference_batches`: ZeRO-3 gathers parameters with every rank at each
         forward), whose uncounted filler is run but not used. No gradients: twice the training batch fits."""
-        batches, n_batches = glue_data.inference_batches(dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
+        batches, n_batches = data.inference_batches(dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
                                                          world_size=self.world.world_size, lookup=lookup)
-        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
+        return ((data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
 
 
 def write_results(world: Dist, out: Path, summary: dict, table: str | None) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel, set_seed
 
 from pkd_fast import cache as teacher_cache
-from pkd_fast import data as glue_data
+from pkd_fast import data, glue_files
 from pkd_fast import deepspeed_json, engines
 from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PRESETS, Config, Need, Objective, register
@@ -83,13 +83,13 @@ def run(cfg: Config) -> dict:
         check_same_tokenizer(tokenizer, "--base-model", cfg.base_model)
 
     # -- data ----------------------------------------------------------------------------------------
-    raw = glue_data.load_glue(task, cfg.glue_dir)
+    raw = glue_files.load_glue(task, cfg.glue_dir)
     full_train_rows = len(raw["train"])
-    train_set = glue_data.tokenize(
-        glue_data.subsample(raw["train"], cfg.max_train_samples, cfg.data_seed), tokenizer, cfg.max_seq_length
+    train_set = data.tokenize(
+        data.subsample(raw["train"], cfg.max_train_samples, cfg.data_seed), tokenizer, cfg.max_seq_length
     )
     dev_sets = {
-        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
+        split: data.tokenize(data.subsample_head(raw[split], cfg.max_eval_samples), tokenizer, cfg.max_seq_length)
         for split in task.dev_splits
     }
     ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets, relations)
@@ -200,7 +200,7 @@ def _with_token_index(lookup):
     """The collate-time lookup, plus the flattened positions of the batch's real tokens (`Rows.tokens`)."""
     def read(batch: dict) -> dict:
         extra = lookup(batch) if lookup is not None else {}
-        return {**extra, "token_index": glue_data.real_token_index(batch["attention_mask"])}
+        return {**extra, "token_index": data.real_token_index(batch["attention_mask"])}
 
     return read
 
@@ -241,7 +241,7 @@ class Context(common.RecipeContext):
         lookup = teacher.lookup()
         if self.cfg.pt_tokens == "all" and spec.layer_map:
             lookup = _with_token_index(lookup)
-        return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
+        return data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
                                      rank=self.world.rank, world_size=self.world.world_size, lookup=lookup,
                                      group_by_length=self.cfg.group_by_length, accumulation=self.trainer.accum)
 
@@ -291,7 +291,7 @@ class Context(common.RecipeContext):
         world, dtype = self.world, deepspeed_json.train_dtype(self.ds_config)
         (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(0)
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
-            batch = glue_data.batch_to_device(next(iter(loader)), world.device)
+            batch = data.batch_to_device(next(iter(loader)), world.device)
             was_training = model.training
             model.to(world.device).eval()
             with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -42,7 +42,7 @@ from transformers import AutoTokenizer, set_seed
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import corpus
-from pkd_fast import data as glue_data
+from pkd_fast import data
 from pkd_fast import deepspeed_json, engines
 from pkd_fast import mlm_cache
 from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
@@ -364,7 +364,7 @@ class MlmContext(common.RecipeContext):
                                output_hidden_states=bool(spec.pt_map), head=reads_logits(cfg))
         tokens = None
         if cfg.pt_tokens == "all" and spec.pt_map:
-            tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else glue_data.real_token_index(batch["attention_mask"])
+            tokens = student.row_index if cfg.kd_positions == "all" and spec.alpha else data.real_token_index(batch["attention_mask"])
         rows = Rows(logits=student.row_index, tokens=tokens, pool_mask=batch["attention_mask"] if cfg.pt_tokens == "mean" else None)
         t = teacher(batch, rows)
         s_rows = rows.states(student.hidden, range(1, len(spec.pt_map) + 1)) if spec.pt_map else []
@@ -419,20 +419,20 @@ class MlmContext(common.RecipeContext):
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
             capture = QkvCapture(model, layout.relation_layer) if layout.relation_layer else None
             teacher = engines.frozen_teacher(MaskedLMRows(model), self.ds_config, world.device)
-            per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+            per_epoch = data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
 
             def batches():
                 for epoch in range(epochs):
                     masker.set_epoch(epoch)  # the collate masks as each epoch's batches are drawn
-                    yield from glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+                    yield from data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                            world_size=world.world_size, lookup=masker)[0]
 
             for batch, counted in common.teacher_pass(batches(), epochs * per_epoch, world, cfg.teacher_cache):
                 units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
-                batch = glue_data.batch_to_device(batch, world.device)
+                batch = data.batch_to_device(batch, world.device)
                 with capture.recording() if capture else contextlib.nullcontext():
-                    kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
+                    kd_logits, hidden = teacher(**data.model_inputs(batch), output_hidden_states=bool(layers),
                                                 row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
                 qkv = torch.stack(capture.take()) if capture else None
                 if counted:
