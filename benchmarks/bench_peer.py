@@ -104,6 +104,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup, set_seed
 
     from pkd_fast import data, glue_files
+    from pkd_fast.families import model_inputs
     from pkd_fast.metrics import glue_metrics
     from pkd_fast.models import build_student, layer_map, load_classifier
     from pkd_fast.precision import apply_precision, resolve_precision
@@ -147,7 +148,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     @torch.no_grad()
     def evaluate(model, **_):
         model.eval()
-        rows = [(model(**data.model_inputs(b)).logits.float(), b["labels"]) for b in
+        rows = [(model(**model_inputs(model, b)).logits.float(), b["labels"]) for b in
                 data.make_loader(dev_set, tokenizer, 2 * batch_size, train=False, seed=0)]
         model.train()
         logits, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
@@ -170,7 +171,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
             return {"logits": out.logits, "hidden": out.hidden_states, "losses": [out.loss]}
 
         def inputs(batch):
-            return {**data.model_inputs(batch), "labels": batch["labels"], "output_hidden_states": True}
+            return {**model_inputs(student, batch), "labels": batch["labels"], "output_hidden_states": True}
 
         distiller = GeneralDistiller(training, distill, model_T=teacher.eval(), model_S=student, adaptor_T=adaptor, adaptor_S=adaptor)
         t0 = time.perf_counter()
@@ -185,7 +186,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
         for _ in range(s["epochs"]):
             for batch in loader:
                 with amp:
-                    loss = student(**data.model_inputs(batch), labels=batch["labels"]).loss
+                    loss = student(**model_inputs(student, batch), labels=batch["labels"]).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 optimizer.step()

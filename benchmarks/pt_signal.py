@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from pkd_fast import data, glue_files
+from pkd_fast.families import model_inputs
 from pkd_fast.losses import patient_loss, pkd_loss
 from pkd_fast.models import build_student, layer_map, load_classifier, num_layers, pt_rows
 from pkd_fast.tasks import TASKS, get_task
@@ -56,7 +57,7 @@ def measure(args) -> dict:
     params = [p for p in student.parameters() if p.requires_grad]
     per_batch = []
     for batch in loader:
-        inputs = data.model_inputs(batch)
+        inputs = model_inputs(teacher, batch)  # the student is of the teacher's family
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=True)
         s_out = student(**inputs, output_hidden_states=True)

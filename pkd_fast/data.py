@@ -140,11 +140,6 @@ def inference_batches(
     return pairs(), n_batches
 
 
-def model_inputs(batch: dict) -> dict:
-    """The batch's columns a BERT forward takes (not labels, example_idx or the cache's rows)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
-
 def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of the real tokens in the flattened [B·S] batch: the index models.pt_rows takes."""
     return attention_mask.flatten().nonzero().squeeze(1)

@@ -29,7 +29,7 @@ from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import Relations, pkd_loss, resolve_impl
 from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import (WidthProjected, build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
-                             layer_map, load_classifier, model_config, num_layers, project_rows, scratch_student)
+                             layer_map, load_classifier, model_config, num_layers, project_rows, saved_tokenizer, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.relations import QkvCapture, RelationPlan, relation_plan
 from pkd_fast.tasks import Task, get_task
@@ -80,7 +80,7 @@ def run(cfg: Config) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
-        check_same_tokenizer(tokenizer, "--base-model", cfg.base_model)
+        check_same_tokenizer(tokenizer, saved_tokenizer("--base-model", cfg.base_model), f"--base-model {cfg.base_model}")
 
     # -- data ----------------------------------------------------------------------------------------
     raw = glue_files.load_glue(task, cfg.glue_dir)

@@ -48,7 +48,7 @@ from pkd_fast import mlm_cache
 from pkd_fast.config import KD_POSITIONS, STUDENT_LAYER_CHOICES, Config, Need, Objective, register
 from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
-from pkd_fast.families import width_config
+from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import Relations, pkd_loss, relation_loss_reference, resolve_impl
 from pkd_fast.mlm_cache import MlmTeacherCache
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
@@ -432,7 +432,7 @@ class MlmContext(common.RecipeContext):
                 units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.kd_positions)
                 batch = data.batch_to_device(batch, world.device)
                 with capture.recording() if capture else contextlib.nullcontext():
-                    kd_logits, hidden = teacher(**data.model_inputs(batch), output_hidden_states=bool(layers),
+                    kd_logits, hidden = teacher(**model_inputs(teacher, batch), output_hidden_states=bool(layers),
                                                 row_index=mlm_row_index(batch, cfg.kd_positions) if logits else None)
                 qkv = torch.stack(capture.take()) if capture else None
                 if counted:
