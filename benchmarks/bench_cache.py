@@ -7,7 +7,7 @@ Three ways to train the same student, timed together in one process (taking turn
 CPU, so load from other processes falls on each alike), and each alone in a fresh process for its memory:
 
   ft     fine-tuning: CE only, no teacher
-  live   PKD-Skip with the frozen teacher run on every batch (engine.frozen_teacher)
+  live   PKD-Skip with the frozen teacher run on every batch (engines.frozen_teacher)
   cache  PKD-Skip reading the teacher's logits and [CLS] states from a store written once by
          glue.Context.write_cache (the data loader's collate reads the rows)
 
@@ -42,11 +42,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from benchmarks import harness
 from pkd_fast import cache as teacher_cache
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json
 from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
+from pkd_fast.dist import Dist, init_distributed
 from pkd_fast.models import build_student, layer_map, load_classifier
-from pkd_fast.tasks import get_task
 from pkd_fast.recipes.glue import Context, Run
+from pkd_fast.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = get_task("sst2")
@@ -60,7 +61,7 @@ SETUPS = {  # per device: teacher size, batch, sequence length, precision
 
 
 def ds_config(setup: dict) -> dict:
-    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
+    config = deepspeed_json.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=setup["micro_batch"], bf16={"enabled": setup["bf16"]}, tensorboard={"enabled": False})
     return config
 
@@ -70,7 +71,7 @@ def rows(setup: dict, tokenizer) -> datasets.Dataset:
     return harness.token_rows(setup["micro_batch"] * (setup["steps"] + 2), setup["seq"], tokenizer.vocab_size, tokenizer)
 
 
-def context(setup: dict, workdir: Path, world: ds.Dist) -> Context:
+def context(setup: dict, workdir: Path, world: Dist) -> Context:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "teacher")
     cfg = Config(teacher=str(workdir / "teacher"), teacher_cache=str(workdir / "cache"), max_seq_length=setup["seq"])
     return Context(cfg, TASK, world, ds_config(setup), tokenizer, rows(setup, tokenizer), {})
@@ -78,11 +79,11 @@ def context(setup: dict, workdir: Path, world: ds.Dist) -> Context:
 
 def fingerprint(ctx: Context) -> dict:
     return teacher_cache.fingerprint(
-        ctx.cfg.teacher, ctx.tokenizer, TASK.name, ctx.cfg.max_seq_length, ctx.train_set, ds.train_dtype(ctx.ds_config)
+        ctx.cfg.teacher, ctx.tokenizer, TASK.name, ctx.cfg.max_seq_length, ctx.train_set, deepspeed_json.train_dtype(ctx.ds_config)
     )
 
 
-def prepare(setup: dict, workdir: Path, world: ds.Dist) -> dict:
+def prepare(setup: dict, workdir: Path, world: Dist) -> dict:
     """Save a random teacher and the student's init, then write the cache through the trainer."""
     config = BertConfig(num_hidden_layers=setup["layers"], hidden_size=setup["hidden"], num_attention_heads=setup["heads"],
                         intermediate_size=4 * setup["hidden"], num_labels=TASK.num_labels)
@@ -133,7 +134,7 @@ class PeakMemory:
             self.peak = max(self.peak, _rss())
 
 
-def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist) -> tuple[Callable[[], None], int]:
+def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: Dist) -> tuple[Callable[[], None], int]:
     """One training step of `mode` as a call, and the parameter count of the teacher it holds."""
     device = world.device
     lmap = () if mode == "ft" else layer_map("skip", setup["layers"], STUDENT_LAYERS)
@@ -151,7 +152,7 @@ def trainer(mode: str, ctx: Context, setup: dict, workdir: Path, world: ds.Dist)
     return step, sum(p.numel() for p in teacher.model.parameters()) if mode == "live" else 0
 
 
-def timings(setup: dict, workdir: Path, world: ds.Dist) -> dict:
+def timings(setup: dict, workdir: Path, world: Dist) -> dict:
     """Per-step time of every mode, in one process. On the CPU the modes take turns step by step, so load
     from other processes falls on each alike, and the time is CPU time on one thread: the step's cost.
     On CUDA each mode is timed in turn with device events."""
@@ -175,7 +176,7 @@ def timings(setup: dict, workdir: Path, world: ds.Dist) -> dict:
     return result
 
 
-def memory(mode: str, setup: dict, workdir: Path, world: ds.Dist) -> dict:
+def memory(mode: str, setup: dict, workdir: Path, world: Dist) -> dict:
     """One mode alone in its process: memory after the warm-up and the peak over a few more steps."""
     step, teacher_params = trainer(mode, context(setup, workdir, world), setup, workdir, world)
     resident = torch.cuda.memory_allocated(world.device) if world.device.type == "cuda" else _rss()
@@ -189,7 +190,7 @@ def memory(mode: str, setup: dict, workdir: Path, world: ds.Dist) -> dict:
 def _worker(job: str, device: torch.device, workdir: Path) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU time per step is then its cost, whoever else uses the machine
-    world = ds.init_distributed()
+    world = init_distributed()
     setup = SETUPS[device.type] | json.loads(os.environ.get("BENCH_CACHE_SETUP", "{}"))
     if job == "prepare":
         result = prepare(setup, workdir, world)

@@ -5,7 +5,7 @@ time, against plain PyTorch loops of the same model, all in one process taking t
 
 The model is the trainer's 3-layer MiniLM student (17.4M parameters, 11.7M of them the word embeddings,
 whose gradient is dense), batch 32 × length 64, random tokens. A step is forward (HF's CE loss), backward,
-optimizer step; the DeepSpeed variants go through pkd_fast.engine.student_engine, as the trainer does.
+optimizer step; the DeepSpeed variants go through pkd_fast.engines.student_engine, as the trainer does.
 Time is the process's CPU seconds per step (on one thread, the step's cost even while other processes share
 the cores), the median of --reps rounds after 2 warm-up steps. Results: benchmarks/results/cpu_step.{json,md}.
 """
@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json, engines
 from pkd_fast.config import REPO_ROOT, default_teacher
+from pkd_fast.dist import init_distributed
 from pkd_fast.models import build_student, load_classifier
 from pkd_fast.tasks import get_task
 
@@ -32,12 +33,12 @@ BATCH, SEQ, LAYERS = 32, 64, 3
 
 def ds_variant(name: str, **change) -> dict:
     """A shipped config with `change` applied: fused AdamW, ZeRO stage, autocast off, self-reduce back on."""
-    config = ds.read_ds_config(str(REPO_ROOT / "ds_configs" / name))
+    config = deepspeed_json.read_ds_config(str(REPO_ROOT / "ds_configs" / name))
     config.pop("scheduler")
     config["tensorboard"] = {"enabled": False}
     if change.get("fused") is not None:
         config["optimizer"]["params"]["fused"] = change["fused"]
-    return {"config": ds.resolve_ds_config(config, lr=1e-4, total_steps=100, warmup_steps=0, tensorboard_dir=Path("unused")),
+    return {"config": deepspeed_json.resolve_ds_config(config, lr=1e-4, total_steps=100, warmup_steps=0, tensorboard_dir=Path("unused")),
             "self_reduce": change.get("self_reduce", False)}
 
 
@@ -77,7 +78,7 @@ def make_step(variant: dict, student: torch.nn.Module, data: list[dict]):
             optimizer.zero_grad(set_to_none=True)
         return plain_step
 
-    engine = ds.student_engine(model, variant["config"])
+    engine = engines.student_engine(model, variant["config"])
     if variant["self_reduce"]:
         engine.enable_backward_allreduce = True  # DeepSpeed's own default, which student_engine turns off
 
@@ -89,7 +90,7 @@ def make_step(variant: dict, student: torch.nn.Module, data: list[dict]):
 
 
 def run(reps: int) -> dict:
-    ds.init_distributed()
+    init_distributed()
     task = get_task("sst2")
     torch.manual_seed(0)
     student = build_student(load_classifier(default_teacher(), task), LAYERS, task)

@@ -27,8 +27,9 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from benchmarks import harness
 from benchmarks.bench_losses import VOCAB
 from benchmarks.bench_step import LR, RECIPE, STEP_BUDGET
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json
 from pkd_fast.config import ZERO2_DS_CONFIG, default_teacher
+from pkd_fast.dist import init_distributed
 from pkd_fast.models import MaskedLMRows, build_mlm_student, mlm_student_layers
 from pkd_fast import distill
 from pkd_fast.distill import Distiller
@@ -79,7 +80,7 @@ def models(setup: dict, layers: tuple[int, ...]) -> tuple[FullOrGatheredHead, Fu
 
 
 def ds_json(setup: dict) -> dict:
-    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
+    config = deepspeed_json.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=setup["micro_batch"], tensorboard={"enabled": False},
                   bf16={"enabled": setup["dtype"] == "bf16"})
     return config
@@ -90,7 +91,7 @@ def measure(device: torch.device, setup: dict, kd_grid=KD_POSITIONS, impl_names=
     """Both heads × `kd_grid` × `impl_names` (default: `impls(device)`) at `setup`, steps timed with `step_budget`
     (default STEP_BUDGET), yielding each row as it is measured (printed). First checks that the two heads give
     the same loss (AssertionError if not)."""
-    world = ds.init_distributed()
+    world = init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(default_teacher())
     if len(tokenizer) != setup["vocab"]:
         raise ValueError(f"setup vocab {setup['vocab']}: the masked-LM recipe's tokenizer has {len(tokenizer)} entries")

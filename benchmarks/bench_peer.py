@@ -103,7 +103,8 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     """Train one student outside pkd_fast's trainer, on pkd_fast's data pipeline (same rows, order, padding)."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup, set_seed
 
-    from pkd_fast import data as glue_data
+    from pkd_fast import data, glue_files
+    from pkd_fast.families import model_inputs
     from pkd_fast.metrics import glue_metrics
     from pkd_fast.models import build_student, layer_map, load_classifier
     from pkd_fast.precision import apply_precision, resolve_precision
@@ -113,12 +114,12 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     config = json.loads(Path(args.ds_config).read_text())
     config = apply_precision(config, resolve_precision("auto", torch.device("cpu"), config))  # as pkd_fast's run resolves it
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    raw = glue_data.load_glue(task, args.glue_dir)
-    train_set = glue_data.tokenize(glue_data.subsample(raw["train"], args.max_train_samples, 42), tokenizer, s["max_seq_length"])
-    dev_set = glue_data.tokenize(glue_data.subsample_head(raw["dev"], args.max_eval_samples), tokenizer, s["max_seq_length"])
+    raw = glue_files.load_glue(task, args.glue_dir)
+    train_set = data.tokenize(data.subsample(raw["train"], args.max_train_samples, 42), tokenizer, s["max_seq_length"])
+    dev_set = data.tokenize(data.subsample_head(raw["dev"], args.max_eval_samples), tokenizer, s["max_seq_length"])
     batch_size = config["train_micro_batch_size_per_gpu"]
     # pkd_fast's own batches (grouped by length, its default), so every trainer pads and orders alike
-    loader = glue_data.make_loader(train_set, tokenizer, batch_size, train=True, seed=s["seed"], group_by_length=True)
+    loader = data.make_loader(train_set, tokenizer, batch_size, train=True, seed=s["seed"], group_by_length=True)
     total = len(loader) * s["epochs"]
 
     teacher = load_classifier(teacher_path, task)
@@ -147,8 +148,8 @@ def worker(kind: str, teacher_path: str, args) -> dict:
     @torch.no_grad()
     def evaluate(model, **_):
         model.eval()
-        rows = [(model(**glue_data.model_inputs(b)).logits.float(), b["labels"]) for b in
-                glue_data.make_loader(dev_set, tokenizer, 2 * batch_size, train=False, seed=0)]
+        rows = [(model(**model_inputs(model, b)).logits.float(), b["labels"]) for b in
+                data.make_loader(dev_set, tokenizer, 2 * batch_size, train=False, seed=0)]
         model.train()
         logits, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         evaluate.metrics = glue_metrics(logits.numpy(), labels.numpy(), task)
@@ -170,7 +171,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
             return {"logits": out.logits, "hidden": out.hidden_states, "losses": [out.loss]}
 
         def inputs(batch):
-            return {**glue_data.model_inputs(batch), "labels": batch["labels"], "output_hidden_states": True}
+            return {**model_inputs(student, batch), "labels": batch["labels"], "output_hidden_states": True}
 
         distiller = GeneralDistiller(training, distill, model_T=teacher.eval(), model_S=student, adaptor_T=adaptor, adaptor_S=adaptor)
         t0 = time.perf_counter()
@@ -185,7 +186,7 @@ def worker(kind: str, teacher_path: str, args) -> dict:
         for _ in range(s["epochs"]):
             for batch in loader:
                 with amp:
-                    loss = student(**glue_data.model_inputs(batch), labels=batch["labels"]).loss
+                    loss = student(**model_inputs(student, batch), labels=batch["labels"]).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 optimizer.step()

@@ -33,9 +33,10 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 from benchmarks import harness
 from benchmarks.bench_losses import INTERPRET_MAX_ROWS, VOCAB
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json
 from pkd_fast.config import ZERO2_DS_CONFIG, Config, default_teacher
 from pkd_fast import distill
+from pkd_fast.dist import Dist, init_distributed
 from pkd_fast.distill import Distiller
 from pkd_fast.models import MaskedLMRows, build_mlm_student, build_student, layer_map
 from pkd_fast.recipes import glue as glue_recipe
@@ -87,7 +88,7 @@ TINY = ModelSize(teacher_layers=4, student_layers=2, hidden=32, heads=2, seq=16,
 
 
 def ds_json(micro_batch: int) -> dict:
-    config = ds.read_ds_config(str(ZERO2_DS_CONFIG))
+    config = deepspeed_json.read_ds_config(str(ZERO2_DS_CONFIG))
     config.update(train_micro_batch_size_per_gpu=micro_batch, tensorboard={"enabled": False})
     return config
 
@@ -118,12 +119,12 @@ class StepCase:
         """Rows of logits the KD term reads (what decides whether the interpreter can run it)."""
         return micro_batch * self.size.seq if self.mlm else micro_batch
 
-    def trainer_steps(self, workdir: Path, world: ds.Dist, max_micro_batch: int) -> TrainerSteps:
+    def trainer_steps(self, workdir: Path, world: Dist, max_micro_batch: int) -> TrainerSteps:
         """The case's models (random weights) in the recipe's context, the engine's JSON at the largest
         micro-batch; files (the teacher, the corpus) under `workdir`."""
         return (self._mlm if self.mlm else self._glue)(workdir, world, max_micro_batch, AutoTokenizer.from_pretrained(default_teacher()))
 
-    def _glue(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
+    def _glue(self, workdir: Path, world: Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
         """PKD-Skip in the GLUE recipe's `Context`: the teacher is saved for its `Distiller` to load."""
         teacher = AutoModelForSequenceClassification.from_config(self.size.bert_config(num_labels=TASK.num_labels), attn_implementation="sdpa")
         teacher.save_pretrained(workdir / "teacher")
@@ -147,7 +148,7 @@ class StepCase:
 
         return TrainerSteps(step, distill)
 
-    def _mlm(self, workdir: Path, world: ds.Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
+    def _mlm(self, workdir: Path, world: Dist, max_micro_batch: int, tokenizer) -> TrainerSteps:
         """The masked-LM recipe's `MlmContext` with β = 0 and KL over every real token: its student plan,
         its step spec, its Distiller."""
         flags = {"kd_positions": "all", "beta": 0.0, "student_layers": self.size.student_layers}
@@ -254,7 +255,7 @@ def measure_case(case: StepCase, micro_batches, device: torch.device, quick: boo
                  step_budget: harness.Budget | None = None) -> Iterator[list[dict]]:
     """`measure` at each micro-batch on one pair of models, yielding each micro-batch's rows (printed), so a
     caller can save a run cut short; the models and their files are freed at the end."""
-    world = ds.init_distributed()
+    world = init_distributed()
     with tempfile.TemporaryDirectory(prefix=f"bench_step_{case.name}_") as tmp:
         steps = case.trainer_steps(Path(tmp), world, max(micro_batches))
         try:

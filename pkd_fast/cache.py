@@ -34,7 +34,6 @@ one-line error; write the cache on one node and copy it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -51,8 +50,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pkd_fast.data import mean_pool
-from pkd_fast.engine import fault_point, require_shared_directory
+from pkd_fast.dist import require_shared_directory
 from pkd_fast.errors import PkdError
+from pkd_fast.faults import fault_point
+from pkd_fast.hashing import blake2b_of, file_blake2b, file_sha256, json_sha256, sha256_of, tokenizer_digest
 
 log = logging.getLogger("pkd_fast")
 
@@ -66,10 +67,6 @@ _BLOCK, _BLOCKS = 1 << 16, 256
 
 # -- fingerprint -------------------------------------------------------------------------------------
 
-def _sha256(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _weights_digest(teacher_path: str) -> str:
     """sha256 over the teacher's weight files (names and bytes), read from disk: no model is loaded."""
     folder = Path(teacher_path)
@@ -81,43 +78,30 @@ def _weights_digest(teacher_path: str) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise PkdError(f"--teacher {teacher_path}: no weight files (*.safetensors, *.bin) to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            digest.update(path.name.encode() + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def tokenizer_digest(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        for per_call in ("truncation", "padding"):  # set by each call, not part of the tokenizer
-            spec.pop(per_call, None)
-    else:
-        spec = sorted(tokenizer.get_vocab().items())
-    return _sha256({"class": type(tokenizer).__name__, "spec": spec})
+    return sha256_of(path.name.encode() + file_sha256(path) for path in files)
 
 
 def _dataset_digest(train_set) -> str:
     """sha256 of what the teacher reads, row by row: input_ids and token_type_ids. (datasets' own
     `_fingerprint` is random for in-memory datasets, so it cannot tell two runs' rows apart.)"""
     table = train_set.with_format("arrow")[:]
-    digest = hashlib.sha256()
-    for name in ("input_ids", "token_type_ids"):
-        if name in table.column_names:
-            column = table[name].combine_chunks()
-            digest.update(name.encode())
-            digest.update(pc.list_value_length(column).to_numpy().astype(np.int64).tobytes())
-            digest.update(column.flatten().to_numpy().astype(np.int64).tobytes())
-    return digest.hexdigest()
+
+    def chunks():
+        for name in ("input_ids", "token_type_ids"):
+            if name in table.column_names:
+                column = table[name].combine_chunks()
+                yield name.encode()
+                yield pc.list_value_length(column).to_numpy().astype(np.int64).tobytes()
+                yield column.flatten().to_numpy().astype(np.int64).tobytes()
+
+    return sha256_of(chunks())
 
 
 def _config_digest(teacher_path: str) -> str:
     """sha256 of the teacher's config.json as parsed JSON (key order and whitespace do not count)."""
     path = Path(teacher_path) / "config.json"
     try:
-        return _sha256(json.loads(path.read_text()))
+        return json_sha256(json.loads(path.read_text()))
     except (OSError, ValueError) as err:
         raise PkdError(f"--teacher {teacher_path}: cannot read its config.json to fingerprint it ({err})") from None
 
@@ -222,8 +206,7 @@ def gib(nbytes) -> str:
 
 def _full_digest(path: Path) -> str:
     """blake2b of every byte: `--verify-cache full` (reads the whole store once)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    return file_blake2b(path)
 
 
 def stored_fingerprint(directory: str | os.PathLike) -> dict | None:
@@ -238,15 +221,16 @@ def _digest(path: Path, size: int) -> str:
     """blake2b of `_BLOCKS` evenly spaced blocks of `_BLOCK` bytes (the whole file when ≤ 16 MiB): a check
     that costs milliseconds whatever the store's size. With the exact byte size it catches truncation, a
     damaged header and damage over any sampled block, not a stray flipped byte between blocks."""
-    digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         if size <= _BLOCK * _BLOCKS:
-            digest.update(f.read())
-        else:
+            return blake2b_of([f.read()])
+
+        def blocks():
             for offset in np.linspace(0, size - _BLOCK, _BLOCKS, dtype=np.int64):
                 f.seek(int(offset))
-                digest.update(f.read(_BLOCK))
-    return digest.hexdigest()
+                yield f.read(_BLOCK)
+
+        return blake2b_of(blocks())
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pkd_fast.engine import DEFAULT_DIST_TIMEOUT_S
+from pkd_fast.dist import DEFAULT_DIST_TIMEOUT_S
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LOSS_IMPLS, PT_REDUCTIONS
 from pkd_fast.precision import PRECISIONS
@@ -40,7 +40,7 @@ RESULT_NEUTRAL = frozenset({
 })
 # Flags added after runs were first written, with the values that do what runs from before the flag did: a
 # finished run's or checkpoint's key that lacks one matches these values only, so --resume keeps such runs
-# across an upgrade and still refuses a new flag's other values (`engine.require_same_run`).
+# across an upgrade and still refuses a new flag's other values (`checkpoints.require_same_run`).
 ADDED_FLAGS = {
     "group_by_length": (False, None),  # GLUE batches were plain shuffled; mlm has no such flag
     "relation_weight": (0.0,), "relation_layers": (None,), "relation_heads": (None,),

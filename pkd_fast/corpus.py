@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -57,9 +56,9 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from pkd_fast.cache import tokenizer_digest
 from pkd_fast.data import make_loader
 from pkd_fast.errors import PkdError, write_failure
+from pkd_fast.hashing import json_sha256, seed64, tokenizer_digest
 
 log = logging.getLogger("pkd_fast")
 
@@ -168,17 +167,6 @@ def _hub_dataset(name: str, config: str | None, text_column: str, split: str, st
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
-def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
-    """Masked-LM distillation compares the two models' vocabulary logits column by column, so both must
-    use one tokenizer (same vocabulary, normalisation and special tokens)."""
-    if tokenizer_digest(teacher_tokenizer) != tokenizer_digest(student_tokenizer):
-        raise PkdError(
-            f"the teacher's tokenizer ({teacher_tokenizer.name_or_path}, {len(teacher_tokenizer)} tokens) and the "
-            f"student's ({student_tokenizer.name_or_path}, {len(student_tokenizer)} tokens) differ; masked-LM "
-            "distillation needs one tokenizer for both"
-        )
-
-
 # -- tokenising and packing --------------------------------------------------------------------------
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -243,10 +231,6 @@ def _pack_tokens(tokens: datasets.Dataset, tokenizer, max_seq_length: int) -> It
                 index += 1
     for block in packer.finish():
         yield {"input_ids": block, "example_idx": index}
-
-
-def _sha256(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _files_identity(files: Sequence[Path]) -> list:
@@ -339,7 +323,7 @@ def tokenize_corpus(
         hub = _hub_dataset(dataset, dataset_config, text_column, split, streaming=False)
         source = {"dataset": dataset, "config": dataset_config, "split": split, "fingerprint": hub._fingerprint}
         describe = f"--dataset {dataset}"
-    key = _sha256({"format": FORMAT, "source": source, "text_column": text_column, "tokenizer": tok_digest})
+    key = json_sha256({"format": FORMAT, "source": source, "text_column": text_column, "tokenizer": tok_digest})
 
     def build(scratch: Path) -> datasets.Dataset:
         if text_files is not None:
@@ -362,7 +346,7 @@ def pack_corpus(tokens: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
                 cache_dir: str | os.PathLike) -> datasets.Dataset:
     """The tokenised corpus packed into blocks (columns input_ids, example_idx = block index), saved under
     `cache_dir` keyed by the tokens' fingerprint and `max_seq_length`."""
-    key = _sha256({"format": FORMAT, "tokens": tokens._fingerprint, "max_seq_length": max_seq_length,
+    key = json_sha256({"format": FORMAT, "tokens": tokens._fingerprint, "max_seq_length": max_seq_length,
                    "tokenizer": tokenizer_digest(tokenizer)})
     return _build_once(
         Path(cache_dir) / f"blocks-{key[:24]}",
@@ -382,8 +366,7 @@ def prepare_blocks(tokenizer: PreTrainedTokenizerBase, max_seq_length: int, cach
 def mask_seed(seed: int, epoch: int, example_idx: int) -> int:
     """A 64-bit generator seed from the three numbers a mask depends on (a hash: nearby triples are
     unrelated streams)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{example_idx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return seed64(f"{seed}:{epoch}:{example_idx}")
 
 
 class MlmMasker:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from pkd_fast.data import model_inputs as batch_inputs
 from pkd_fast.errors import PkdError
 
 
@@ -171,9 +170,10 @@ def module_at(root, path: str) -> torch.nn.Module:
 
 
 def model_inputs(model, batch: dict) -> dict:
-    """The batch's columns `model` (or the engine around it) takes: token_type_ids only where its family
+    """The batch's columns `model` (or the engine or wrapper around it) takes: input_ids, attention_mask and
+    token_type_ids (not labels, example_idx or a teacher cache's rows), token_type_ids only where its family
     and config read them."""
-    inputs = batch_inputs(batch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     config = _hf_model(model).config
     if not family_of(config).takes_token_types(config):
         inputs.pop("token_type_ids", None)

@@ -14,10 +14,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from pkd_fast.data import mean_pool, model_inputs, real_token_index
+from pkd_fast.data import mean_pool, real_token_index
 from pkd_fast.errors import PkdError
-from pkd_fast.families import attention_kwargs, family_of, student_config, width_config
-from pkd_fast.families import model_inputs as family_inputs
+from pkd_fast.families import attention_kwargs, family_of, model_inputs, student_config, width_config
 from pkd_fast.tasks import Task
 
 
@@ -84,18 +83,25 @@ def tokenizer_traits(tokenizer) -> dict:
             "lower-casing": tokenizer(probe)["input_ids"] == tokenizer(probe.lower())["input_ids"]}
 
 
-def check_same_tokenizer(teacher_tokenizer, flag: str, path: str) -> None:
-    """The student (`flag` names its weights) reads the teacher's token ids: its tokenizer must be the
-    teacher's, or its embeddings index other tokens (or past their end). One line naming what differs."""
+def saved_tokenizer(flag: str, path: str):
+    """The tokenizer saved beside the weights `flag` names, for `check_same_tokenizer`; one line when there is none."""
     try:
-        own = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
         raise PkdError(f"{flag} {path}: no tokenizer to compare with the teacher's ({_first_line(err)}); save the "
                        "tokenizer beside its weights") from None
-    theirs, mine = tokenizer_traits(teacher_tokenizer), tokenizer_traits(own)
+
+
+def check_same_tokenizer(teacher_tokenizer, tokenizer, named: str = "the student") -> None:
+    """A student (`named`: e.g. "--base-model PATH") reads the teacher's token ids, and masked-LM distillation
+    compares the two models' vocabulary logits column by column: its tokenizer must be the teacher's, or its
+    embeddings index other tokens (or past their end). The one tokenizer check of both objectives; one line
+    naming what differs (`tokenizer_traits`)."""
+    theirs, mine = tokenizer_traits(teacher_tokenizer), tokenizer_traits(tokenizer)
     differ = [f"{what} {mine[what]} vs the teacher's {theirs[what]}" for what in theirs if mine[what] != theirs[what]]
     if differ:
-        raise PkdError(f"{flag} {path}: its tokenizer is not the teacher's: " + "; ".join(differ))
+        raise PkdError(f"{named}: its tokenizer is not the teacher's: " + "; ".join(differ)
+                       + " (tokenizers that differ give one text other ids; use the teacher's)")
 
 
 def _label_key(name) -> str:
@@ -463,12 +469,12 @@ class MaskedLMRows(torch.nn.Module):
         self.model = model
 
     def save_pretrained(self, *args, **kwargs):
-        """The wrapped model in Hugging Face format (what `pkd_fast.engine.save_pretrained` writes)."""
+        """The wrapped model in Hugging Face format (what `pkd_fast.checkpoints.save_pretrained` writes)."""
         return self.model.save_pretrained(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, *, row_index, output_hidden_states=False):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        inputs = family_inputs(self.model, {k: v for k, v in given.items() if v is not None})
+        inputs = model_inputs(self.model, {k: v for k, v in given.items() if v is not None})
         out = self.model.base_model(**inputs, output_hidden_states=output_hidden_states)
         logits = None if row_index is None else lm_head_rows(self.model, out.last_hidden_state, row_index)
         return logits, out.hidden_states
@@ -492,6 +498,6 @@ def mlm_rows(model, batch: dict, rows: str = "masked", output_hidden_states: boo
     rows' logits (None without `head`: a run whose terms read no logits). The teacher's side of the same
     rows comes from the run's `teacher.TeacherSource`."""
     row_index = mlm_row_index(batch, rows)
-    logits, hidden = model(**model_inputs(batch), row_index=row_index if head else None, output_hidden_states=output_hidden_states)
+    logits, hidden = model(**model_inputs(model, batch), row_index=row_index if head else None, output_hidden_states=output_hidden_states)
     labels = batch["mlm_labels"].flatten().index_select(0, row_index)
     return MlmRows(logits, labels, row_index, hidden)

@@ -134,7 +134,7 @@ def describe_device(device: torch.device | str | None = None) -> dict:
 
 def json_precision(ds_config: dict) -> str:
     """The precision the DeepSpeed JSON asks for, named as --precision names it."""
-    from pkd_fast.engine import train_dtype  # engine imports DeepSpeed: only the callers that pass a JSON need it
+    from pkd_fast.deepspeed_json import train_dtype  # it imports DeepSpeed: only the callers that pass a JSON need it
 
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[train_dtype(ds_config)]
 

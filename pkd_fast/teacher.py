@@ -17,7 +17,7 @@ A recipe builds one `TeacherSource` per run and from then on only calls it: the 
 same `Rows.states`, so the two sides pair up whatever the source.
 
 Sources: `NoTeacher` (FT runs, the masked-LM head fit), `LiveTeacher` (a frozen module under no_grad in the
-training dtype, or a ZeRO-3 inference engine: `engine.frozen_teacher`; it runs only what the loss reads), and
+training dtype, or a ZeRO-3 inference engine: `engines.frozen_teacher`; it runs only what the loss reads), and
 `CachedTeacher` (a teacher-output store read at collate time: `cache.TeacherCache` and any store with the
 same `reader`). A source is the only place that knows where the outputs come from.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pkd_fast import engine as ds
+from pkd_fast import engines
 from pkd_fast.families import model_inputs
 from pkd_fast.losses import TeacherLogits, TopkLogits
 from pkd_fast.models import pt_rows
@@ -120,7 +120,7 @@ class NoTeacher(TeacherSource):
 
 
 class LiveTeacher(TeacherSource):
-    """The teacher run on every batch, under no_grad, in the training dtype (`engine.frozen_teacher`: a
+    """The teacher run on every batch, under no_grad, in the training dtype (`engines.frozen_teacher`: a
     module, or under ZeRO-3 a partitioned inference engine). `model` is taken over (cast, moved or
     partitioned), so a recipe hands each run a fresh one. It runs only what the loss reads: hidden states
     only for a PT map, and, for a masked-LM model (`models.MaskedLMRows`), its head only on the gathered
@@ -134,7 +134,7 @@ class LiveTeacher(TeacherSource):
                  logits: bool = True, relation_layer: int | None = None):
         super().__init__(layers, logits=logits, relation_layer=relation_layer)
         self.capture = QkvCapture(model, relation_layer) if relation_layer else None
-        self.model, self.device = ds.frozen_teacher(model, ds_config, device), torch.device(device)
+        self.model, self.device = engines.frozen_teacher(model, ds_config, device), torch.device(device)
 
     def follow(self, device: torch.device) -> None:
         if device != self.device and isinstance(self.model, torch.nn.Module) and not hasattr(self.model, "module"):
@@ -147,7 +147,7 @@ class LiveTeacher(TeacherSource):
         with self.capture.recording() if self.capture else contextlib.nullcontext():
             if rows.logits is None:  # a classifier: one output row per example, a CPU batch run by length
                 out = (self.model(**inputs, output_hidden_states=hidden) if self.capture  # the hooks need one forward
-                       else ds.teacher_forward(self.model, inputs, output_hidden_states=hidden))
+                       else engines.teacher_forward(self.model, inputs, output_hidden_states=hidden))
                 logits, states = out.logits, out.hidden_states
             else:  # a MaskedLMRows: the head on the gathered rows only (none when the loss reads no logits)
                 row_index = rows.logits if self.logits else None

@@ -14,9 +14,9 @@ import sys
 
 import torch.distributed as dist
 
-from pkd_fast import engine as ds
 from pkd_fast import recipes
 from pkd_fast.config import Config, parse_config
+from pkd_fast.dist import lost_peer_message
 from pkd_fast.errors import PkdError
 from pkd_fast.recipes import common
 from pkd_fast.trainer import Stopped
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except RuntimeError as err:  # a collective failed: say which peer was lost, not a traceback
-        lost = ds.lost_peer_message(err, dist.get_rank(), cfg.dist_timeout) if cfg and dist.is_initialized() else None
+        lost = lost_peer_message(err, dist.get_rank(), cfg.dist_timeout) if cfg and dist.is_initialized() else None
         if lost is None:
             raise
         print(f"error: {lost}", file=sys.stderr)

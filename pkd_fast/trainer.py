@@ -52,10 +52,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import checkpoints, deepspeed_json, engines, faults
+from pkd_fast import data
 from pkd_fast.config import ADDED_FLAGS
 from pkd_fast.distill import STUDENT, DistillOutput
+from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
 from pkd_fast.losses import LossTerms
 
@@ -74,7 +75,7 @@ class NonFiniteGuard:
     small all-reduce that every rank calls whatever it saw (one sync per micro-batch), so the loop can drop
     a bad micro-batch's gradient and count it while the ranks stay in step."""
 
-    def __init__(self, names: Iterable[str], device: torch.device, world: ds.Dist):
+    def __init__(self, names: Iterable[str], device: torch.device, world: Dist):
         self.names = list(names)
         self.world = world
         self.first_bad = torch.zeros(len(self.names), dtype=torch.long, device=device)  # 0: finite so far
@@ -155,7 +156,7 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
 
-    def agreed(self, world: ds.Dist) -> str | None:
+    def agreed(self, world: Dist) -> str | None:
         """The name of a signal some rank received so far, or None (one tiny all-reduce across ranks)."""
         signum = torch.tensor([self.signum], dtype=torch.long)
         if world.world_size > 1:
@@ -181,7 +182,7 @@ class FitResult:
 class Trainer:
     """What every run of one invocation shares: process group, DeepSpeed JSON and the loop's settings."""
 
-    def __init__(self, world: ds.Dist, ds_config: dict, *, log_steps: int, save_steps: int, warmup_ratio: float,
+    def __init__(self, world: Dist, ds_config: dict, *, log_steps: int, save_steps: int, warmup_ratio: float,
                  resume: bool, on_nonfinite: str, keep_checkpoints: int = 1, gradient_checkpointing: bool = False):
         self.world, self.ds_config = world, ds_config
         self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
@@ -238,9 +239,9 @@ class Trainer:
         run_key = self._full_key(run_key)
         ckpt_dir = out / "checkpoints"
         if not self.resume and world.is_main:  # another run's checkpoints would outlive this one's in pruning
-            ds.remove_checkpoints(ckpt_dir)
+            checkpoints.remove_checkpoints(ckpt_dir)
         dist.barrier()
-        start, rank_state = ds.load_checkpoint(engine, ckpt_dir, world.rank, run_key, ADDED_FLAGS) if self.resume else (0, {})
+        start, rank_state = checkpoints.load_checkpoint(engine, ckpt_dir, world.rank, run_key, ADDED_FLAGS) if self.resume else (0, {})
         if streaming and "loader" in rank_state:
             loader.load_state_dict(rank_state["loader"])
         metrics_file, log_file = out / "metrics.jsonl", out / "train_log.jsonl"
@@ -271,7 +272,7 @@ class Trainer:
                     if not boundary:
                         continue
                     bar.update(1)
-                    ds.fault_point("step", step)
+                    faults.fault_point("step", step)
                     if log_now:
                         guard.check(f"at the log of step {step}")
                         self._log_terms(engine, step_terms, log_file, step, bar, guard, throughput)
@@ -281,8 +282,8 @@ class Trainer:
                     signalled = None if pass_end else STOP.agreed(world)
                     if pass_end or signalled or (self.save_steps and step % self.save_steps == 0):
                         guard.check(f"before the checkpoint of step {step}")
-                        ds.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key, keep=self.keep_checkpoints,
-                                           rank_state={"loader": loader.state_dict()} if streaming else None)
+                        checkpoints.save_checkpoint(engine, ckpt_dir, step, world.rank, run_key, keep=self.keep_checkpoints,
+                                                    rank_state={"loader": loader.state_dict()} if streaming else None)
                     if signalled:
                         raise Stopped(_stopped_line(signalled, f"at step {step} of {name}", ckpt_dir, step))
                 where = "the end" if epoch is None else f"epoch {epoch + 1}"
@@ -305,13 +306,13 @@ class Trainer:
 
     def engine(self, model: torch.nn.Module, lr: float, total_steps: int, out: Path):
         """The student's DeepSpeed engine for a run of `total_steps` at `lr` (warm-up, TensorBoard under `out`)."""
-        config = ds.resolve_ds_config(
+        config = deepspeed_json.resolve_ds_config(
             self.ds_config, lr=lr, total_steps=total_steps, warmup_steps=int(self.warmup_ratio * total_steps),
             tensorboard_dir=out / "tensorboard",
         )
         if self.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
-        return ds.student_engine(model, config)
+        return engines.student_engine(model, config)
 
     def train_micro_batch(self, engine, step_fn: Callable, batch: dict, divisors: torch.Tensor | None, guard: NonFiniteGuard,
                           step: int, return_terms: bool) -> tuple[DistillOutput, bool]:
@@ -346,23 +347,23 @@ class Trainer:
         if not stored.is_file():
             raise PkdError(f"--resume {out}: {name} finished earlier, but without its {RUN_KEY_FILE} its settings cannot be "
                            "checked against these; run without --resume to train it again, or in a new --output-dir")
-        ds.require_same_run(json.loads(stored.read_text()), self._full_key(run_key), "finished",
-                            f"--resume {out}: {name} finished earlier with other settings",
-                            "run without --resume to train it again, or in a new --output-dir", ADDED_FLAGS)
+        checkpoints.require_same_run(json.loads(stored.read_text()), self._full_key(run_key), "finished",
+                                     f"--resume {out}: {name} finished earlier with other settings",
+                                     "run without --resume to train it again, or in a new --output-dir", ADDED_FLAGS)
         log.info("%s: finished earlier, reusing %s", name, done)
         return json.loads(done.read_text())
 
     def finish(self, result: FitResult, out: Path, tokenizer, summary: dict, run_key: dict) -> dict:
         """Save the trained model (HF format), the run key (`finished` checks it) and results.json, then drop
         the run's checkpoints."""
-        ds.save_pretrained(result.engine, out / "model", tokenizer, self.world.rank)
+        checkpoints.save_pretrained(result.engine, out / "model", tokenizer, self.world.rank)
         summary = {**summary, "steps": result.steps, "train_seconds": result.train_seconds,
                    "nonfinite_skipped": result.nonfinite_skipped, "overflow_skipped_steps": result.overflow_skipped,
                    "dev": result.dev}
         if self.world.is_main:
             (out / RUN_KEY_FILE).write_text(json.dumps(self._full_key(run_key), indent=2) + "\n")
             (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-            ds.remove_checkpoints(out / "checkpoints")  # the run finished: the saved model replaces them
+            checkpoints.remove_checkpoints(out / "checkpoints")  # the run finished: the saved model replaces them
         dist.barrier()
         return summary
 
@@ -387,7 +388,7 @@ class Trainer:
         the same as without read-ahead. Every rank gets the same number of steps, so each all-reduces the
         same number of times."""
         micro_batches = iter(batches)
-        while group := [glue_data.batch_to_device(b, self.world.device) for b in itertools.islice(micro_batches, self.accum)]:
+        while group := [data.batch_to_device(b, self.world.device) for b in itertools.islice(micro_batches, self.accum)]:
             divisors = None
             if count_fn is not None:
                 counts = torch.stack([count_fn(b) for b in group]).sum(0)
@@ -426,7 +427,7 @@ class Trainer:
 class Throughput:
     """Real tokens and sequences this rank trained on since the last log, counted on device (no sync)."""
 
-    def __init__(self, world: ds.Dist):
+    def __init__(self, world: Dist):
         self.tokens = torch.zeros((), dtype=torch.float32, device=world.device)
         self.sequences = 0
         self.since = time.perf_counter()
@@ -484,7 +485,7 @@ def _inject_nonfinite(output: DistillOutput, step: int) -> None:
     """Tests of the guard only: PKD_FAST_FAULT "nonfinite-student@N" (or "nonfinite-teacher@N", narrowed to
     one rank by ":rankR") makes that watched value NaN at step N, as a broken forward would."""
     for phase, name in (("nonfinite-student", STUDENT), ("nonfinite-teacher", "teacher logits")):
-        if name in output.watched and ds.fault_here(phase, step):
+        if name in output.watched and faults.fault_here(phase, step):
             output.watched[name] = torch.full_like(output.watched[name], float("nan"))
 
 

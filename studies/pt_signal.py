@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from pkd_fast import data as glue_data
+from pkd_fast import data, glue_files
+from pkd_fast.families import model_inputs
 from pkd_fast.losses import patient_loss, pkd_loss
 from pkd_fast.models import build_student, layer_map, load_classifier, num_layers, pt_rows
 from pkd_fast.tasks import TASKS, get_task
@@ -51,16 +52,16 @@ def measure(args) -> dict:
     student = (load_classifier(args.student, task) if args.student else build_student(teacher, args.student_layers, task)).eval()
     n, k = num_layers(teacher), num_layers(student)
     lmap = layer_map(args.strategy, n, k)
-    train = glue_data.subsample(glue_data.load_glue(task, args.glue_dir)["train"], args.batches * args.batch_size, seed=0)
-    loader = glue_data.make_loader(glue_data.tokenize(train, tokenizer, args.max_seq_length), tokenizer, args.batch_size, train=True, seed=0)
+    train = data.subsample(glue_files.load_glue(task, args.glue_dir)["train"], args.batches * args.batch_size, seed=0)
+    loader = data.make_loader(data.tokenize(train, tokenizer, args.max_seq_length), tokenizer, args.batch_size, train=True, seed=0)
     params = [p for p in student.parameters() if p.requires_grad]
     per_batch = []
     for batch in loader:
-        inputs = glue_data.model_inputs(batch)
+        inputs = model_inputs(teacher, batch)  # the student is of the teacher's family
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=True)
         s_out = student(**inputs, output_hidden_states=True)
-        token_index = glue_data.real_token_index(batch["attention_mask"]) if args.pt_tokens == "all" else None
+        token_index = data.real_token_index(batch["attention_mask"]) if args.pt_tokens == "all" else None
         s_rows = pt_rows(s_out.hidden_states, range(1, k), token_index)
         t_rows = pt_rows(t_out.hidden_states, lmap, token_index)
         # Each unweighted term alone, through the trainer's own loss: α=0 is the label term, α=1 the KD term.

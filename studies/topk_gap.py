@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from pkd_fast import data as glue_data
+from pkd_fast import glue_files
 from pkd_fast.config import default_teacher
 from pkd_fast.losses import kd_loss_reference, topk_kd_loss_reference
 from pkd_fast.models import fresh_mlm_head
@@ -113,7 +113,7 @@ def run(args) -> dict:
     teacher_path = default_teacher()
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     model = fresh_mlm_head(teacher_path).eval()
-    train = glue_data.load_glue(get_task("sst2"), args.glue_dir)["train"]
+    train = glue_files.load_glue(get_task("sst2"), args.glue_dir)["train"]
     sentences = train.shuffle(seed=args.seed)["text_a"][: args.fit_sentences + args.eval_sentences]
     fit_hidden, fit_labels = masked_hidden(model, tokenizer, sentences[: args.fit_sentences], 0.15, args.seed, (6,))
     curve = fit_head(model, fit_hidden[6], fit_labels, args.head_steps, args.head_lr, 256, args.seed)

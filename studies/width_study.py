@@ -39,9 +39,9 @@ from benchmarks.bench_peer import window_seconds  # noqa: E402
 from studies.glue_table import NAMES, Student, Sweep, dev_score, paired_difference  # noqa: E402
 from benchmarks.harness import describe, write_study  # noqa: E402
 from pkd_fast.config import default_ds_config, default_teacher  # noqa: E402
-from pkd_fast.engine import read_ds_config  # noqa: E402
+from pkd_fast.deepspeed_json import read_ds_config  # noqa: E402
 from pkd_fast.errors import PkdError  # noqa: E402
-from pkd_fast.data import load_glue  # noqa: E402
+from pkd_fast.glue_files import load_glue  # noqa: E402
 from pkd_fast.metrics import DEV_HALVES, dev_halves, glue_metrics_with_halves  # noqa: E402
 from pkd_fast.tasks import get_task  # noqa: E402
 

@@ -16,13 +16,14 @@ import torch
 from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
-from pkd_fast import data
-from pkd_fast.recipes import glue as glue_recipe
+from pkd_fast import data, glue_files
 from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import FAULT_ENV, Dist, _free_port
+from pkd_fast.dist import Dist, _free_port
 from pkd_fast.errors import PkdError
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.models import load_classifier, pt_rows
+from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 
@@ -258,7 +259,7 @@ def test_cached_rows_match_a_live_forward_for_any_layer_map(setup):
     root, _ = setup
     task = get_task("sst2")
     tokenizer = AutoTokenizer.from_pretrained(root / "teacher")
-    train_set = data.tokenize(data.subsample(data.load_glue(task, GLUE_DIR)["train"], 64, 42), tokenizer, 32)
+    train_set = data.tokenize(data.subsample(glue_files.load_glue(task, GLUE_DIR)["train"], 64, 42), tokenizer, 32)
     fingerprint = teacher_cache.fingerprint(str(root / "teacher"), tokenizer, "sst2", 32, train_set, torch.float32)
     store = TeacherCache.open(root / "cache", fingerprint)
     rows = [41, 3, 17, 63]

@@ -192,7 +192,7 @@ def test_auto_values_in_the_deepspeed_json_are_refused(capsys, tmp_path):
 
 
 def test_global_batch_alone_derives_the_accumulation():
-    from pkd_fast.engine import check_batch_layout
+    from pkd_fast.deepspeed_json import check_batch_layout
 
     config = check_batch_layout({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}, "x.json", world_size=2)
     assert config["gradient_accumulation_steps"] == 4
@@ -214,7 +214,7 @@ def test_layer_flags_are_checked_against_the_model_configs_before_any_work(capsy
     """--stage all used to fine-tune the teacher first and only then find the student's layers impossible."""
     from transformers import BertConfig
 
-    from pkd_fast import data
+    from pkd_fast import glue_files
 
     base = tmp_path / "base"
     BertConfig(num_hidden_layers=2).save_pretrained(base)  # a config is all the check reads
@@ -222,7 +222,7 @@ def test_layer_flags_are_checked_against_the_model_configs_before_any_work(capsy
     def no_work(*_):
         raise AssertionError("data was read before the layer flags were checked")
 
-    monkeypatch.setattr(data, "load_glue", no_work)
+    monkeypatch.setattr(glue_files, "load_glue", no_work)
     argv = [a.format(base=base) for a in argv]
     assert_one_line_error(capsys, [*argv, "--glue-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")],
                           message.format(base=base))

@@ -180,10 +180,10 @@ def test_max_seq_length_must_fit_the_position_embeddings():
 
 
 def test_teacher_and_student_tokenizers_must_match(tok):
-    corpus.check_same_tokenizer(tok, AutoTokenizer.from_pretrained(default_teacher()))
+    models.check_same_tokenizer(tok, AutoTokenizer.from_pretrained(default_teacher()))
     other = AutoTokenizer.from_pretrained(default_teacher())
     other.add_tokens(["distillationword"])
-    assert "differ" in one_line_error(corpus.check_same_tokenizer, tok, other)
+    assert "differ" in one_line_error(models.check_same_tokenizer, tok, other)
 
 
 # -- the on-disk cache -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pkd_fast import data
+from pkd_fast import data, glue_files
 from pkd_fast.config import default_teacher
 from pkd_fast.errors import PkdError
 from pkd_fast.tasks import get_task
@@ -21,7 +21,7 @@ needs_glue = pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"no G
 @needs_glue
 @pytest.mark.parametrize("task, train_rows, dev_rows", [("sst2", 67349, 872), ("mrpc", 3668, 408), ("stsb", 5749, 1500)])
 def test_reads_the_real_glue_files(task, train_rows, dev_rows):
-    splits = data.load_glue(get_task(task), GLUE_DIR)
+    splits = glue_files.load_glue(get_task(task), GLUE_DIR)
     assert (len(splits["train"]), len(splits["dev"])) == (train_rows, dev_rows)
     row = splits["train"][0]
     assert row["text_a"] and ("text_b" in row) == (task != "sst2")
@@ -33,7 +33,7 @@ def test_reads_the_real_glue_files(task, train_rows, dev_rows):
 
 @needs_glue
 def test_mrpc_header_with_byte_order_mark_is_read():
-    cols = data.read_glue_tsv(GLUE_DIR / "MRPC" / "dev.tsv", get_task("mrpc"))
+    cols = glue_files.read_glue_tsv(GLUE_DIR / "MRPC" / "dev.tsv", get_task("mrpc"))
     assert cols["text_a"][0] and set(cols["label"]) == {0, 1}
 
 
@@ -48,38 +48,38 @@ def write(tmp_path, task_dir, text):
 def test_bad_label_names_file_and_line(tmp_path):
     root = write(tmp_path, "SST-2", 'sentence\tlabel\nfine "quoted" text\t1\nbad row\tpositive\n')
     with pytest.raises(PkdError, match=r"SST-2/train.tsv:3: label 'positive' not in \['0', '1'\]"):
-        data.load_glue(get_task("sst2"), root)
+        glue_files.load_glue(get_task("sst2"), root)
 
 
 def test_short_row_and_missing_column_and_missing_file(tmp_path):
     root = write(tmp_path, "SST-2", "sentence\tlabel\nonly one field\n")
     with pytest.raises(PkdError, match=r"train.tsv:2: 1 tab-separated fields, expected 2"):
-        data.load_glue(get_task("sst2"), root)
+        glue_files.load_glue(get_task("sst2"), root)
     write(tmp_path, "SST-2", "text\tlabel\nx\t1\n")
     with pytest.raises(PkdError, match=r"train.tsv:1: header lacks column\(s\) \['sentence'\]"):
-        data.load_glue(get_task("sst2"), root)
+        glue_files.load_glue(get_task("sst2"), root)
     with pytest.raises(PkdError, match=r"MRPC/train.tsv: missing; expected the classic glue_data layout"):
-        data.load_glue(get_task("mrpc"), root)
+        glue_files.load_glue(get_task("mrpc"), root)
 
 
 def test_quotes_are_text_not_csv_quoting(tmp_path):
     root = write(tmp_path, "SST-2", 'sentence\tlabel\n" a lone quote\t0\n')
-    assert data.load_glue(get_task("sst2"), root)["train"][0]["text_a"] == '" a lone quote'
+    assert glue_files.load_glue(get_task("sst2"), root)["train"][0]["text_a"] == '" a lone quote'
 
 
 def test_no_glue_dir_and_no_hub_says_how_to_provide_data(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("offline")
 
-    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    monkeypatch.setattr(glue_files.datasets, "load_dataset", offline)
     with pytest.raises(PkdError, match=r"--glue-dir DIR or GLUE_DIR=DIR \(DIR/SST-2/train.tsv"):
-        data.load_glue(get_task("sst2"), None)
+        glue_files.load_glue(get_task("sst2"), None)
 
 
 @needs_glue
 def test_batches_are_padded_to_their_own_longest_row():
     tok = AutoTokenizer.from_pretrained(default_teacher())
-    train = data.tokenize(data.subsample(data.load_glue(get_task("sst2"), GLUE_DIR)["train"], 256, seed=0), tok, 128)
+    train = data.tokenize(data.subsample(glue_files.load_glue(get_task("sst2"), GLUE_DIR)["train"], 256, seed=0), tok, 128)
     assert sorted(train["example_idx"]) == list(range(256))
     loader = data.make_loader(train, tok, 16, train=True, seed=0)
     widths = {batch["input_ids"].shape[1] for batch in loader}
@@ -97,7 +97,7 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, task_di
     root = write(tmp_path, task_dir, text)
     fields = text.splitlines()[0].count("\t") + 1
     with pytest.raises(PkdError, match=rf"{task_dir}/train.tsv:3: {fields + 1} tab-separated fields, expected {fields} .*a tab inside"):
-        data.load_glue(get_task(task), root)
+        glue_files.load_glue(get_task(task), root)
 
 
 @pytest.mark.parametrize("task_dir, task, text", [("SST-2", "sst2", "sentence\tlabel\n"), ("CoLA", "cola", ""),
@@ -106,7 +106,7 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, task_di
 def test_a_file_without_data_rows_is_refused(tmp_path, task_dir, task, text):
     """It used to load as an empty split: a run with nothing to train on or score."""
     with pytest.raises(PkdError, match=rf"{task_dir}/train.tsv: no data rows"):
-        data.load_glue(get_task(task), write(tmp_path, task_dir, text))
+        glue_files.load_glue(get_task(task), write(tmp_path, task_dir, text))
 
 
 def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
@@ -115,7 +115,7 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
     (folder / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 latin-1\t0\n")
     (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
     with pytest.raises(PkdError, match=r"SST-2/train.tsv:3: not UTF-8 text"):
-        data.load_glue(get_task("sst2"), tmp_path)
+        glue_files.load_glue(get_task("sst2"), tmp_path)
 
 
 @pytest.mark.parametrize("score", ["nan", "inf", "5.5", "-0.1"])
@@ -127,7 +127,7 @@ def test_stsb_score_that_is_not_finite_or_outside_0_to_5(tmp_path, score):
     (folder / "train.tsv").write_text(header + row.format("3.2") + row.format(score))
     (folder / "dev.tsv").write_text(header + row.format("1.0"))
     with pytest.raises(PkdError, match=rf"STS-B/train.tsv:3: label '{score}' outside \[0, 5\]"):
-        data.load_glue(get_task("stsb"), tmp_path)
+        glue_files.load_glue(get_task("stsb"), tmp_path)
 
 
 def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
@@ -141,7 +141,7 @@ def test_malformed_qqp_rows_are_skipped_counted_and_reported(tmp_path, caplog):
     (folder / "train.tsv").write_text(text)
     (folder / "dev.tsv").write_text(header + good)
     with caplog.at_level("WARNING", logger="pkd_fast"):
-        splits = data.load_glue(get_task("qqp"), tmp_path)
+        splits = glue_files.load_glue(get_task("qqp"), tmp_path)
     assert len(splits["train"]) == 2
     assert "QQP/train.tsv: skipped 3 malformed row(s) (lines 3, 4, 5)" in caplog.text
 

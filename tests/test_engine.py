@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pkd_fast import engine as ds
+from pkd_fast import checkpoints, deepspeed_json
+from pkd_fast.dist import SHM_DIR, Dist, _free_port, _share_cores, init_distributed
+from pkd_fast.engines import TEACHER_ROWS_PER_FORWARD, student_engine, teacher_forward
 from pkd_fast.errors import PkdError
+from pkd_fast.output_lock import OutputLock, _process_identity
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
@@ -20,10 +23,10 @@ CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
 
 def cpu_config(**overrides) -> dict:
     """ds_configs/cpu.json at a constant lr (no schedule) and without TensorBoard, resolved as a run does."""
-    config = ds.read_ds_config(str(CPU_CONFIG))
+    config = deepspeed_json.read_ds_config(str(CPU_CONFIG))
     config.pop("scheduler")
     config.update(tensorboard={"enabled": False}, train_micro_batch_size_per_gpu=4, **overrides)
-    return ds.resolve_ds_config(config, lr=1e-2, total_steps=10, warmup_steps=0, tensorboard_dir=Path("unused"))
+    return deepspeed_json.resolve_ds_config(config, lr=1e-2, total_steps=10, warmup_steps=0, tensorboard_dir=Path("unused"))
 
 
 class Tiny(torch.nn.Module):
@@ -38,12 +41,12 @@ class Tiny(torch.nn.Module):
 def test_cpu_engine_runs_fused_adamw_and_matches_a_plain_torch_step():
     """Three steps through the engine equal three steps of torch's reference (for-loop) AdamW after
     clipping to norm 1, with the forward under the same bf16 autocast."""
-    ds.init_distributed()
+    init_distributed()
     torch.manual_seed(0)
     model = Tiny()
     reference = copy.deepcopy(model)
     config = cpu_config()
-    engine = ds.student_engine(model, config)
+    engine = student_engine(model, config)
 
     assert isinstance(engine.optimizer, torch.optim.AdamW) and engine.optimizer.defaults["fused"] is True
     assert engine.enable_backward_allreduce is False  # one rank, no ZeRO: nothing to reduce
@@ -72,20 +75,20 @@ def test_cpu_engine_runs_fused_adamw_and_matches_a_plain_torch_step():
 
 def test_zero_stages_keep_their_gradient_reduction():
     """ZeRO moves gradients into its partitions through the reduction, so it stays on even on one rank."""
-    ds.init_distributed()
-    engine = ds.student_engine(Tiny(), cpu_config(zero_optimization={"stage": 1}, torch_autocast={"enabled": False}))
+    init_distributed()
+    engine = student_engine(Tiny(), cpu_config(zero_optimization={"stage": 1}, torch_autocast={"enabled": False}))
     assert engine.enable_backward_allreduce is True
 
 
 def zero2_config(**overrides) -> dict:
     """ds_configs/zero2.json at a constant lr without TensorBoard, resolved as a run does."""
-    config = ds.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    config = deepspeed_json.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
     config.pop("scheduler")
     config.update(tensorboard={"enabled": False}, train_micro_batch_size_per_gpu=4, **overrides)
-    return ds.resolve_ds_config(config, lr=1e-2, total_steps=10, warmup_steps=0, tensorboard_dir=Path("unused"))
+    return deepspeed_json.resolve_ds_config(config, lr=1e-2, total_steps=10, warmup_steps=0, tensorboard_dir=Path("unused"))
 
 
-ONE_CPU_RANK = ds.Dist(0, 1, torch.device("cpu"))
+ONE_CPU_RANK = Dist(0, 1, torch.device("cpu"))
 
 
 def test_one_cpu_rank_runs_fp32_zero2_at_stage_0_with_fused_adamw(caplog):
@@ -93,12 +96,12 @@ def test_one_cpu_rank_runs_fp32_zero2_at_stage_0_with_fused_adamw(caplog):
     stage 0, bf16 weights keep ZeRO-2 (stage 0 would wrap them in DeepSpeed's FP16_UnfusedOptimizer), both
     with torch's fused AdamW, said in one line; the JSON's optimizer, scheduler, clipping and precision stay.
     Several ranks, a GPU, ZeRO-3, offload and an AdamW the JSON configures itself keep the JSON as written."""
-    bf16 = ds.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    bf16 = deepspeed_json.read_ds_config(str(REPO / "ds_configs" / "zero2.json"))
     fp32 = {**bf16, "bf16": {"enabled": False}}
     for config, stage in ((fp32, 0), (bf16, 2)):
         caplog.clear()
         with caplog.at_level("INFO", logger="pkd_fast"):
-            runs = ds.one_cpu_rank_config(config, ONE_CPU_RANK)
+            runs = deepspeed_json.one_cpu_rank_config(config, ONE_CPU_RANK)
         assert runs["zero_optimization"] == ({"stage": 0} if stage == 0 else config["zero_optimization"])
         assert runs["optimizer"]["params"] == {**config["optimizer"]["params"], "fused": True}
         assert {k: v for k, v in runs.items() if k not in ("zero_optimization", "optimizer")} == {
@@ -107,15 +110,15 @@ def test_one_cpu_rank_runs_fp32_zero2_at_stage_0_with_fused_adamw(caplog):
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("one CPU rank")]
         assert len(lines) == 1 and ("ZeRO stage 2 → 0" in lines[0]) == (stage == 0) and "fused" in lines[0]
     as_written = [
-        (fp32, ds.Dist(0, 2, torch.device("cpu"))),
-        (fp32, ds.Dist(0, 1, torch.device("cuda", 0))),
+        (fp32, Dist(0, 2, torch.device("cpu"))),
+        (fp32, Dist(0, 1, torch.device("cuda", 0))),
         ({**fp32, "zero_optimization": {"stage": 3}}, ONE_CPU_RANK),
         ({**fp32, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ONE_CPU_RANK),
         ({**fp32, "zero_optimization": {"stage": 0}, "optimizer": {**fp32["optimizer"], "params": {
             **fp32["optimizer"]["params"], "fused": False}}}, ONE_CPU_RANK),
     ]
     for config, world in as_written:
-        assert ds.one_cpu_rank_config(config, world) == config
+        assert deepspeed_json.one_cpu_rank_config(config, world) == config
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -123,12 +126,12 @@ def test_one_cpu_rank_trains_as_the_json_as_written(precision):
     """Three steps of what one CPU rank runs for zero2.json (fp32: stage 0, fused AdamW; bf16: ZeRO-2, fused
     AdamW) equal those of the JSON as written on the same model and data, losses and weights, up to round-off
     (bf16: one step of its weights' resolution), clipping included."""
-    ds.init_distributed()
+    init_distributed()
     as_written = zero2_config(bf16={"enabled": precision == "bf16"})
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     model = Tiny()
-    engines = [ds.student_engine(copy.deepcopy(model), c) for c in (as_written, ds.one_cpu_rank_config(as_written, ONE_CPU_RANK))]
+    engines = [student_engine(copy.deepcopy(model), c) for c in (as_written, deepspeed_json.one_cpu_rank_config(as_written, ONE_CPU_RANK))]
     assert type(engines[0].optimizer).__name__ == "DeepSpeedZeroOptimizer"
     assert engines[1].basic_optimizer.defaults["fused"] is True
     assert (engines[1].optimizer is engines[1].basic_optimizer) == (precision == "fp32")  # stage 0: no ZeRO wrapper
@@ -148,12 +151,12 @@ def test_one_cpu_rank_trains_as_the_json_as_written(precision):
         torch.testing.assert_close(got, want, **tolerance)
 
 def test_autocast_config_gives_the_teacher_its_dtype(tmp_path):
-    assert ds.train_dtype(ds.read_ds_config(str(CPU_CONFIG))) == torch.bfloat16
+    assert deepspeed_json.train_dtype(deepspeed_json.read_ds_config(str(CPU_CONFIG))) == torch.bfloat16
     config = json.loads(CPU_CONFIG.read_text())
     config["torch_autocast"] = {"enabled": True}
     (tmp_path / "c.json").write_text(json.dumps(config))
     with pytest.raises(PkdError, match="torch_autocast.dtype is required"):
-        ds.read_ds_config(str(tmp_path / "c.json"))
+        deepspeed_json.read_ds_config(str(tmp_path / "c.json"))
 
 
 def test_cpu_ranks_split_the_cores(monkeypatch):
@@ -163,11 +166,11 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setenv("LOCAL_SIZE", "2")
-        ds._share_cores()
+        _share_cores()
         assert torch.get_num_threads() == max(1, cores // 2)
         torch.set_num_threads(before)
         monkeypatch.setenv("OMP_NUM_THREADS", str(before))
-        ds._share_cores()
+        _share_cores()
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
@@ -180,13 +183,13 @@ KEY = {"objective": "glue", "student_layers": 2, "deepspeed_json": {"zero_optimi
 
 def saved_steps(tmp_path, steps=(1, 2), keep=2):
     """A checkpoint directory holding `steps` of a Tiny engine trained one step between saves."""
-    ds.init_distributed()
-    engine = ds.student_engine(Tiny(), cpu_config())
+    init_distributed()
+    engine = student_engine(Tiny(), cpu_config())
     directory = tmp_path / "checkpoints"
     for step in steps:
         engine.backward(engine(torch.randn(4, 8), torch.tensor([0, 1, 2, 0])))
         engine.step()
-        ds.save_checkpoint(engine, directory, step, 0, KEY, keep=keep)
+        checkpoints.save_checkpoint(engine, directory, step, 0, KEY, keep=keep)
     return engine, directory
 
 
@@ -203,7 +206,7 @@ def damage_model_states(directory, how):
     elif how == "rng state deleted":
         (directory / "step2" / "rng_rank0.pt").unlink()
     elif how == "manifest cut short":
-        manifest = directory / "step2" / ds.MANIFEST
+        manifest = directory / "step2" / checkpoints.MANIFEST
         manifest.write_bytes(manifest.read_bytes()[:20])
 
 
@@ -218,7 +221,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     engine, directory = saved_steps(tmp_path)
     damage_model_states(directory, how)
     with caplog.at_level("WARNING", logger="pkd_fast"):
-        step, _ = ds.load_checkpoint(engine, directory, 0, KEY)
+        step, _ = checkpoints.load_checkpoint(engine, directory, 0, KEY)
     assert step == DAMAGE[how]
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "pkd_fast"]
     assert warning.startswith(f"--resume {directory}: ") and "\n" not in warning
@@ -230,10 +233,10 @@ def test_a_step_saved_again_over_a_killed_saves_leftover_is_intact(tmp_path, cap
     step's folder; the resumed run saves the same step into it again. Its new manifest once listed the old
     manifest.json with the old size, so --resume took this checkpoint for damaged and fell back."""
     engine, directory = saved_steps(tmp_path, steps=(1, 2), keep=2)
-    (directory / "step2" / ds.MANIFEST).write_text('{"step": 2, "run_key": {}, "files": {"a file of a longer list": 1}}')
-    ds.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
+    (directory / "step2" / checkpoints.MANIFEST).write_text('{"step": 2, "run_key": {}, "files": {"a file of a longer list": 1}}')
+    checkpoints.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
     with caplog.at_level("WARNING", logger="pkd_fast"):
-        step, _ = ds.load_checkpoint(engine, directory, 0, KEY)
+        step, _ = checkpoints.load_checkpoint(engine, directory, 0, KEY)
     assert step == 2 and not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "pkd_fast"]
 
 
@@ -242,17 +245,17 @@ def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_one_line(tmp_path,
     engine, directory = saved_steps(tmp_path, steps=(2,), keep=1)
     damage_model_states(directory, how)
     with pytest.raises(PkdError) as err:
-        ds.load_checkpoint(engine, directory, 0, KEY)
+        checkpoints.load_checkpoint(engine, directory, 0, KEY)
     message = str(err.value)
     assert message.startswith(f"--resume {directory}: step2/mp_rank_00_model_states.pt is ")
     assert "no intact checkpoint to fall back to" in message and "\n" not in message
 
 
 def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, caplog):
-    ds.init_distributed()
-    engine = ds.student_engine(Tiny(), cpu_config())
+    init_distributed()
+    engine = student_engine(Tiny(), cpu_config())
     with caplog.at_level("WARNING", logger="pkd_fast"):
-        assert ds.load_checkpoint(engine, tmp_path / "none", 0, KEY) == (0, {})
+        assert checkpoints.load_checkpoint(engine, tmp_path / "none", 0, KEY) == (0, {})
     assert f"--resume: no checkpoint under {tmp_path / 'none'}: starting at step 0" in caplog.text
 
 
@@ -265,9 +268,9 @@ def test_another_runs_checkpoint_is_refused_before_deepspeed_loads_it(tmp_path, 
     """The run key is compared first: a student of another shape (another depth, objective or ZeRO stage)
     made DeepSpeed's load fail with a traceback before the comparison could name what differs."""
     _, directory = saved_steps(tmp_path, steps=(1,))
-    other = ds.student_engine(torch.nn.Sequential(torch.nn.Linear(8, 5)), cpu_config())  # another shape
+    other = student_engine(torch.nn.Sequential(torch.nn.Linear(8, 5)), cpu_config())  # another shape
     with pytest.raises(PkdError) as err:
-        ds.load_checkpoint(other, directory, 0, {**KEY, **change})
+        checkpoints.load_checkpoint(other, directory, 0, {**KEY, **change})
     assert str(err.value).startswith(f"--resume {directory}: the checkpoint is of another run ({named}); ")
 
 
@@ -288,13 +291,13 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(PkdError) as err:
-        ds.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
+        checkpoints.save_checkpoint(engine, directory, 2, 0, KEY, keep=2)
     message = str(err.value)
     assert message.startswith(f"{directory / 'step2'}: cannot write (") and " MiB free on its filesystem" in message
     assert message.endswith("the checkpoint step2 was not saved (an earlier one, if any, is kept)") and "\n" not in message
     assert (directory / "latest").read_text() == "step1" and not (directory / "step2").exists()
     monkeypatch.setattr(torch, "save", real_save)
-    assert ds.load_checkpoint(engine, directory, 0, KEY)[0] == 1
+    assert checkpoints.load_checkpoint(engine, directory, 0, KEY)[0] == 1
 
 
 def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
@@ -304,7 +307,7 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
     from pkd_fast.distill import DistillOutput
     from pkd_fast.trainer import Trainer
 
-    world = ds.init_distributed()
+    world = init_distributed()
     stale = tmp_path / "checkpoints" / "step12"
     stale.mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text("step12")
@@ -327,7 +330,7 @@ def test_a_fresh_run_drops_the_checkpoints_an_earlier_run_left(tmp_path):
 
 # -- one run per --output-dir ------------------------------------------------------------------------
 
-ONE_RANK = ds.Dist(0, 1, torch.device("cpu"))
+ONE_RANK = Dist(0, 1, torch.device("cpu"))
 
 
 def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_the_holder(capsys, tmp_path):
@@ -340,8 +343,8 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_the_holder(c
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = tmp_path / ds.OutputLock.NAME
-        lock.write_text(json.dumps(ds._process_identity(holder.pid)))
+        lock = tmp_path / OutputLock.NAME
+        lock.write_text(json.dumps(_process_identity(holder.pid)))
         assert_one_line_error(capsys, ["--output-dir", str(tmp_path)],
                               f"--output-dir {tmp_path}: a live run (pid {holder.pid} on host ")
         assert json.loads(lock.read_text())["pid"] == holder.pid and not (tmp_path / "resolved_config.json").exists()
@@ -355,10 +358,10 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path, 
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock = tmp_path / ds.OutputLock.NAME
-    lock.write_text(json.dumps({**ds._process_identity(os.getpid()), "pid": int(dead.stdout)}))
+    lock = tmp_path / OutputLock.NAME
+    lock.write_text(json.dumps({**_process_identity(os.getpid()), "pid": int(dead.stdout)}))
     with caplog.at_level("WARNING", logger="pkd_fast"):
-        held = ds.OutputLock.take(tmp_path, ONE_RANK)
+        held = OutputLock.take(tmp_path, ONE_RANK)
     [line] = [r.getMessage() for r in caplog.records]
     assert line == f"--output-dir {tmp_path}: took over the lock of pid {int(dead.stdout)} on host {socket.gethostname()}, which is no longer running"
     assert json.loads(lock.read_text())["pid"] == os.getpid() and [p.name for p in tmp_path.iterdir()] == [lock.name]
@@ -367,7 +370,7 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path, 
 
     lock.write_text(json.dumps({"host": "node-7", "pid": 4242, "started": 1}))
     with pytest.raises(PkdError, match=f"held by the run of pid 4242 on host node-7 .*if it has ended, delete {lock}$"):
-        ds.OutputLock.take(tmp_path, ONE_RANK)
+        OutputLock.take(tmp_path, ONE_RANK)
     assert lock.exists()
 
 
@@ -381,7 +384,7 @@ def test_the_teacher_runs_a_cpu_batch_by_length_with_the_outputs_of_one_forward(
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         max_position_embeddings=48, num_labels=2, attn_implementation="sdpa")
     teacher = BertForSequenceClassification(config).eval()
-    rows, width = 2 * ds.TEACHER_ROWS_PER_FORWARD + 3, 40  # three forwards, the last of 3 rows
+    rows, width = 2 * TEACHER_ROWS_PER_FORWARD + 3, 40  # three forwards, the last of 3 rows
     lengths = torch.randint(2, width + 1, (rows,), generator=torch.Generator().manual_seed(1))
     lengths[5] = width
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
@@ -391,8 +394,8 @@ def test_the_teacher_runs_a_cpu_batch_by_length_with_the_outputs_of_one_forward(
     counting = teacher.register_forward_hook(lambda module, args, output: forwards.append(1))
     with torch.no_grad():
         whole = teacher(**inputs, output_hidden_states=True)
-        by_length = ds.teacher_forward(teacher, inputs, output_hidden_states=True)
-        logits_only = ds.teacher_forward(teacher, inputs)
+        by_length = teacher_forward(teacher, inputs, output_hidden_states=True)
+        logits_only = teacher_forward(teacher, inputs)
     counting.remove()
     assert len(forwards) == 1 + 2 * 3
     torch.testing.assert_close(by_length.logits, whole.logits, rtol=1e-5, atol=1e-6)
@@ -402,7 +405,7 @@ def test_the_teacher_runs_a_cpu_batch_by_length_with_the_outputs_of_one_forward(
     forwards.clear()
     counting = teacher.register_forward_hook(lambda module, args, output: forwards.append(1))
     with torch.no_grad():
-        ds.teacher_forward(teacher, left_padded)
+        teacher_forward(teacher, left_padded)
     counting.remove()
     assert len(forwards) == 1  # no cut through a left-padded row's tokens
     real = mask.bool()
@@ -418,7 +421,7 @@ def test_the_teacher_by_length_gives_every_familys_outputs():
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = char_tokenizer()
-    rows, width = 2 * ds.TEACHER_ROWS_PER_FORWARD + 3, 24
+    rows, width = 2 * TEACHER_ROWS_PER_FORWARD + 3, 24
     lengths = torch.randint(2, width + 1, (rows,), generator=torch.Generator().manual_seed(1))
     lengths[3] = width
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
@@ -428,7 +431,7 @@ def test_the_teacher_by_length_gives_every_familys_outputs():
         teacher = AutoModelForSequenceClassification.from_config(tiny_config(model_type, tokenizer, num_labels=2)).eval()
         with torch.no_grad():
             whole = teacher(**inputs, output_hidden_states=True)
-            by_length = ds.teacher_forward(teacher, inputs, output_hidden_states=True)
+            by_length = teacher_forward(teacher, inputs, output_hidden_states=True)
         torch.testing.assert_close(by_length.logits, whole.logits, rtol=1e-5, atol=1e-5, msg=model_type)
         for got, want in zip(by_length.hidden_states, whole.hidden_states, strict=True):
             torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5, msg=model_type)
@@ -436,10 +439,10 @@ def test_the_teacher_by_length_gives_every_familys_outputs():
 
 SHM_PROBE = """
 import torch, deepspeed.comm as dscomm
-from pkd_fast import engine as ds
-world = ds.init_distributed()
+from pkd_fast.dist import init_distributed, shm_buffer
+world = init_distributed()
 torch.distributed.barrier()  # every rank is past its own unlink
-left = [str(p) for p in (ds.shm_buffer(r) for r in range(world.world_size)) if p.exists()]
+left = [str(p) for p in (shm_buffer(r) for r in range(world.world_size)) if p.exists()]
 t = torch.full((1024,), float(world.rank + 1))
 dscomm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce, through the mappings made at init
 print(f"rank {world.rank}: left {left}, sum {t[0].item()}, {t[-1].item()}", flush=True)
@@ -453,7 +456,7 @@ def test_two_cpu_ranks_leave_no_shared_memory_segment_and_still_all_reduce(tmp_p
     import subprocess
     import sys
 
-    port = str(ds._free_port())
+    port = str(_free_port())
     script = tmp_path / "probe.py"
     script.write_text(SHM_PROBE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -462,7 +465,7 @@ def test_two_cpu_ranks_leave_no_shared_memory_segment_and_still_all_reduce(tmp_p
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: left [], sum 3.0, 3.0" in proc.stdout, proc.stdout[-2000:]
-    assert not list(ds.SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.mark.parametrize("now, reused", [
@@ -477,11 +480,11 @@ def test_a_run_from_before_a_flag_existed_matches_only_the_flags_old_behaviour(n
     from pkd_fast.config import ADDED_FLAGS
 
     stored = {"lr": 1e-4, "deepspeed_json": {"zero_optimization": {"stage": 2}}}
-    check = lambda: ds.require_same_run(stored, {**stored, **now}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)  # noqa: E731
+    check = lambda: checkpoints.require_same_run(stored, {**stored, **now}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)  # noqa: E731
     if reused:
         check()
     else:
         with pytest.raises(PkdError, match="finished '\\(none\\)' ≠ now"):
             check()
     with pytest.raises(PkdError, match="lr: finished 0.0001 ≠ now 0.001"):  # an old flag's change is still refused
-        ds.require_same_run(stored, {**stored, **now, "lr": 1e-3}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)
+        checkpoints.require_same_run(stored, {**stored, **now, "lr": 1e-3}, "finished", "--resume out: other settings", "advice", ADDED_FLAGS)

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from transformers import AlbertConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, RobertaConfig
 
 from pkd_fast import families, models
-from pkd_fast.engine import FAULT_ENV, _free_port
-from pkd_fast.tasks import get_task
+from pkd_fast.dist import _free_port
 from pkd_fast.errors import PkdError
 from pkd_fast.families import family_of
+from pkd_fast.faults import FAULT_ENV
+from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 from test_config import assert_one_line_error
 from test_mlm_train import write_sentences

@@ -92,3 +92,16 @@ def test_the_kernels_import_nothing_of_pkd_fast():
 def test_a_circle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_reading_the_flags_imports_no_deepspeed():
+    """pkd_fast.config (the flags, their defaults, --help) must stay quick to import: DeepSpeed comes in only with
+    the modules that start a process group, read its JSON or build an engine (issue #29)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", "import pkd_fast.config, sys; assert 'deepspeed' not in sys.modules"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -143,11 +143,11 @@ def _step_gradient(batches, accumulation, impl="eager", teacher_seed=1):
     """The gradient DeepSpeed applies for one optimizer step of these micro-batches on one rank: each
     micro-batch's masked-LM loss, with the divisors the trainer counts before the step, ÷ accumulation
     (what engine.backward does, scale_wrt_gas); the model is one linear head over the masked rows."""
-    from pkd_fast import engine as ds
+    from pkd_fast.dist import init_distributed
     from pkd_fast.models import mlm_row_count, mlm_row_index
     from pkd_fast.trainer import Trainer
 
-    world = ds.init_distributed()
+    world = init_distributed()
     trainer = Trainer(world, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation},
                       log_steps=1, save_steps=0, warmup_ratio=0.0, resume=False, on_nonfinite="stop")
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
 from pkd_fast import cache as teacher_cache
-from pkd_fast.engine import FAULT_ENV, Dist
+from pkd_fast.dist import Dist
 from pkd_fast.errors import PkdError
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.mlm_cache import MlmLayout, MlmWriter
 from pkd_fast.train import main
 from test_config import assert_one_line_error

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 
-from pkd_fast import engine as ds
+from pkd_fast import checkpoints, deepspeed_json, engines
 from pkd_fast.config import default_teacher
-from pkd_fast.precision import cpu_model
-from pkd_fast.engine import FAULT_ENV
+from pkd_fast.dist import init_distributed
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.models import has_mlm_head, load_classifier
+from pkd_fast.precision import cpu_model
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 from test_config import assert_one_line_error
@@ -296,11 +297,11 @@ def test_zero2_reduces_on_every_micro_step():
     """What DeepSpeed 0.19.8 does with gradient accumulation under ZeRO-2 (see pkd_fast/trainer.py):
     gradients are reduced into the partition on every micro-step, boundary or not, and `no_sync` is
     refused, so accumulation saves no communication there."""
-    world = ds.init_distributed()
+    world = init_distributed()
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-    engine = ds.student_engine(model, config)
+    engine = engines.student_engine(model, config)
     reduced = []
     original = engine.optimizer.reduce_ready_partitions_and_remove_grads
 
@@ -322,13 +323,13 @@ def test_zero2_reduces_on_every_micro_step():
 def test_zero1_reduces_only_at_accumulation_boundaries():
     """ds_configs/zero1.json, for large accumulation: ZeRO-1 partitions only the optimizer state, so DeepSpeed
     reduces gradients once per optimizer step, at the boundary, and micro-steps in between communicate nothing."""
-    world = ds.init_distributed()
+    world = init_distributed()
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero1.json").read_text())
     config.update({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "bf16": {"enabled": False},
                    "tensorboard": {"enabled": False}})
     config.pop("scheduler")
-    engine = ds.student_engine(model, ds.resolve_ds_config(config, lr=1e-3, total_steps=10, warmup_steps=1, tensorboard_dir=Path(".")))
+    engine = engines.student_engine(model, deepspeed_json.resolve_ds_config(config, lr=1e-3, total_steps=10, warmup_steps=1, tensorboard_dir=Path(".")))
     reduced = []
     original = engine.optimizer.reduce_gradients
 
@@ -346,7 +347,7 @@ def test_zero1_reduces_only_at_accumulation_boundaries():
 def test_keep_checkpoints_keeps_the_newest_by_step_number(tmp_path):
     for step in (2, 4, 10, 12):
         (tmp_path / f"step{step}").mkdir()
-    ds.prune_checkpoints(tmp_path, keep=3)
+    checkpoints.prune_checkpoints(tmp_path, keep=3)
     assert sorted(d.name for d in tmp_path.iterdir()) == ["step10", "step12", "step4"]
-    ds.prune_checkpoints(tmp_path, keep=1)
+    checkpoints.prune_checkpoints(tmp_path, keep=1)
     assert [d.name for d in tmp_path.iterdir()] == ["step12"]

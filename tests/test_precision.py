@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json, engines
 from pkd_fast import precision
+from pkd_fast.dist import init_distributed
 from pkd_fast.errors import PkdError
 from pkd_fast.precision import CpuBf16Probe, apply_precision, describe_device, resolve_precision
 from pkd_fast.train import main
@@ -24,7 +25,7 @@ AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # an A
 
 
 def shipped(name: str) -> dict:
-    return ds.read_ds_config(str(REPO / "ds_configs" / name))
+    return deepspeed_json.read_ds_config(str(REPO / "ds_configs" / name))
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_gpu_without_bf16_runs_fp16_with_dynamic_loss_scaling_and_says_so(gpu):
     assert "--precision bf16 forces bf16" in choice.notice and "\n" not in choice.notice
     applied = apply_precision(config, choice)
     assert applied["bf16"]["enabled"] is False and applied["fp16"]["enabled"] is True and applied["fp16"]["loss_scale"] == 0
-    assert ds.train_dtype(applied) == torch.float16  # the live teacher and the cache follow
+    assert deepspeed_json.train_dtype(applied) == torch.float16  # the live teacher and the cache follow
     assert config["bf16"]["enabled"] is True  # a new dict: the JSON as read is untouched
     # cpu.json's form, fp32 weights under autocast, stays: without ZeRO DeepSpeed gives it a GradScaler
     autocast = apply_precision(shipped("cpu.json"), resolve_precision("auto", CUDA, shipped("cpu.json")))
@@ -93,7 +94,7 @@ def test_cpu_that_emulates_bf16_runs_fp32_and_says_so_in_one_line(cpu_probe, pro
     assert "\n" not in notice and "asks for bf16; running fp32" in notice and "--precision bf16 forces bf16" in notice
     assert f"ATen capability {probe[0]}" in notice
     applied = apply_precision(config, choice)
-    assert applied["torch_autocast"]["enabled"] is False and ds.train_dtype(applied) == torch.float32
+    assert applied["torch_autocast"]["enabled"] is False and deepspeed_json.train_dtype(applied) == torch.float32
 
 
 def test_the_probe_needs_the_matmul_to_be_fast_not_just_the_flag():
@@ -107,7 +108,7 @@ def test_an_explicit_precision_wins(cpu_probe, gpu):
     cpu_probe("AVX512", True, 0.4)
     fp32 = resolve_precision("fp32", CPU, shipped("cpu.json"))
     assert fp32.precision == "fp32" and fp32.notice is None
-    assert ds.train_dtype(apply_precision(shipped("cpu.json"), fp32)) == torch.float32
+    assert deepspeed_json.train_dtype(apply_precision(shipped("cpu.json"), fp32)) == torch.float32
     fp32_json = {**shipped("zero2.json"), "bf16": {"enabled": False}}
     bf16 = resolve_precision("bf16", CPU, fp32_json)
     assert apply_precision(fp32_json, bf16)["bf16"]["enabled"] is True and bf16.notice is None
@@ -132,11 +133,11 @@ def test_deepspeed_refuses_fp16_on_a_cpu_where_the_probe_says_so():
     """The refusal above mirrors DeepSpeed's own: it raises at initialize where its CPU accelerator has no fp16."""
     if precision.cpu_fp16_supported():
         pytest.skip("this CPU has fp16 in DeepSpeed's CPU accelerator (AVX512-FP16 / AMX-FP16)")
-    ds.init_distributed()
+    init_distributed()
     config = {"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     with pytest.raises(ValueError, match="fp16 is not supported"):
-        ds.student_engine(torch.nn.Linear(2, 2), config)
+        engines.student_engine(torch.nn.Linear(2, 2), config)
 
 
 def test_a_bad_precision_is_one_error_line(capsys, tmp_path):
@@ -150,9 +151,9 @@ def test_a_bad_precision_is_one_error_line(capsys, tmp_path):
 
 _RESOLVE = """
 import json, torch
-from pkd_fast import engine as ds
+from pkd_fast import deepspeed_json
 from pkd_fast.precision import resolve_precision
-choice = resolve_precision("auto", torch.device("cpu"), ds.read_ds_config("ds_configs/cpu.json"))
+choice = resolve_precision("auto", torch.device("cpu"), deepspeed_json.read_ds_config("ds_configs/cpu.json"))
 print(json.dumps({"precision": choice.precision, "notice": choice.notice}))
 """
 

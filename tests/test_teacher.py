@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 
 from pkd_fast.cache import Layout, Writer
 from pkd_fast.data import real_token_index
-from pkd_fast.engine import Dist
+from pkd_fast.dist import Dist
 from pkd_fast.losses import TopkLogits, pkd_loss
 from pkd_fast.models import MaskedLMRows, mlm_row_index
 from pkd_fast.teacher import CachedTeacher, LiveTeacher, NoTeacher, Rows

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pkd_fast import data
+from pkd_fast import data, glue_files
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import SHM_DIR, _free_port
+from pkd_fast.dist import SHM_DIR, _free_port
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.metrics import glue_metrics
 from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
-from pkd_fast.engine import FAULT_ENV
 from pkd_fast.train import main
 from test_config import assert_one_line_error
 
@@ -63,7 +63,7 @@ def train(args, *, ranks=1, env=None, check=True):
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**inherited, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    # DeepSpeed's CPU all-reduce segments (engine._unlink_own_shm_buffer): none may outlive a run, failed or not
+    # DeepSpeed's CPU all-reduce segments (dist._unlink_own_shm_buffer): none may outlive a run, failed or not
     assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")), f"/dev/shm segments of port {port} left behind"
     return proc
 
@@ -99,7 +99,7 @@ def dev_metric_of_saved_model(model_dir: Path, task_name: str, micro_batch: int,
     task = get_task(task_name)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    dev = data.tokenize(data.subsample_head(data.load_glue(task, GLUE_DIR)["dev"], max_eval), tok, 32)
+    dev = data.tokenize(data.subsample_head(glue_files.load_glue(task, GLUE_DIR)["dev"], max_eval), tok, 32)
     logits, labels = [], []
     with torch.no_grad():
         for batch in data.make_loader(dev, tok, 2 * micro_batch, train=False, seed=0):

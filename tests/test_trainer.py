@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast.config import default_teacher
-from pkd_fast.engine import FAULT_ENV, Dist
+from pkd_fast.dist import Dist
+from pkd_fast.faults import FAULT_ENV
 from pkd_fast.models import load_classifier
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main

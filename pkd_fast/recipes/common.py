@@ -16,10 +16,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import data
+from pkd_fast import deepspeed_json, engines
 from pkd_fast.config import RESULT_NEUTRAL, Config
+from pkd_fast.dist import Dist, init_distributed, require_shared_directory
 from pkd_fast.distill import WATCHED, Distiller
+from pkd_fast.output_lock import OutputLock
 from pkd_fast.precision import apply_precision, describe_device, resolve_precision
 from pkd_fast.relations import QkvCapture
 from pkd_fast.trainer import STOP, FitResult, Stopped, Trainer
@@ -31,32 +33,32 @@ log = logging.getLogger("pkd_fast")
 _held = contextlib.ExitStack()
 
 
-def start(cfg: Config) -> tuple[ds.Dist, Path, dict, dict]:
+def start(cfg: Config) -> tuple[Dist, Path, dict, dict]:
     """The process group, the output directory (with resolved_config.json, locked against a second run), the
     checked DeepSpeed JSON with --precision applied, and the device record (`resolve_device_precision`) that
     results.json carries; from here SIGTERM/SIGINT stop the run at the next point all ranks agree on."""
-    world = ds.init_distributed(cfg.dist_timeout)
+    world = init_distributed(cfg.dist_timeout)
     configure_logging(world.is_main)
     _held.callback(STOP.listen())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds.require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
-    lock = ds.OutputLock.take(out, world)
+    require_shared_directory(out, world, f"--output-dir {out}", _SHARED_OUTPUT)
+    lock = OutputLock.take(out, world)
     if lock is not None:
         _held.callback(lock.release)
-    ds_config = ds.check_batch_layout(ds.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
+    ds_config = deepspeed_json.check_batch_layout(deepspeed_json.read_ds_config(cfg.deepspeed), cfg.deepspeed, world.world_size)
     ds_config, device = resolve_device_precision(cfg, world, ds_config)
-    ds_config = ds.one_cpu_rank_config(ds_config, world)
+    ds_config = deepspeed_json.one_cpu_rank_config(ds_config, world)
     if world.is_main:
         cfg.to_json(out / "resolved_config.json", device=device)
         lr = f"--lr {cfg.lr:g}" + (f" (the teacher's: --teacher-lr {cfg.teacher_lr:g})" if cfg.teacher_lr is not None else "")
-        replaced = ds.replaced_settings(ds_config, lr)
+        replaced = deepspeed_json.replaced_settings(ds_config, lr)
         if replaced:
             log.info("%s: the run replaces the JSON's %s", cfg.deepspeed, "; ".join(replaced))
     return world, out, ds_config, device
 
 
-def resolve_device_precision(cfg: Config, world: ds.Dist, ds_config: dict) -> tuple[dict, dict]:
+def resolve_device_precision(cfg: Config, world: Dist, ds_config: dict) -> tuple[dict, dict]:
     """The JSON with the precision sections of what runs (--precision, pkd_fast.precision), and the device
     record: the precision that runs and why, the GPU or CPU, the CPU's capability and whether the device
     computes bf16 natively. Every rank must run one precision, and each rank's probe is timed on its own, so
@@ -88,7 +90,7 @@ _SHARED_OUTPUT = ("every rank writes its part of each checkpoint there and rank 
                   "all of them in one place: put --output-dir on a filesystem every node mounts (NFS, Lustre, ...)")
 
 
-def make_trainer(cfg: Config, world: ds.Dist, ds_config: dict) -> Trainer:
+def make_trainer(cfg: Config, world: Dist, ds_config: dict) -> Trainer:
     return Trainer(world, ds_config, log_steps=cfg.log_steps, save_steps=cfg.save_steps, warmup_ratio=cfg.warmup_ratio,
                    resume=cfg.resume, on_nonfinite=cfg.on_nonfinite, keep_checkpoints=cfg.keep_checkpoints,
                    gradient_checkpointing=cfg.gradient_checkpointing)
@@ -98,7 +100,7 @@ class RecipeContext:
     """What every run of one invocation shares, whatever the objective: flags, process group, DeepSpeed
     JSON, tokenizer and the one training loop."""
 
-    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer):
+    def __init__(self, cfg: Config, world: Dist, ds_config: dict, tokenizer):
         self.cfg, self.world, self.ds_config, self.tokenizer = cfg, world, ds_config, tokenizer
         self.trainer = make_trainer(cfg, world, ds_config)
         self.micro_batch = self.trainer.micro_batch
@@ -132,7 +134,7 @@ class RecipeContext:
 
     def evaluate_only(self, model: torch.nn.Module, row: dict) -> dict:
         """`row` with the held-out metrics of a model that is not trained here (the table's teacher row)."""
-        return {**row, "dev": self.evaluate(ds.frozen_teacher(model, self.ds_config, self.world.device))}
+        return {**row, "dev": self.evaluate(engines.frozen_teacher(model, self.ds_config, self.world.device))}
 
     @torch.no_grad()
     def write_teacher_store(self, writer, model: torch.nn.Module, relation_layer: int | None, batches: Iterable, n_batches: int,
@@ -142,7 +144,7 @@ class RecipeContext:
         hooks in the same forward), `write(batch, outputs, qkv)` stores a counted batch's rows; returns the
         committed store (`writer.commit`)."""
         capture = QkvCapture(model, relation_layer) if relation_layer else None
-        teacher = ds.frozen_teacher(model, self.ds_config, self.world.device)
+        teacher = engines.frozen_teacher(model, self.ds_config, self.world.device)
         for batch, counted in teacher_pass(batches, n_batches, self.world, self.cfg.teacher_cache):
             with capture.recording() if capture else contextlib.nullcontext():
                 outputs = forward(teacher, batch)
@@ -155,12 +157,12 @@ class RecipeContext:
         """This rank's in-order slice of `dataset` as (device batch, counted) pairs, and their count: the
         same on every rank (`data.inference_batches`: ZeRO-3 gathers parameters with every rank at each
         forward), whose uncounted filler is run but not used. No gradients: twice the training batch fits."""
-        batches, n_batches = glue_data.inference_batches(dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
+        batches, n_batches = data.inference_batches(dataset, self.tokenizer, 2 * self.micro_batch, rank=self.world.rank,
                                                          world_size=self.world.world_size, lookup=lookup)
-        return ((glue_data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
+        return ((data.batch_to_device(batch, self.world.device), counted) for batch, counted in batches), n_batches
 
 
-def write_results(world: ds.Dist, out: Path, summary: dict, table: str | None) -> None:
+def write_results(world: Dist, out: Path, summary: dict, table: str | None) -> None:
     """On the main rank: `summary` as results.json and, where a run trained or scored something, its
     `table` as results.md, printed too."""
     if not world.is_main:
@@ -198,7 +200,7 @@ def configure_logging(is_main: bool) -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def teacher_pass(batches: Iterable, n_batches: int, world: ds.Dist, directory: str) -> Iterator:
+def teacher_pass(batches: Iterable, n_batches: int, world: Dist, directory: str) -> Iterator:
     """The batches of a teacher-cache write, with a progress bar on the main rank; a SIGTERM/SIGINT that all
     ranks agree on stops it between batches (the caller's `Writer` then removes the unpublished store)."""
     progress = tqdm(batches, total=n_batches, desc="teacher cache", disable=not world.is_main, dynamic_ncols=True)

@@ -20,16 +20,16 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel, set_seed
 
 from pkd_fast import cache as teacher_cache
-from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import data, deepspeed_json, glue_files
 from pkd_fast.cache import TeacherCache
 from pkd_fast.config import PKD_STRATEGIES, PRESETS, STRATEGIES, Config, Need, Objective, int_list, need_model_path, register, strategies
+from pkd_fast.dist import Dist
+from pkd_fast.distill import Distiller, DistillSpec, with_projection
 from pkd_fast.errors import PkdError
 from pkd_fast.families import model_inputs, width_config
-from pkd_fast.distill import Distiller, DistillSpec, with_projection
 from pkd_fast.metrics import glue_metrics_with_halves
 from pkd_fast.models import (build_student, check_max_seq_length, check_same_tokenizer, check_student_depth, is_finetuned,
-                             layer_map, load_classifier, model_config, num_layers, scratch_student)
+                             layer_map, load_classifier, model_config, num_layers, saved_tokenizer, scratch_student)
 from pkd_fast.recipes import common
 from pkd_fast.relations import RelationPlan, relation_plan
 from pkd_fast.tasks import TASKS, Task, get_task
@@ -78,16 +78,16 @@ def run(cfg: Config) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
-        check_same_tokenizer(tokenizer, "--base-model", cfg.options.base_model)
+        check_same_tokenizer(tokenizer, saved_tokenizer("--base-model", cfg.options.base_model), f"--base-model {cfg.options.base_model}")
 
     # -- data ----------------------------------------------------------------------------------------
-    raw = glue_data.load_glue(task, cfg.options.glue_dir)
+    raw = glue_files.load_glue(task, cfg.options.glue_dir)
     full_train_rows = len(raw["train"])
-    train_set = glue_data.tokenize(
-        glue_data.subsample(raw["train"], cfg.options.max_train_samples, cfg.options.data_seed), tokenizer, cfg.max_seq_length
+    train_set = data.tokenize(
+        data.subsample(raw["train"], cfg.options.max_train_samples, cfg.options.data_seed), tokenizer, cfg.max_seq_length
     )
     dev_sets = {
-        split: glue_data.tokenize(glue_data.subsample_head(raw[split], cfg.options.max_eval_samples), tokenizer, cfg.max_seq_length)
+        split: data.tokenize(data.subsample_head(raw[split], cfg.options.max_eval_samples), tokenizer, cfg.max_seq_length)
         for split in task.dev_splits
     }
     ctx = Context(cfg, task, world, ds_config, tokenizer, train_set, dev_sets, relations)
@@ -258,7 +258,7 @@ def _base_model(cfg: Config, teacher_path: str) -> str:
 class Context(common.RecipeContext):
     """What every run of one invocation shares: config, task, data, process group, tokenizer, training loop."""
 
-    def __init__(self, cfg: Config, task: Task, world: ds.Dist, ds_config: dict, tokenizer, train_set, dev_sets,
+    def __init__(self, cfg: Config, task: Task, world: Dist, ds_config: dict, tokenizer, train_set, dev_sets,
                  relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.task, self.train_set, self.dev_sets = task, train_set, dev_sets
@@ -285,9 +285,9 @@ class Context(common.RecipeContext):
     def train_loader(self, distiller: Distiller):
         """The run's shuffled, rank-sharded batches (grouped by length unless --no-group-by-length); the collate
         adds what the distiller reads there (`Distiller.lookup`), so the step finds it without a sync."""
-        return glue_data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
-                                     rank=self.world.rank, world_size=self.world.world_size, lookup=distiller.lookup(),
-                                     group_by_length=self.cfg.options.group_by_length, accumulation=self.trainer.accum)
+        return data.make_loader(self.train_set, self.tokenizer, self.micro_batch, train=True, seed=self.cfg.seed,
+                                rank=self.world.rank, world_size=self.world.world_size, lookup=distiller.lookup(),
+                                group_by_length=self.cfg.options.group_by_length, accumulation=self.trainer.accum)
 
     def fit(self, model, spec: Run) -> dict:
         """Train `model` on `spec` (`common.RecipeContext.train`), its β set by --beta-share where given."""
@@ -319,10 +319,10 @@ class Context(common.RecipeContext):
         kinds and teachers whose PT differs by orders of magnitude. The terms are averaged over ranks (one β
         everywhere) and depend only on the run's flags and data, so --resume finds the same β. Dropout is off
         and the RNG state is restored: the run's dropout stream is the one it has without the flag."""
-        world, dtype, spec = self.world, ds.train_dtype(self.ds_config), distiller.spec
+        world, dtype, spec = self.world, deepspeed_json.train_dtype(self.ds_config), distiller.spec
         (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(0)
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
-            batch = glue_data.batch_to_device(next(iter(loader)), world.device)
+            batch = data.batch_to_device(next(iter(loader)), world.device)
             was_training = model.training
             model.to(world.device).eval()
             with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -376,7 +376,7 @@ class Context(common.RecipeContext):
         of another teacher or data set is replaced only with --overwrite-cache."""
         cfg = self.cfg
         fingerprint = teacher_cache.fingerprint(
-            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, ds.train_dtype(self.ds_config)
+            teacher_path, self.tokenizer, self.task.name, cfg.max_seq_length, self.train_set, deepspeed_json.train_dtype(self.ds_config)
         )
         return teacher_cache.open_or_write(
             TeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",

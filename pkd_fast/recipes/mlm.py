@@ -40,15 +40,16 @@ from transformers import AutoTokenizer, set_seed
 
 from pkd_fast import cache as teacher_cache
 from pkd_fast import corpus
-from pkd_fast import data as glue_data
-from pkd_fast import engine as ds
+from pkd_fast import data
+from pkd_fast import deepspeed_json
 from pkd_fast import mlm_cache
 from pkd_fast.config import Config, Need, Objective, int_list, register
-from pkd_fast.errors import PkdError
+from pkd_fast.dist import Dist
 from pkd_fast.distill import Distiller, DistillSpec
+from pkd_fast.errors import PkdError
+from pkd_fast.families import model_inputs, width_config
 from pkd_fast.losses import relation_loss_reference
 from pkd_fast.mlm_cache import MlmTeacherCache
-from pkd_fast.families import width_config
 from pkd_fast.models import (MaskedLMRows, build_mlm_student, check_max_seq_length, fresh_mlm_head, has_mlm_head, load_encoder,
                              load_mlm_teacher, mlm_row_index, mlm_rows, mlm_student_layers, model_config,
                              scratch_mlm_student)
@@ -235,7 +236,7 @@ OBJECTIVE = register(Objective(
 class MlmContext(common.RecipeContext):
     """What the runs of one invocation share: config, process group, tokenizer, corpus, training loop."""
 
-    def __init__(self, cfg: Config, world: ds.Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
+    def __init__(self, cfg: Config, world: Dist, ds_config: dict, tokenizer, out: Path, relations: RelationPlan | None = None):
         super().__init__(cfg, world, ds_config, tokenizer)
         self.relations = relations  # the relation term's layers and heads (--relation-weight; `relations.relation_plan`)
         self.training: Distiller | None = None  # the training student's step: its relation hooks (`distil`, `evaluate_relations`)
@@ -385,7 +386,7 @@ class MlmContext(common.RecipeContext):
         (--stage student), or reused or written (--stage cache, all) as `cache.open_or_write` rules."""
         cfg = self.cfg
         fingerprint = mlm_cache.fingerprint(
-            teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, ds.train_dtype(self.ds_config), mask_seed=cfg.seed,
+            teacher_path, self.tokenizer, self.train_set, cfg.max_seq_length, deepspeed_json.train_dtype(self.ds_config), mask_seed=cfg.seed,
             mlm_probability=cfg.options.mlm_probability, kd_positions=cfg.options.kd_positions, topk=cfg.options.cache_topk, temperature=cfg.temperature)
         return teacher_cache.open_or_write(
             MlmTeacherCache, cfg.teacher_cache, fingerprint, verify=cfg.verify_cache, reading_only=cfg.stage == "student",
@@ -419,19 +420,19 @@ class MlmContext(common.RecipeContext):
             hidden_size=model.config.hidden_size, layers=layers, dtype=fingerprint["dtype"], temperature=cfg.temperature,
             relation_layer=self.relations.teacher_layer if self.relations else 0, logits=logits)
         with mlm_cache.MlmWriter(cfg.teacher_cache, fingerprint, layout, world, offsets) as writer:
-            per_epoch = glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+            per_epoch = data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                     world_size=world.world_size, lookup=masker)[1]
 
             def batches():
                 for epoch in range(epochs):
                     masker.set_epoch(epoch)  # the collate masks as each epoch's batches are drawn
-                    yield from glue_data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
+                    yield from data.inference_batches(self.train_set, self.tokenizer, 2 * self.micro_batch, rank=world.rank,
                                                            world_size=world.world_size, lookup=masker)[0]
 
             def forward(teacher, batch):
                 units, counts = mlm_cache.batch_units(batch, layout.blocks), mlm_cache.batch_kd_counts(batch, cfg.options.kd_positions)
-                batch = glue_data.batch_to_device(batch, world.device)
-                kd_logits, hidden = teacher(**glue_data.model_inputs(batch), output_hidden_states=bool(layers),
+                batch = data.batch_to_device(batch, world.device)
+                kd_logits, hidden = teacher(**model_inputs(teacher, batch), output_hidden_states=bool(layers),
                                             row_index=mlm_row_index(batch, cfg.options.kd_positions) if logits else None)
                 return units, counts, kd_logits, hidden, batch["attention_mask"]
 
