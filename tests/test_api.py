@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
 
 import pkd_fast
-from pkd_fast import data
+from pkd_fast import data, glue_files
 from pkd_fast.config import default_teacher
 from pkd_fast.losses import kd_loss_reference, patient_loss_reference, relation_loss_reference
 from pkd_fast.models import load_classifier
@@ -60,7 +60,7 @@ def test_acceptance_example_gives_the_clis_first_logged_loss(teacher_dir, tmp_pa
 
     # the CLI's first batch: its rows, tokenised and grouped by length as its loader draws them for epoch 0
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    rows = data.tokenize(data.subsample(data.load_glue(get_task("sst2"), GLUE_DIR)["train"], ROWS, SEED), tokenizer, 32)
+    rows = data.tokenize(data.subsample(glue_files.load_glue(get_task("sst2"), GLUE_DIR)["train"], ROWS, SEED), tokenizer, 32)
     loader = data.make_loader(rows, tokenizer, MICRO_BATCH, train=True, seed=SEED, group_by_length=True)
     loader.sampler.set_epoch(0)
     batch = {k: v for k, v in next(iter(loader)).items() if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}

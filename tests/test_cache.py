@@ -16,14 +16,13 @@ import torch
 from transformers import AutoTokenizer
 
 from pkd_fast import cache as teacher_cache
-from pkd_fast import data, glue_files
+from pkd_fast import data, engines, glue_files
 from pkd_fast.cache import Layout, TeacherCache, Writer
 from pkd_fast.config import default_teacher
 from pkd_fast.dist import Dist, _free_port
 from pkd_fast.errors import PkdError
 from pkd_fast.faults import FAULT_ENV
 from pkd_fast.models import load_classifier, pt_rows
-from pkd_fast.recipes import glue as glue_recipe
 from pkd_fast.tasks import get_task
 from pkd_fast.train import main
 
@@ -240,7 +239,7 @@ def test_a_student_from_the_cache_matches_one_taught_live(setup, monkeypatch):
     def no_teacher(*_):
         raise AssertionError("a run from the cache put a teacher on the device")
 
-    monkeypatch.setattr(glue_recipe.ds, "frozen_teacher", no_teacher)
+    monkeypatch.setattr(engines, "frozen_teacher", no_teacher)  # what every live teacher and teacher row goes through
     cached = main([*args, "--teacher-cache", str(root / "cache"), "--output-dir", str(root / "cached")])
     assert "teacher" not in cached["runs"]  # no teacher loaded, so no teacher row either
     live_log, cached_log = losses(root / "live" / "students" / "skip"), losses(root / "cached" / "students" / "skip")
