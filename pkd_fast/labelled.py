@@ -269,6 +269,8 @@ def _fix_classes(train_names: tuple[str, ...], teacher: tuple[str, ...] | None, 
     """The class names: the teacher's (its id order) when it has real ones, and then the training data's
     label set must be the same set; else the training data's (sorted)."""
     if teacher is None:
+        if not train_names:
+            raise PkdError("the training split has no labels at all (every multi-label row is empty)")
         return train_names
     if set(teacher) != set(train_names):
         hint = ("; integer labels are compared as text with the teacher's names, so write the names in the label "
@@ -339,12 +341,22 @@ def _check_label_values(values: list, where: str, column: str) -> str:
     return first_kind
 
 
-def _label_feature_names(ds, column: str):
-    """A ClassLabel's names for an int label column (hub datasets store classes so), else None."""
+def _label_feature_names(ds, column: str, where: str, values: list):
+    """A ClassLabel's names for an int label column or a list of them (hub datasets store classes so), else
+    None; PkdError for an id that is no class of it (hub test splits hold -1: no label)."""
     import datasets
 
     feature = ds.features.get(column)
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    feature = getattr(feature, "feature", feature)  # List(ClassLabel): multi-label
+    if not isinstance(feature, datasets.ClassLabel):
+        return None
+    for row, value in enumerate(values, 1):
+        for item in value if isinstance(value, list) else [value]:
+            if not 0 <= int(item) < feature.num_classes:
+                hint = ": -1 marks a row without a label (a hub dataset's test split)" if int(item) == -1 else ""
+                raise PkdError(f"the {where} has label {item} at row {row}, which is no class of its column "
+                               f"{column!r} (classes 0..{feature.num_classes - 1}){hint}")
+    return list(feature.names)
 
 
 def _label_kind_of_column(ds, column: str, kind: str) -> str:
@@ -409,28 +421,25 @@ def prepare_classification(dsd, text_columns: tuple[str, ...], label_column: str
         encoded = {split: [float(v) for v in values] for split, values in labels.items()}
         feature = datasets.Value("float32")
     else:
+        def items_of(split: str) -> list:
+            return [item for row in labels[split] for item in row] if kind == "list" else labels[split]
+
         def names_of(split: str) -> list[str]:
-            values = labels[split]
-            if kind == "list":
-                values = [item for row in values for item in row]
-            class_names = _label_feature_names(dsd[split], label_column) if kind == "int" else None
+            values = items_of(split)
+            class_names = _label_feature_names(dsd[split], label_column, _where(dsd[split], split), labels[split])
             if class_names is not None:
                 return [class_names[int(v)] for v in values]
             return [str(int(v)) if kind == "int" else str(v) for v in values]
 
         if "train" in dsd:
-            train_values = set(itertools.chain.from_iterable(labels["train"]) if kind == "list" else labels["train"])
-            if kind == "int" and _label_feature_names(dsd["train"], label_column) is None:
-                train_names = tuple(str(v) for v in sorted(int(v) for v in train_values))
-            elif kind == "int":
-                class_names = _label_feature_names(dsd["train"], label_column)
-                train_names = tuple(class_names[int(v)] for v in sorted(int(v) for v in train_values))
-            else:
-                kinds_in_list = {_kind(v) for v in train_values}
-                if kinds_in_list == {"int"}:
-                    train_names = tuple(str(v) for v in sorted(train_values))
-                else:
-                    train_names = tuple(sorted(str(v) for v in train_values))
+            items = items_of("train")
+            class_names = _label_feature_names(dsd["train"], label_column, _where(dsd["train"], "train"), labels["train"])
+            if class_names is not None:  # a ClassLabel: its id order
+                train_names = tuple(class_names[v] for v in sorted({int(v) for v in items}))
+            elif items and all(_kind(v) == "int" for v in items):  # ints: numerically
+                train_names = tuple(str(v) for v in sorted({int(v) for v in items}))
+            else:  # names (and the ints of a float column's integral values): as text
+                train_names = tuple(sorted({str(int(v)) if kind == "int" else str(v) for v in items}))
             names = _fix_classes(train_names, teacher, kind)
         else:
             names = teacher
@@ -564,6 +573,9 @@ def prepare_tokens(dsd, tokens_column: str = "tokens", tags_column: str = "ner_t
                 elif kind != tag_kind:
                     raise PkdError(f"the {where}'s column {tags_column!r} changes type at row {row}: {tag!r} is "
                                    f"{kind}, the tags before it are {tag_kind}")
+            if class_names is not None and not all(0 <= t < len(class_names) for t in tags):
+                raise PkdError(f"the {where}'s column {tags_column!r} at row {row} holds tag ids {tags}, not all "
+                               f"classes of it (0..{len(class_names) - 1})")
             words_out.append(words)
             tags_out.append([class_names[t] if class_names is not None else str(t) for t in tags])
         if empty:

@@ -196,6 +196,15 @@ def test_hub_style_classlabel_names(tmp_path, load):
     dsd = load(dataset=str(tmp_path / "hub"), validation_split=None)
     out, space = prepare_classification(dsd, ("sentence",), "label", {0: "negative", 1: "positive"})
     assert space.names == ("negative", "positive") and out["train"]["label"] == [0, 1, 1]
+    unlabelled = datasets.Dataset.from_dict({"sentence": ["?"], "label": [-1]}, features=features)
+    message = error(prepare_classification, datasets.DatasetDict({"train": ds, "test": unlabelled}), ("sentence",), "label")
+    assert "test split" in message and "label -1 at row 1" in message
+
+    multi = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.List(datasets.ClassLabel(names=["joy", "anger", "awe"]))})
+    ds = datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [[2, 0], [2]]}, features=multi)
+    out, space = prepare_classification(datasets.DatasetDict({"train": ds}), ("sentence",), "label")
+    assert space.names == ("joy", "awe") and out["train"]["label"] == [[1.0, 1.0], [0.0, 1.0]]
 
 
 def test_bad_classification_inputs(tmp_path, load):
