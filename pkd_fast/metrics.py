@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -91,7 +93,10 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, problem_type:
 def tag_scheme(tags) -> str | None:
     """seqeval's scheme name for a tag set: "IOBES" when it has E-/S- tags, "BILOU" for L-/U-, "IOB2" for B-/I-
     only; None (seqeval's lenient conlleval-style default) for tags without such prefixes."""
-    prefixes = {t.split("-", 1)[0] for t in tags if "-" in t and t != "O"}
+    tags = [t for t in tags if t != "O"]
+    if any("-" not in t for t in tags):  # "PER", "MISC": no scheme that strict mode could check
+        return None
+    prefixes = {t.split("-", 1)[0] for t in tags}
     if prefixes & {"E", "S"} and prefixes <= {"B", "I", "E", "S"}:
         return "IOBES"
     if prefixes & {"L", "U"} and prefixes <= {"B", "I", "L", "U"}:
@@ -122,7 +127,9 @@ def token_metrics(pred_ids, label_ids, id2label: dict[int, str]) -> dict[str, fl
     kwargs = {"mode": "strict", "scheme": getattr(schemes, scheme)} if scheme else {}
     total = sum(len(r) for r in y_true)
     correct = sum(t == p for tr, pr in zip(y_true, y_pred) for t, p in zip(tr, pr))
-    return {"precision": 100.0 * float(seq.precision_score(y_true, y_pred, zero_division=0, **kwargs)),
-            "recall": 100.0 * float(seq.recall_score(y_true, y_pred, zero_division=0, **kwargs)),
-            "f1": 100.0 * float(seq.f1_score(y_true, y_pred, zero_division=0, **kwargs)),
-            "accuracy": 100.0 * correct / total if total else 0.0}
+    with warnings.catch_warnings():  # unprefixed tags ("PER"): seqeval warns once per entity, then counts it
+        warnings.filterwarnings("ignore", message=".*seems not to be NE tag", category=UserWarning)
+        return {"precision": 100.0 * float(seq.precision_score(y_true, y_pred, zero_division=0, **kwargs)),
+                "recall": 100.0 * float(seq.recall_score(y_true, y_pred, zero_division=0, **kwargs)),
+                "f1": 100.0 * float(seq.f1_score(y_true, y_pred, zero_division=0, **kwargs)),
+                "accuracy": 100.0 * correct / total if total else 0.0}

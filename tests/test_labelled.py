@@ -369,4 +369,6 @@ def test_token_metrics():
     logits = np.eye(4)[[[0, 1, 2, 0, 0, 3], [0, 1, 0, 2, 0, 0]]]
     assert token_metrics(logits, [labels[0], labels[1] + [-100, -100]], id2label)["f1"] == pytest.approx(80.0)
     assert tag_scheme(["O", "B-X", "I-X"]) == "IOB2" and tag_scheme(["O", "S-X", "E-X", "B-X"]) == "IOBES"
-    assert tag_scheme(["O", "PER", "LOC"]) is None
+    assert tag_scheme(["O", "PER", "LOC"]) is None and tag_scheme(["O", "B-X", "MISC"]) is None
+    plain = token_metrics([[1, 1, 0]], [[1, 1, 0]], {0: "O", 1: "PER"})  # lenient default: runs of a type
+    assert plain["f1"] == pytest.approx(100.0) and plain["accuracy"] == pytest.approx(100.0)
