@@ -66,6 +66,8 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        if int(os.environ["WORLD_SIZE"]) == 1 and get_accelerator().device_name() == "cpu":
+            _without_shm_all_reduce()
         deepspeed.init_distributed(verbose=False, timeout=timeout)
         _unlink_own_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -79,6 +81,18 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
 
 
 SHM_DIR = Path("/dev/shm")
+
+
+def _without_shm_all_reduce() -> None:
+    """One CPU rank has nothing to all-reduce, yet DeepSpeed 0.19's process group builds (the first time on a
+    machine: ~45 s of C++ compiling) and loads its shared-memory all-reduce op for it, and maps a 66 MB
+    /dev/shm segment (`shm_buffer`). `deepspeed.comm.torch.build_shm_op` returning None is DeepSpeed's own
+    path for an accelerator without the op: its collectives then go through torch.distributed, which a
+    one-rank group answers at once (issue #33)."""
+    import importlib
+
+    # by name: the attribute `deepspeed.comm.torch` is the torch package that deepspeed.comm imports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def shm_buffer(rank: int) -> Path:

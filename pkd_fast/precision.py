@@ -27,7 +27,10 @@ whose matmuls then emulate), so a flag that says True is confirmed by the timing
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import json
+import os
 import platform
 import re
 import time
@@ -46,6 +49,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_SLOWDOWN_LIMIT = 2.0
 _PROBE_SHAPE = (32, 256, 512)  # one thread: fp32 0.1 ms, native bf16 0.04 ms, emulated bf16 7.6 ms
 _PROBE_REPS = 4
+# Native is not the same as faster: on an AVX-512 Xeon the probe's bf16 matmul took 0.97-1.001× the fp32 time and
+# the README's main command ran faster in fp32 (issue #33). So where bf16 is native on a CPU, --precision auto
+# also times the run's own step in both precisions (`probe_run_step`) and keeps bf16 only where it is at least
+# this much faster.
+BF16_MIN_SPEEDUP = 1.10
+_RUN_PROBE_REPS = 3
+RUN_PROBE_CACHE = "precision_probe.json"  # under pkd_cache_dir(): one entry per machine and step shape
 # Dynamic loss scaling for fp16 where the JSON gives no fp16 section of its own (ds_configs/zero2_fp16.json).
 _FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                   "hysteresis": 2, "min_loss_scale": 1}
@@ -105,6 +115,89 @@ def probe_cpu_bf16() -> CpuBf16Probe:
     finally:
         torch.set_num_threads(threads)
     return CpuBf16Probe(capability, flag, best[torch.bfloat16] / best[torch.float32])
+
+
+@dataclass(frozen=True)
+class RunProbe:
+    """One step of the run's own shapes timed in fp32 and under bf16 (median milliseconds): the student's
+    forward and backward and the frozen teacher's forward at the run's micro-batch and sequence length."""
+
+    fp32_ms: float
+    bf16_ms: float
+
+    @property
+    def bf16_faster(self) -> bool:
+        return self.fp32_ms >= BF16_MIN_SPEEDUP * self.bf16_ms - 1e-9  # exactly 10% counts (float rounding aside)
+
+    def describe(self) -> str:
+        return f"a step of this run's shapes took {self.bf16_ms:.0f} ms in bf16, {self.fp32_ms:.0f} ms in fp32"
+
+
+def pkd_cache_dir() -> Path:
+    """Where pkd_fast keeps what it measured about this machine: $PKD_FAST_CACHE, else ~/.cache/pkd_fast."""
+    return Path(os.environ.get("PKD_FAST_CACHE") or Path.home() / ".cache" / "pkd_fast")
+
+
+def probe_run_step(teacher_config, student_config, micro_batch: int, seq_len: int) -> RunProbe:
+    """`RunProbe` for these models (random weights from their configs: only the shapes matter) at
+    micro_batch × seq_len, the precisions taking turns after a warm-up round, on the run's threads. Kept per
+    machine (CPU model, capability, threads, torch) and shape in `RUN_PROBE_CACHE`, so a machine measures a
+    shape once (about a second for the README's main command); an unreadable cache file is measured again."""
+    from transformers import AutoModel
+
+    from pkd_fast.families import attention_kwargs
+
+    key = json.dumps([cpu_model(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__,
+                      _shape(teacher_config), _shape(student_config), micro_batch, seq_len])
+    path = pkd_cache_dir() / RUN_PROBE_CACHE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict):
+        try:
+            return RunProbe(float(known[key]["fp32_ms"]), float(known[key]["bf16_ms"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        student = AutoModel.from_config(student_config, **attention_kwargs(student_config)).train()
+        teachers = {dtype: AutoModel.from_config(teacher_config, **attention_kwargs(teacher_config)).eval().to(dtype)
+                    for dtype in (torch.float32, torch.bfloat16)}
+        ids = torch.randint(5, min(teacher_config.vocab_size, student_config.vocab_size), (micro_batch, seq_len))
+    mask = torch.ones_like(ids)
+
+    def step(dtype: torch.dtype) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            teachers[dtype](input_ids=ids, attention_mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = student(input_ids=ids, attention_mask=mask).last_hidden_state.float().square().mean()
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) * 1e3
+
+    times = {torch.float32: [], torch.bfloat16: []}
+    for rep in range(_RUN_PROBE_REPS + 1):  # the first round warms up (oneDNN builds its kernels): not counted
+        for dtype in times:
+            took = step(dtype)
+            if rep:
+                times[dtype].append(took)
+    probe = RunProbe(*(round(sorted(t)[len(t) // 2], 1) for t in times.values()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: dataclasses.asdict(probe)}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # measured again next time
+    return probe
+
+
+def _shape(config) -> list:
+    return [config.model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            getattr(config, "intermediate_size", None), config.vocab_size]
 
 
 def cpu_model() -> str:
@@ -170,9 +263,18 @@ def resolve_precision(requested: str, device: torch.device, ds_config: dict | No
     wanted = asked or "bf16"  # nothing asked: the fastest precision that is native here
     runs, why = wanted, f"{where} computes {wanted} natively" if wanted != "fp32" else "the DeepSpeed JSON asks for fp32"
     force = f"--precision {asked} forces {asked}"
+    run_probe = hardware.get("bf16_run_probe")
     if wanted == "bf16" and not hardware["bf16_native"]:
         runs = "fp16" if gpu else "fp32"
         why = f"{where} has no native bf16" + (", so fp16 with dynamic loss scaling" if gpu else ", only a slow emulation")
+    elif wanted == "bf16" and not gpu and run_probe is not None:
+        probe = RunProbe(**run_probe)
+        if probe.bf16_faster:
+            why = f"{why}, and {probe.describe()}"
+        else:
+            runs = "fp32"
+            why = (f"{where} computes bf16 natively but not faster here: {probe.describe()} (bf16 runs where it saves "
+                   f"at least {BF16_MIN_SPEEDUP - 1:.0%})")
     elif wanted == "fp16" and not gpu and not cpu_fp16_supported():
         runs, why, force = "fp32", no_fp16, "fp16 cannot be forced here"
     notice = None

@@ -2,11 +2,15 @@
 must be set before triton is first imported, which is why it lives here."""
 
 import os
+import tempfile
 
 if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What --precision auto measured about this machine (pkd_fast.precision.probe_run_step) is kept per session, so
+# no test depends on what an earlier session (or the user's own runs) left in ~/.cache/pkd_fast.
+os.environ.setdefault("PKD_FAST_CACHE", tempfile.mkdtemp(prefix="pkd_fast_cache_"))
 
 import pytest
 

@@ -468,6 +468,35 @@ def test_two_cpu_ranks_leave_no_shared_memory_segment_and_still_all_reduce(tmp_p
     assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
+ONE_RANK_PROBE = """
+import importlib, torch
+ds_torch = importlib.import_module("deepspeed.comm.torch")
+built = []
+real = ds_torch.build_shm_op
+ds_torch.build_shm_op = lambda: built.append(1) or real()  # replaced again by init_distributed on one CPU rank
+from pkd_fast.dist import init_distributed, shm_buffer
+world = init_distributed()
+t = torch.full((8,), 2.0)
+torch.distributed.all_reduce(t)
+print(f"world {world.world_size}: built {len(built)}, segment {shm_buffer(0).exists()}, sum {t[0].item()}", flush=True)
+"""
+
+
+def test_one_cpu_rank_builds_no_shared_memory_all_reduce(tmp_path):
+    """A one-rank CPU run has nothing to all-reduce: DeepSpeed's shared-memory op is neither compiled (~45 s on
+    a fresh machine) nor loaded, no /dev/shm segment is made, and collectives still answer (issue #33)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(ONE_RANK_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "world 1: built 0, segment False, sum 2.0" in proc.stdout, proc.stdout[-2000:]
+    assert "built successfully" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("now, reused", [
     ({"relation_weight": 0.0, "group_by_length": False}, True),  # what runs before these flags did
     ({"relation_weight": 0.0, "group_by_length": None}, True),  # mlm: no grouping flag

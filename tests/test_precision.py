@@ -174,3 +174,45 @@ def test_an_avx2_cpu_really_runs_fp32_and_a_native_one_bf16():
     if not precision.probe_cpu_bf16().native:
         pytest.skip(f"this CPU emulates bf16 itself ({precision.probe_cpu_bf16().describe()}): no native half to check")
     assert _resolve_in_a_fresh_process({}) == {"precision": "bf16", "notice": None}
+
+
+# -- native is not the same as faster: the run's own step decides (issue #33) ------------------------------
+
+@pytest.mark.parametrize("fp32_ms, bf16_ms, runs", [(100.0, 95.0, "fp32"), (100.0, 80.0, "bf16"), (110.0, 100.0, "bf16")])
+def test_native_bf16_runs_only_where_the_runs_step_is_at_least_10_percent_faster(cpu_probe, fp32_ms, bf16_ms, runs):
+    cpu_probe("AVX512", True, 0.9)
+    hardware = {**describe_device(CPU), "bf16_run_probe": {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms}}
+    choice = resolve_precision("auto", CPU, shipped("cpu.json"), hardware=hardware)
+    assert choice.precision == runs
+    times = f"took {bf16_ms:.0f} ms in bf16, {fp32_ms:.0f} ms in fp32"
+    if runs == "fp32":  # one line saying both times
+        assert "\n" not in choice.notice and times in choice.notice and "natively but not faster" in choice.notice
+    else:
+        assert choice.notice is None and times in choice.reason
+    assert resolve_precision("bf16", CPU, shipped("cpu.json"), hardware=hardware).precision == "bf16"  # a flag still wins
+
+
+def tiny_bert(layers: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=64)
+
+
+def test_the_run_probe_times_a_shape_once_per_machine_and_survives_a_damaged_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PKD_FAST_CACHE", str(tmp_path))
+    first = precision.probe_run_step(tiny_bert(4), tiny_bert(2), 4, 16)
+    assert first.fp32_ms > 0 and first.bf16_ms > 0
+    cache = tmp_path / precision.RUN_PROBE_CACHE
+    assert len(json.loads(cache.read_text())) == 1
+
+    def no_clock():
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as m:
+        m.setattr(precision.time, "perf_counter", no_clock)
+        assert precision.probe_run_step(tiny_bert(4), tiny_bert(2), 4, 16) == first  # read back, not timed
+    assert precision.probe_run_step(tiny_bert(4), tiny_bert(2), 8, 16) != first or len(json.loads(cache.read_text())) == 2
+    cache.write_text('{"truncated": ')  # a damaged file is measured again and rewritten
+    again = precision.probe_run_step(tiny_bert(4), tiny_bert(2), 4, 16)
+    assert again.fp32_ms > 0 and len(json.loads(cache.read_text())) == 1

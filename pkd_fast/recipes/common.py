@@ -6,6 +6,7 @@ A recipe's context derives from `RecipeContext`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +23,9 @@ from pkd_fast.config import RESULT_NEUTRAL, Config
 from pkd_fast.dist import Dist, init_distributed, require_shared_directory
 from pkd_fast.distill import WATCHED, Distiller
 from pkd_fast.output_lock import OutputLock
-from pkd_fast.precision import apply_precision, describe_device, resolve_precision
+from pkd_fast.families import student_config, width_config
+from pkd_fast.models import model_config
+from pkd_fast.precision import apply_precision, describe_device, json_precision, probe_run_step, resolve_precision
 from pkd_fast.relations import QkvCapture
 from pkd_fast.trainer import STOP, FitResult, Stopped, Trainer
 
@@ -69,6 +72,8 @@ def resolve_device_precision(cfg: Config, world: Dist, ds_config: dict) -> tuple
         native = [None] * world.world_size
         dist.all_gather_object(native, hardware["bf16_native"])
         hardware["bf16_native"] = all(native)
+    if world.device.type == "cpu" and cfg.precision == "auto" and hardware["bf16_native"] and json_precision(ds_config) == "bf16":
+        hardware["bf16_run_probe"] = run_probe(cfg, world, ds_config)
     choice = resolve_precision(cfg.precision, world.device, ds_config, hardware=hardware)
     if world.is_main:
         if choice.notice:
@@ -77,6 +82,22 @@ def resolve_device_precision(cfg: Config, world: Dist, ds_config: dict) -> tuple
             log.info("precision: %s (%s)", choice.precision, choice.reason)
     device = {**hardware, "precision": choice.precision, "precision_asked": choice.asked, "precision_reason": choice.reason}
     return apply_precision(ds_config, choice), device
+
+
+def run_probe(cfg: Config, world: Dist, ds_config: dict) -> dict:
+    """The main rank's `precision.probe_run_step` for this run's teacher and student (from their configs, no
+    weights loaded) at its micro-batch and sequence length, the same for every rank."""
+    found = [None]
+    if world.is_main:
+        teacher = model_config("--teacher", cfg.teacher)
+        k = min(cfg.student_layers or max(1, teacher.num_hidden_layers // 2), teacher.num_hidden_layers)
+        student = (width_config(teacher, k, cfg.student_hidden_size) if cfg.init_from == "scratch" and cfg.student_hidden_size
+                   else student_config(teacher, range(1, k + 1)))
+        seq_len = min(cfg.max_seq_length, getattr(teacher, "max_position_embeddings", cfg.max_seq_length))
+        found = [dataclasses.asdict(probe_run_step(teacher, student, ds_config["train_micro_batch_size_per_gpu"], seq_len))]
+    if world.world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def end() -> None:
