@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
                    help="overrides the JSON's bf16/fp16/torch_autocast sections. auto: the JSON's precision where the hardware "
                         "computes it natively, else bf16 → fp16 (dynamic loss scaling) on a GPU without bf16, bf16 → fp32 "
-                        "on a CPU that emulates it (a probe and a few ms of matmuls decide); fp16 on a CPU only where "
+                        "on a CPU that emulates it (a probe and a few ms of matmuls decide) or where this run's own step is not "
+                        "at least 10%% faster in bf16 (timed once per machine and shape); fp16 on a CPU only where "
                         "DeepSpeed supports it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"change defaults: {PRESETS}")
