@@ -75,8 +75,11 @@ def test_acceptance_example_gives_the_clis_first_logged_loss(teacher_dir, tmp_pa
     for term in ("ce", "kd", "pt"):
         assert getattr(out.terms, term).item() == pytest.approx(first[term], rel=1e-5, abs=1e-9), term
 
+    # HF's own DeepSpeed JSON ("auto" values and all, which HF fills in), ZeRO-2 on the one-process group the CLI made
+    hf_deepspeed = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                    "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
     args = TrainingArguments(str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-4,
-                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True)
+                             logging_steps=1, save_strategy="no", report_to="none", deepspeed=hf_deepspeed)
     trainer = pkd_fast.DistillationTrainer(model=student, args=args, train_dataset=rows.remove_columns("example_idx"),
                                            data_collator=DataCollatorWithPadding(tokenizer), distiller=distiller)
     assert trainer.compute_loss(student, batch).item() == pytest.approx(first["total"], rel=1e-5)
@@ -85,6 +88,7 @@ def test_acceptance_example_gives_the_clis_first_logged_loss(teacher_dir, tmp_pa
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all({"ce", "kd", "pt"} <= set(entry) for entry in logged)
+    assert trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 2
     assert not torch.equal(student.classifier.weight, weights)  # the student learned
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # the teacher did not
 
