@@ -31,6 +31,7 @@ available): the block sizes are chosen to compile without spills for sm_80 and s
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -46,9 +47,18 @@ REDUCTIONS = ("batchmean", "sum", "mean")
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (set under the CPU interpreter only): the operands go to fp32 first, as the
+    interpreter's bf16/fp16 dot returns garbage (Triton 3.9); the values are the same, so is the result."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _tile_logits(h_ptr, w_ptr, bias_ptr, rows, cols, n_rows, n_cols, K, h_stride, w_stride,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):  # fmt: skip
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """fp32 [BLOCK_M, BLOCK_V] logits h[rows] @ w[cols].T + bias[cols] (masked rows/columns give bias or 0)."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
     row_off = rows.to(tl.int64)[:, None] * h_stride
@@ -57,7 +67,7 @@ def _tile_logits(h_ptr, w_ptr, bias_ptr, rows, cols, n_rows, n_cols, K, h_stride
         ks = k0 + tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + row_off + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < K), other=0.0)
         w = tl.load(w_ptr + col_off + ks[None, :], mask=(cols[:, None] < n_cols) & (ks[None, :] < K), other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _dot(h, tl.trans(w), acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -68,7 +78,7 @@ def _head_kd_fwd_kernel(
     hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, rows_ptr,
     n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, tau, tau_ce, ignore_index,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,7 +91,7 @@ def _head_kd_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = (cols < n_cols)[None, :]
         s = _tile_logits(hs_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, hs_stride, w_stride,
-                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)  # fmt: skip
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION, UPCAST)  # fmt: skip
         s = tl.where(col_ok, s, float("-inf"))
         m_new = tl.maximum(m_s, tl.max(s, 1))
         if CE_OWN_STATS:
@@ -92,7 +102,7 @@ def _head_kd_fwd_kernel(
             s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), 1)
         if HAS_KL:
             t = _tile_logits(ht_ptr, wt_ptr, bt_ptr, rows, cols, n_rows, n_cols, Ht, ht_stride, wt_stride,
-                             HAS_TBIAS, BLOCK_M, BLOCK_V, BLOCK_K, T_PRECISION)  # fmt: skip
+                             HAS_TBIAS, BLOCK_M, BLOCK_V, BLOCK_K, T_PRECISION, UPCAST)  # fmt: skip
             t = tl.where(col_ok, t, float("-inf"))
             mt_new = tl.maximum(m_t, tl.max(t, 1))
             e = tl.exp2((t - mt_new[:, None]) * tau)
@@ -128,7 +138,7 @@ def _grad_tile(
     hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, coef_ptr, rows, cols,
     n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, tau, tau_ce, ignore_index,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """∂loss/∂s of the tile [rows, cols] (fp32, 0 off the matrix), recomputed from the forward's statistics."""
@@ -138,7 +148,7 @@ def _grad_tile(
     m_s = tl.load(base, mask=row_ok, other=0.0)
     ld_s = tl.load(base + 1, mask=row_ok, other=0.0)
     s = _tile_logits(hs_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, hs_stride, w_stride,
-                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)  # fmt: skip
+                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION, UPCAST)  # fmt: skip
     p_s = tl.exp2((s - m_s[:, None]) * tau - ld_s[:, None])
     g = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
     if HAS_KL:
@@ -146,7 +156,7 @@ def _grad_tile(
         ld_t = tl.load(base + 3, mask=row_ok, other=0.0)
         kl_c = tl.where(m_t < float("inf"), tl.load(coef_ptr), 0.0)  # a row without a teacher: no KL gradient
         t = _tile_logits(ht_ptr, wt_ptr, bt_ptr, rows, cols, n_rows, n_cols, Ht, ht_stride, wt_stride,
-                         HAS_TBIAS, BLOCK_M, BLOCK_V, BLOCK_K, T_PRECISION)  # fmt: skip
+                         HAS_TBIAS, BLOCK_M, BLOCK_V, BLOCK_K, T_PRECISION, UPCAST)  # fmt: skip
         g = kl_c[:, None] * (p_s - tl.exp2((t - m_t[:, None]) * tau - ld_t[:, None]))
     if HAS_CE:
         y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
@@ -163,7 +173,7 @@ def _head_kd_bwd_dh_kernel(
     hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, coef_ptr, dh_ptr,
     n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, dh_stride, tau, tau_ce, ignore_index,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,11 +183,11 @@ def _head_kd_bwd_dh_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         g = _grad_tile(hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, coef_ptr, rows, cols,
                        n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, tau, tau_ce, ignore_index,
-                       HAS_KL, HAS_CE, CE_OWN_STATS, HAS_BIAS, HAS_TBIAS, PRECISION, T_PRECISION,
+                       HAS_KL, HAS_CE, CE_OWN_STATS, HAS_BIAS, HAS_TBIAS, PRECISION, T_PRECISION, UPCAST,
                        BLOCK_M, BLOCK_V, BLOCK_K)  # fmt: skip
         w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * w_stride + hcols[None, :],
                     mask=(cols[:, None] < n_cols) & (hcols[None, :] < H), other=0.0)  # fmt: skip
-        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = _dot(g.to(w.dtype), w, acc, PRECISION, UPCAST)
     ptrs = dh_ptr + rows.to(tl.int64)[:, None] * dh_stride + hcols[None, :]
     tl.store(ptrs, acc.to(dh_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (hcols[None, :] < H))
 
@@ -187,7 +197,7 @@ def _head_kd_bwd_dw_kernel(
     hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, coef_ptr, dw_ptr, db_ptr,
     n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, dw_stride, tau, tau_ce, ignore_index,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, WRITE_DW: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -198,12 +208,12 @@ def _head_kd_bwd_dw_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         g = _grad_tile(hs_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, stats_ptr, coef_ptr, rows, cols,
                        n_rows, n_cols, H, Ht, hs_stride, w_stride, ht_stride, wt_stride, tau, tau_ce, ignore_index,
-                       HAS_KL, HAS_CE, CE_OWN_STATS, HAS_BIAS, HAS_TBIAS, PRECISION, T_PRECISION,
+                       HAS_KL, HAS_CE, CE_OWN_STATS, HAS_BIAS, HAS_TBIAS, PRECISION, T_PRECISION, UPCAST,
                        BLOCK_M, BLOCK_V, BLOCK_K)  # fmt: skip
         if WRITE_DW:
             h = tl.load(hs_ptr + rows.to(tl.int64)[:, None] * hs_stride + hcols[None, :],
                         mask=(rows[:, None] < n_rows) & (hcols[None, :] < H), other=0.0)  # fmt: skip
-            acc = tl.dot(tl.trans(g.to(h.dtype)), h, acc, input_precision=PRECISION)
+            acc = _dot(tl.trans(g.to(h.dtype)), h, acc, PRECISION, UPCAST)
         if WRITE_DB:
             acc_b += tl.sum(g, 0)
     col_ok = cols < n_cols
@@ -264,7 +274,8 @@ class FusedHeadKD(torch.autograd.Function):
         ht_, Wt_ = (ht, Wt) if has_kl else (hs, W)
         cfg = launch_config(max(hidden, ht_.shape[1]), hs.dtype)
         flags = dict(HAS_KL=has_kl, HAS_CE=has_ce, CE_OWN_STATS=has_ce and tau != LOG2E, HAS_BIAS=b is not None,
-                     HAS_TBIAS=has_kl and bt is not None, PRECISION=_precision(hs.dtype), T_PRECISION=_precision(ht_.dtype))
+                     HAS_TBIAS=has_kl and bt is not None, PRECISION=_precision(hs.dtype), T_PRECISION=_precision(ht_.dtype),
+                     UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and hs.device.type == "cpu")
         args = (hs, W, W if b is None else b, ht_, Wt_, Wt_ if bt is None or not has_kl else bt, y)
         dims = (n_rows, n_cols, hidden, ht_.shape[1], hs.stride(0), W.stride(0), ht_.stride(0), Wt_.stride(0))
         stats = torch.empty((n_rows, 5), dtype=torch.float32, device=hs.device)
