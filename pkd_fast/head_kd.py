@@ -40,7 +40,7 @@ import torch
 
 from pkd_fast.kernels._common import check_kd_reduction
 
-TILE_ELEMS = 1 << 24  # elements of one [R, C] tile (64 MiB in fp32); a handful of such tiles are live at once
+TILE_ELEMS = 1 << 25  # elements of one [R, C] tile (128 MiB in fp32); about five such tiles are live at once
 MIN_ROWS = 32  # fewer rows a block and the matmuls stream W from memory for little arithmetic: chunk V instead
 TWO_PASS_ROWS = 256  # rows a block when the vocabulary is chunked
 HEAD_KD_REDUCTIONS = ("batchmean", "sum", "mean")
@@ -220,6 +220,45 @@ def _tile_grad(s, c0, terms: _RowTerms, temperature, kl_g, ce_g, labels, t=None,
     return g
 
 
+def _whole_rows(s, t, temperature, labels, ignore_index, kl_g, ce_w, want_grad):
+    """KL rows, CE rows and ∂loss/∂s of R whole rows (s, t: [R, V] logits, consumed): the one-pass layout's
+    block, with torch's fused logsumexp and the gradient formed over the logits' own buffers."""
+    T = temperature
+    kl_rows = ce_rows = g = None
+    s_T = s / T if T != 1.0 else s
+    lse_s = torch.logsumexp(s_T, 1, keepdim=True)
+    if t is not None:
+        t_T = t.div_(T) if T != 1.0 else t
+        lse_t = torch.logsumexp(t_T, 1, keepdim=True)
+        has_t = torch.isfinite(lse_t)  # a row all -inf has no distribution: no KL, no KL gradient
+        lse_t = torch.where(has_t, lse_t, torch.full_like(lse_t, math.inf))
+        diff = t_T - s_T
+        p_t = t_T.sub_(lse_t).exp_()  # over t's buffer
+        kl_rows = torch.linalg.vecdot(p_t, diff) - lse_t.squeeze(1) + lse_s.squeeze(1)
+        if kl_rows.isnan().any():  # teacher columns at -inf: 0·(-inf) in the cross term; p_t = 0 there adds nothing
+            kl_rows = torch.where(p_t > 0, p_t * diff, torch.zeros_like(diff)).sum(1) - lse_t.squeeze(1) + lse_s.squeeze(1)
+        kl_rows = torch.where(has_t.squeeze(1), kl_rows, torch.zeros_like(kl_rows))
+        del diff
+    valid = safe = None
+    if labels is not None:
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0).long()[:, None]
+        lse_c = lse_s if T == 1.0 else torch.logsumexp(s, 1, keepdim=True)
+        ce_rows = torch.where(valid, (lse_c - s.gather(1, safe)).squeeze(1), torch.zeros_like(lse_c.squeeze(1)))
+    if not want_grad:
+        return kl_rows, ce_rows, None
+    if t is not None:
+        g = (s_T if s_T is not s else s_T.clone()).sub_(lse_s).exp_().sub_(p_t)  # p_s - p_t over s/T's buffer
+        g.mul_(torch.where(has_t, kl_g, torch.zeros_like(kl_g)))
+        del p_t
+    if labels is not None:
+        ce_g = torch.where(valid, ce_w, torch.zeros_like(ce_w))[:, None]
+        p_c = s.sub_(lse_c).exp_() if (g is not None or T != 1.0) else s_T.sub_(lse_s).exp_()  # softmax(s) over s's buffer
+        p_c.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=p_c.dtype)).mul_(ce_g)
+        g = p_c if g is None else g.add_(p_c)
+    return kl_rows, ce_rows, g
+
+
 # -- the whole computation -------------------------------------------------------------------------------
 
 
@@ -268,8 +307,8 @@ def _chunked(hs, W, b, teacher, temperature, labels, alpha, ignore_index, reduct
     want_grad = any(needs)
 
     def logits(h_blk, w_c, bias_c):
-        out = h_blk.to(acc) @ w_c.to(acc).T
-        return out if bias_c is None else out.add_(bias_c)
+        h_blk, w_c = h_blk.to(acc), w_c.to(acc)
+        return h_blk @ w_c.T if bias_c is None else torch.addmm(bias_c, h_blk, w_c.T)
 
     def student(r0, r1, c0, c1):
         return logits(hs[r0:r1], (W_acc if W_acc is not None else W)[c0:c1], None if b_acc is None else b_acc[c0:c1])
@@ -329,6 +368,18 @@ def _chunked(hs, W, b, teacher, temperature, labels, alpha, ignore_index, reduct
     one_pass = len(chunks) == 1
     for r0 in range(0, n_rows, R):
         r1 = min(r0 + R, n_rows)
+        if one_pass and kl != "topk":  # whole rows: torch's fused log-sum-exps, the gradient formed in place
+            lab = labels[r0:r1] if has_ce else None
+            kl_rows, ce_rows, g = _whole_rows(student(r0, r1, 0, vocab), teacher_chunk(r0, r1, 0, vocab), T, lab, ignore_index,
+                                              kl_g, ce_w, want_grad)  # fmt: skip
+            if kl_rows is not None:
+                kl_sum += kl_rows.sum()
+            if ce_rows is not None:
+                ce_sum += ce_rows.sum()
+            if g is not None:
+                add_grads(r0, r1, 0, vocab, g, g_W)
+                del g
+            continue
         tile = (student(r0, r1, 0, vocab), teacher_chunk(r0, r1, 0, vocab)) if one_pass else None
         terms, lab, valid = row_terms(r0, r1, tile)
         if terms.kl_rows is not None:

@@ -207,10 +207,10 @@ def test_no_rows_is_exactly_zero(impl, alpha):
 
 def test_default_blocks_bound_the_tile():
     """One pass (C = V) while ≥ MIN_ROWS rows of the full vocabulary fit TILE_ELEMS, else chunks; R·C ≤ TILE_ELEMS."""
-    assert blocks(4096, 30522) == (512, 30522)
-    assert blocks(4096, 250002) == (64, 250002)
-    r, c = blocks(4096, 1_000_000)
-    assert c < 1_000_000 and r * c <= head_kd.TILE_ELEMS
+    assert blocks(4096, 30522) == (1024, 30522)
+    assert blocks(4096, 250002) == (128, 250002)
+    r, c = blocks(4096, 2_000_000)
+    assert c < 2_000_000 and r * c <= head_kd.TILE_ELEMS
     assert blocks(10, 250002) == (10, 250002)
     assert blocks(100, 1000, block_rows=16, vocab_chunk=96) == (16, 96)
     for n, v in ((4096, 30522), (16384, 128100), (4096, 250002)):
