@@ -237,7 +237,7 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
     return {
         "fwd": {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_K": 16 if fp32 else 32, "num_warps": 8},
         "dh": {"BLOCK_M": 16, "BLOCK_V": 32 if block_h >= 1024 and not fp32 else 16, "BLOCK_K": 32, "BLOCK_H": block_h, "num_warps": 8},
-        "dw": {"BLOCK_M": 32 if block_h >= 1024 else 16, "BLOCK_V": 16, "BLOCK_K": 32, "BLOCK_H": block_h, "num_warps": 8},
+        "dw": {"BLOCK_M": 32 if block_h >= 1024 else 16, "BLOCK_V": 16, "BLOCK_K": 32 if block_h >= 1024 else 16, "BLOCK_H": block_h, "num_warps": 8},
     }
 
 
