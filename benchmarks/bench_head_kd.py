@@ -49,10 +49,10 @@ ALPHA = Config.__dataclass_fields__["alpha"].default
 DENSE_TENSORS = 8  # [N, V] fp32 tensors the dense fwd+bwd holds at its peak (measured: ~6-7), for the skip rule
 GOAL = {"vocab": 250002, "rows": 4096, "peak_frac": 1 / 8, "time_ratio": 1.1}
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-# --quick: the goal's shape at both widths (fused), dense at two smaller row counts there to extrapolate
-# from, both contenders measured at 1024 rows, and one BERT-vocabulary point where both fit.
-QUICK = [(250002, 4096, h, ("fused",)) for h in HIDDEN] + [(250002, n, h, ("dense", "fused") if n == 1024 else ("dense",))
-         for h in HIDDEN for n in (512, 1024)] + [(30522, 4096, 768, ("dense", "fused"))]  # fmt: skip
+# --quick: the goal's shape at both widths (fused); dense at 512 and 1024 rows there, to extrapolate from;
+# both contenders measured at 1024 rows (H = 768) and at one BERT-vocabulary point where both fit.
+QUICK = [(250002, 4096, h, ("fused",)) for h in HIDDEN] + [(250002, 512, h, ("dense",)) for h in HIDDEN] + [
+    (250002, 1024, 384, ("dense",)), (250002, 1024, 768, ("dense", "fused")), (30522, 4096, 768, ("dense", "fused"))]
 
 
 def _status(field: str) -> float:
@@ -157,6 +157,31 @@ def measure(vocab, n_rows, hidden, names, device, dtype, budget, max_dense_gb) -
     return list(rows.values())
 
 
+def measure_goal_interleaved(hidden, device, dtype, budget, small=(512, 1024)) -> dict:
+    """The goal's point with its dense extrapolation measured in the same rounds: fused at GOAL rows and dense
+    at `small` rows take turns call by call (one decoder pair, the smaller batches its first rows), so a
+    shared machine's load falls on the fused point and on the dense points it is compared with alike."""
+    n, vocab = GOAL["rows"], GOAL["vocab"]
+    hs, W, b, teacher, labels = make_inputs(n, vocab, hidden, device, dtype)
+    calls = {"fused": PeakMeter(device)(lambda: fused_step(hs, W, b, teacher, labels))}
+    for m in small:
+        sub = (hs[:m].detach().requires_grad_(), W, b, DenseHead(teacher.hidden[:m], teacher.weight, teacher.bias), labels[:m])
+        calls[f"dense@{m}"] = PeakMeter(device)(lambda sub=sub: dense_step(*sub))
+    out = {"vocab": vocab, "rows": n, "hidden": hidden, "dense_rows": list(small)}
+    for name, timing in harness.time_calls(calls, device, budget).items():
+        out[name] = {"ms": round(timing.ms, 1), "peak_mib": round(max(calls[name].peaks), 1)} if not isinstance(timing, Exception) else {
+            "error": harness.error_text(timing)}
+    a, c = out[f"dense@{small[0]}"], out[f"dense@{small[1]}"]
+    if "ms" in a and "ms" in c and "ms" in out["fused"]:
+        est = {k: round(c[k] + (c[k] - a[k]) / (small[1] - small[0]) * (n - small[1]), 1) for k in ("ms", "peak_mib")}
+        out["dense_extrapolated"] = est
+        out["peak_frac"] = harness.sig(out["fused"]["peak_mib"] / est["peak_mib"], 3)
+        out["time_ratio"] = harness.sig(out["fused"]["ms"] / est["ms"], 3)
+        out["met"] = out["peak_frac"] <= GOAL["peak_frac"] and out["time_ratio"] <= GOAL["time_ratio"]
+    print("goal, interleaved:", out, flush=True)
+    return out
+
+
 def extrapolate(rows: list[dict]) -> list[dict]:
     """Dense rows at skipped or unmeasured row counts, from the two largest measured counts of the same (V, H)."""
     out = []
@@ -243,6 +268,16 @@ def render(result: dict) -> str:
                      f"{' (dense extrapolated, see above)' if v['dense_extrapolated'] else ''}: **{'met' if v['met'] else 'not met'}**.")
     if not result["goal"]:
         lines.append("- not measured in this run.")
+    for g in result.get("goal_interleaved", []):
+        if "met" not in g:
+            continue
+        d0, d1 = (g[f"dense@{m}"] for m in g["dense_rows"])
+        lines.append(f"- H = {g['hidden']}, **measured interleaved** (`--goal-interleaved`: fused at {g['rows']} rows taking turns with "
+                     f"dense at {g['dense_rows'][0]} and {g['dense_rows'][1]} rows in the same rounds, dense extrapolated from those): "
+                     f"fused {g['fused']['ms'] / 1e3:.1f} s, {g['fused']['peak_mib']:.0f} MiB; dense {d0['ms'] / 1e3:.1f} s / "
+                     f"{d1['ms'] / 1e3:.1f} s, {d0['peak_mib']:.0f} / {d1['peak_mib']:.0f} MiB → {g['dense_extrapolated']['ms'] / 1e3:.1f} s, "
+                     f"{g['dense_extrapolated']['peak_mib']:.0f} MiB at {g['rows']}: peak {g['peak_frac']:.3f} of dense, time "
+                     f"{g['time_ratio']:.2f}× dense: **{'met' if g['met'] else 'not met'}**.")  # fmt: skip
     lines += ["", *result.get("notes", [])]
     return "\n".join(lines)
 
@@ -253,6 +288,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-dense-gb", type=float, default=10.0, help="skip dense points whose [N, V] tensors would exceed this")
     p.add_argument("--reps", type=int, default=None, help="timed calls per contender (default 2 quick, 3 full)")
     p.add_argument("--points", default=None, help="only these points, V:rows:H[,...] (both contenders)")
+    p.add_argument("--goal-interleaved", type=int, action="append", default=[], metavar="H",
+                   help="measure the goal's point at student width H with its dense extrapolation interleaved; keeps the previous rows of the results file")
     p.add_argument("--teacher-hidden", type=int, default=768, help="the teacher's H_t (default 768, a base-size teacher)")
     args = p.parse_args(argv)
     device = harness.pick_device(args.device)
@@ -277,6 +314,19 @@ def main(argv=None) -> None:
         "rows": [], "extrapolated": [], "goal": [], "load_average": [os.getloadavg()[0]] * 2,
     }  # fmt: skip
     start = time.time()
+    if args.goal_interleaved:
+        previous = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else None
+        result = previous or result
+        result["goal_interleaved"] = [g for g in result.get("goal_interleaved", []) if g["hidden"] not in args.goal_interleaved]
+        for hidden in args.goal_interleaved:
+            result["goal_interleaved"].append(measure_goal_interleaved(hidden, device, dtype, budget))
+            result.setdefault("runs", []).append({"argv": list(sys.argv[1:] if argv is None else argv),
+                                                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                                  "load_average_end": os.getloadavg()[0]})  # fmt: skip
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            stem.with_suffix(".md").write_text(render(result) + "\n")
+        print(render(result))
+        return
     for vocab, n_rows, hidden, names in points:
         result["rows"] += measure(vocab, n_rows, hidden, names, device, dtype, budget, args.max_dense_gb)
         load = os.getloadavg()[0]
