@@ -2,7 +2,7 @@
 Triton's own compiler and its bundled ptxas: registers, spills and shared memory per configuration, no GPU.
 
 The configurations are not listed here: the launchers (`_kd_forward`, `_topk_forward`, `_patient_forward`,
-`take_scaled_grad`, and `fused_relation_loss` forward and backward) are called on CPU tensors (allocated,
+`take_scaled_grad`, `fused_relation_loss` and `fused_head_kd_loss` forward and backward) are called on CPU tensors (allocated,
 never filled) over the vocabularies, top-k sizes, hidden sizes, relation heads, dtypes, alignments and loss
 variants below, with each kernel replaced by a recorder, so every launch is recorded with the arguments,
 constexprs and num_warps the launcher chose (`kd_blocks`, `topk_kd_loss.launch_config`, `patient_blocks`,
@@ -57,7 +57,8 @@ KD_WEIGHTS = ((1.0, 2.0), (0.0, 2.0), (0.5, 1.0), (0.5, 2.0))
 KERNELS = (
     ("kd_loss", "_kd_fwd_kernel"), ("kd_loss", "_scale_kernel"), ("patient_loss", "_patient_fwd_kernel"),
     ("topk_kd_loss", "_topk_kd_fwd_kernel"), ("relation_loss", "_relation_fwd_kernel"),
-    ("relation_loss", "_relation_bwd_kernel"),
+    ("relation_loss", "_relation_bwd_kernel"), ("mlm_head_kd", "_head_kd_fwd_kernel"),
+    ("mlm_head_kd", "_head_kd_bwd_dh_kernel"), ("mlm_head_kd", "_head_kd_bwd_dw_kernel"),
 )  # fmt: skip
 TOPK_K = (8, 64, 256)  # teacher ids per row for sparse KD (and k = V where V is smaller: the tiny heads)
 # MiniLMv2 relations: hidden sizes of each side (student and teacher in every pairing) and relation heads.
@@ -70,10 +71,16 @@ RELATION_SHAPE = (2, 128)  # (batch, tokens): the blocks depend on the head size
 # equal student and teacher widths) in the training dtype only. fp32 and fp16 differ from it in load widths
 # and, for fp16, an fp32 gradient.
 QUICK_DTYPE, QUICK_TOPK_K = "bfloat16", (64,)
+# The fused masked-LM head + KD (`mlm_head_kd`): (student H, teacher H) pairs; the blocks depend on the
+# student's H (its padded width is the gradient kernels' accumulator) and the dtype, the teacher's H only
+# sets K-loop trip counts. Rows and vocabulary are runtime sizes (HEAD_SHAPE: any reach every block).
+HEAD_HIDDEN = ((128, 768), (312, 768), (384, 768), (768, 768), (1024, 1024))
+HEAD_SHAPE = (3, 1000)  # (rows, vocabulary)
 
 
 def compile_kernels(
-    jobs: int = 2, targets: tuple[int, ...] = tuple(SHARED_LIMIT), no_grad: bool = False, quick: bool = False
+    jobs: int = 2, targets: tuple[int, ...] = tuple(SHARED_LIMIT), no_grad: bool = False, quick: bool = False,
+    only: tuple[str, ...] = (),
 ) -> list[dict]:
     """One row per distinct compiled configuration and target, compiled by a pool of `jobs` processes;
     `no_grad` adds the forwards run without a gradient (WRITE_GRAD off: the same kernels minus the gradient
@@ -82,7 +89,7 @@ def compile_kernels(
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated: silences its warning
     with tempfile.TemporaryDirectory(prefix="pkd_aot_") as tmp:
         env["TRITON_CACHE_DIR"] = f"{tmp}/cache"  # fresh: ptxas runs for every configuration and prints its report
-        cmd = [sys.executable, "-m", "benchmarks.aot_compile", "--targets", ",".join(map(str, targets)), "--jobs", str(jobs)] + ["--no-grad"] * no_grad + ["--quick"] * quick
+        cmd = [sys.executable, "-m", "benchmarks.aot_compile", "--targets", ",".join(map(str, targets)), "--jobs", str(jobs)] + ["--no-grad"] * no_grad + ["--quick"] * quick + [a for k in only for a in ("--kernel", k)]
         out, err = Path(tmp, "rows.jsonl"), Path(tmp, "err")
         with out.open("w") as out_f, err.open("w") as err_f:  # files, not pipes: a full pipe would stall it
             code = subprocess.run([*cmd, "--worker"], cwd=REPO, env=env, stdout=out_f, stderr=err_f).returncode
@@ -115,6 +122,13 @@ ALLOWED_SPILLS = {
         )
         for dtype in ("s=fp32", "s=bf16", "s=fp16")
     },
+    ("_head_kd_bwd_dw_kernel", 80, "hs=fp32", (("HAS_KL", False), ("BLOCK_V", 16), ("BLOCK_K", 16)), 8): (
+        32,
+        "sm_80 only, fp32 inputs (IEEE dots), CE alone (α = 0: no KD term, the plain masked-LM loss through the fused "
+        "head), H ≤ 512: 8-32 B at 64-128 registers, so a stack frame, not register pressure (sm_90, bf16/fp16, and "
+        "every variant with a KL term compile clean). Not looked at in SASS; BLOCK_K 32 moved the spill to other "
+        "fp32 variants instead of removing it.",
+    ),
     **{
         (kernel, target, dtype, (), 4): (
             limit,
@@ -178,7 +192,9 @@ def _record_launches(no_grad: bool, quick: bool = False) -> list[dict]:
     from pkd_fast.kernels import kd_loss, patient_loss, relation_loss, topk_kd_loss
     from pkd_fast.losses import KD_REDUCTIONS, PT_REDUCTIONS
 
-    modules = {"kd_loss": kd_loss, "patient_loss": patient_loss, "topk_kd_loss": topk_kd_loss, "relation_loss": relation_loss}
+    mlm_head_kd = repo_kernel("mlm_head_kd")
+    modules = {"kd_loss": kd_loss, "patient_loss": patient_loss, "topk_kd_loss": topk_kd_loss, "relation_loss": relation_loss,
+               "mlm_head_kd": mlm_head_kd}
     launches, example = [], [""]
 
     class Recorder:
@@ -284,7 +300,39 @@ def _record_launches(no_grad: bool, quick: bool = False) -> list[dict]:
                         student = tensor((3, *RELATION_SHAPE, hidden_s), dtype).requires_grad_()
                         teacher = tensor((3, *RELATION_SHAPE, hidden_t), dtype)
                         relation_loss.fused_relation_loss(student, teacher, mask, heads).backward()
+        n_rows, vocab = HEAD_SHAPE
+        labels = torch.zeros(n_rows, dtype=torch.int64)
+        for hidden_s, hidden_t in HEAD_HIDDEN:
+            for dtype in (QUICK_DTYPE,) if quick else DTYPES:
+                for alpha, temperature in KD_WEIGHTS:
+                    for with_bias in (True, False) if not quick or hidden_s == 768 else (True,):
+                        example[0] = f"H_s={hidden_s} H_t={hidden_t} V={vocab} {dtype} α={alpha} T={temperature}" + (
+                            "" if with_bias else " no bias")
+                        hs, w = tensor((n_rows, hidden_s), dtype).requires_grad_(), tensor((vocab, hidden_s), dtype).requires_grad_()
+                        b = tensor((vocab,), dtype).requires_grad_() if with_bias else None
+                        ht, wt = tensor((n_rows, hidden_t), dtype), tensor((vocab, hidden_t), dtype)
+                        bt = tensor((vocab,), dtype) if with_bias else None
+                        mlm_head_kd.fused_head_kd_loss(hs, w, b, ht, wt, bt, temperature, labels, alpha).backward()
     return launches
+
+
+def repo_kernel(name: str):
+    """This checkout's kernels/<name>.py as pkd_fast.kernels.<name>: the installed module where the package
+    is this checkout's, else (an editable install of another checkout, a worktree) the file loaded by path."""
+    import importlib
+    import importlib.util
+
+    import pkd_fast.kernels
+
+    full, path = f"pkd_fast.kernels.{name}", REPO / "kernels" / f"{name}.py"
+    if Path(pkd_fast.kernels.__file__).resolve().parent == path.parent:
+        return importlib.import_module(full)
+    if full not in sys.modules or Path(sys.modules[full].__file__).resolve() != path:
+        spec = importlib.util.spec_from_file_location(full, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return sys.modules[full]
 
 
 def _patient_row_counts(patient_loss, hidden: int) -> list[int]:
@@ -307,9 +355,10 @@ def _versions() -> dict:
     return {"triton": triton.__version__, "ptxas": {arch: get_ptxas(arch).version for arch in SHARED_LIMIT}}
 
 
-def write_results(rows: list[dict], stem: str = "aot_compile") -> None:
-    """results/<stem>.json (every row) and .md (one table per kernel, then what `problems` found)."""
-    meta = {"date": dt.date.today().isoformat(), **_versions(), "shared_limit": SHARED_LIMIT}
+def write_results(rows: list[dict], stem: str = "aot_compile", only: tuple[str, ...] = ()) -> None:
+    """results/<stem>.json (every row) and .md (one table per kernel, then what `problems` found); `only`:
+    the run compiled these kernels alone (`--kernel`), which the file says."""
+    meta = {"date": dt.date.today().isoformat(), **_versions(), "shared_limit": SHARED_LIMIT, "only": list(only)}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     ptxas = ", ".join(f"sm_{a}: ptxas {v}" for a, v in meta["ptxas"].items())
@@ -317,10 +366,11 @@ def write_results(rows: list[dict], stem: str = "aot_compile") -> None:
     lines = [
         "# Triton kernels compiled ahead of time for sm_80 and sm_90",
         "",
-        f"`python -m benchmarks.aot_compile`, {meta['date']}, Triton {meta['triton']} and its bundled ptxas ({ptxas}), no GPU.",
-        f"Every configuration `_kd_forward`, `_topk_forward`, `_patient_forward`, `take_scaled_grad` and `fused_relation_loss`",
+        f"`python -m benchmarks.aot_compile{''.join(f' --kernel {k}' for k in only)}{f' --stem {stem}' if only else ''}`, {meta['date']}, Triton {meta['triton']} and its bundled ptxas ({ptxas}), no GPU.",
+        f"Every configuration `_kd_forward`, `_topk_forward`, `_patient_forward`, `take_scaled_grad`, `fused_relation_loss` and `fused_head_kd_loss`",
         f"pick over V ∈ {list(VOCAB)}, top-k k ∈ {list(TOPK_K)} (k = V below), H ∈ {list(HIDDEN)}, relations with",
-        f"H_s, H_t ∈ {list(RELATION_HIDDEN)} and R ∈ {list(RELATION_HEADS)} (CUDA blocks), {', '.join(DTYPES)} inputs",
+        f"H_s, H_t ∈ {list(RELATION_HIDDEN)} and R ∈ {list(RELATION_HEADS)} (CUDA blocks), the fused head KD at (H_s, H_t) ∈",
+        f"{[list(p) for p in HEAD_HIDDEN]} with and without biases, {', '.join(DTYPES)} inputs",
         "(student = teacher dtype), aligned and unaligned KD and patient rows, every loss variant (α = 0, 1, 0.5 at",
         "T = 1 and 2; every reduction; divisors with 'sum'; inplace), forward with gradient, the relations' backward",
         f"and the backward's scaling{' and forwards without gradient' if any(r['constexprs'].get('WRITE_GRAD') is False for r in rows) else ''};"
@@ -329,6 +379,7 @@ def write_results(rows: list[dict], stem: str = "aot_compile") -> None:
         "`tests/test_kernels_aot.py` fails on a compile error, a spill, or shared memory over the limit, on the `--quick`",
         f"subset (the variants added after the first grid, divisors, top-k with k ∈ {list(QUICK_TOPK_K)}, relations at equal widths, in {QUICK_DTYPE} only).",
         "",
+        *([f"**This file holds only {', '.join(f'`{k}`' for k in only)}** (`--kernel`); results/aot_compile.md holds the rest.", ""] if only else []),
         f"**Problems: {len(found)}**" + "".join(f"\n- {p}" for p in found),
         "",
         "**Accepted spills** (`ALLOWED_SPILLS`):" + "".join(
@@ -422,10 +473,11 @@ _TODO: list[tuple[dict, dict]] = []
 
 # Compile cost ranks (the relation backward takes seconds, the scaling kernel a tenth of one): the pool
 # starts the slowest first so that no long compile is left running alone at the end.
-_COST_RANK = {"_relation_bwd_kernel": 0, "_relation_fwd_kernel": 1, "_topk_kd_fwd_kernel": 2, "_kd_fwd_kernel": 2}
+_COST_RANK = {"_relation_bwd_kernel": 0, "_relation_fwd_kernel": 1, "_head_kd_bwd_dw_kernel": 1, "_head_kd_bwd_dh_kernel": 1,
+              "_topk_kd_fwd_kernel": 2, "_kd_fwd_kernel": 2, "_head_kd_fwd_kernel": 2}
 
 
-def _worker(jobs: int, targets: list[int], no_grad: bool, quick: bool) -> None:
+def _worker(jobs: int, targets: list[int], no_grad: bool, quick: bool, only: tuple[str, ...] = ()) -> None:
     """Record the launches once, keep each distinct configuration once (identical kernel, dtypes,
     constexprs, num_warps and target: the same compiled kernel), compile them over a pool of `jobs`
     processes (ptxas and Triton's passes are single-threaded) and print one JSON row each."""
@@ -433,6 +485,8 @@ def _worker(jobs: int, targets: list[int], no_grad: bool, quick: bool) -> None:
 
     seen = set()
     for launch in _record_launches(no_grad, quick):
+        if only and launch["kernel"].__name__ not in only:
+            continue
         for arch in targets:
             spec = _specialise(launch, arch)
             if spec["key"] not in seen:
@@ -482,15 +536,19 @@ def main() -> None:
     p.add_argument("--targets", default=",".join(map(str, SHARED_LIMIT)), help="compute capabilities")
     p.add_argument("--no-grad", action="store_true", help="also the forwards without a gradient (WRITE_GRAD off)")
     p.add_argument("--quick", action="store_true", help="the test's subset (QUICK_DTYPE); writes no results")
+    p.add_argument("--kernel", action="append", default=[], help="compile only this kernel (repeatable; results go to --stem)")
+    p.add_argument("--stem", default=None, help="results file stem (default aot_compile; required with --kernel)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     targets = [int(t) for t in args.targets.split(",")]
     if args.worker:
-        _worker(args.jobs, targets, args.no_grad, args.quick)
+        _worker(args.jobs, targets, args.no_grad, args.quick, tuple(args.kernel))
         return
-    rows = compile_kernels(args.jobs, tuple(targets), args.no_grad, args.quick)
+    rows = compile_kernels(args.jobs, tuple(targets), args.no_grad, args.quick, tuple(args.kernel))
+    if args.kernel and not args.stem and not args.quick:
+        p.error("--kernel writes a partial grid: name its results file with --stem")
     if not args.quick:
-        write_results(rows)
+        write_results(rows, args.stem or "aot_compile", tuple(args.kernel))
     found = problems(rows)
     print("\n".join(found) or f"{len(rows)} configurations: no compile error, no spill, shared memory within limits")
 

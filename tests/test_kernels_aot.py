@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.aot_compile import (  # noqa: E402
-    DTYPES, KERNELS, QUICK_DTYPE, QUICK_TOPK_K, SHARED_LIMIT, VOCAB, compile_kernels, problems,
+    DTYPES, HEAD_HIDDEN, KERNELS, QUICK_DTYPE, QUICK_TOPK_K, SHARED_LIMIT, VOCAB, compile_kernels, problems, repo_kernel,
 )  # fmt: skip
 from pkd_fast.kernels import relation_loss, topk_kd_loss  # noqa: E402
 from pkd_fast.kernels.kd_loss import kd_blocks  # noqa: E402
@@ -61,6 +61,25 @@ def test_the_new_kernels_and_variants_were_compiled(rows):
         for config in relation_loss.aot_configs():  # those at equal head sizes: every block launch_config picks
             if config["BLOCK_DS"] == config["BLOCK_DT"]:
                 assert (config["kernel"].__name__, *(config[b] for b in blocks), config["num_warps"]) in relation
+
+
+def test_the_head_kd_blocks_were_compiled(rows):
+    """The fused masked-LM head + KD (`mlm_head_kd`): every block `launch_config` picks for the student widths
+    of HEAD_HIDDEN, for its three kernels, each loss variant (KL alone, CE alone, both at T = 1 and T ≠ 1)."""
+    import torch
+
+    launch_config = repo_kernel("mlm_head_kd").launch_config
+    names = {"fwd": "_head_kd_fwd_kernel", "dh": "_head_kd_bwd_dh_kernel", "dw": "_head_kd_bwd_dw_kernel"}
+    for target in SHARED_LIMIT:
+        mine = [r for r in rows if r["target"] == target and r["kernel"] in names.values()]
+        got = {(r["kernel"], *(r["constexprs"].get(b) for b in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_H")), r["num_warps"],
+                r["constexprs"]["HAS_KL"], r["constexprs"]["CE_OWN_STATS"]) for r in mine}  # fmt: skip
+        for hidden, _ in HEAD_HIDDEN:
+            for part, config in launch_config(hidden, getattr(torch, QUICK_DTYPE)).items():
+                for has_kl, ce_own in ((True, False), (False, False), (True, True)):
+                    want = (names[part], *(config.get(b) for b in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_H")), config["num_warps"],
+                            has_kl, ce_own)  # fmt: skip
+                    assert want in got, want
 
 
 def test_problems_names_each_fault():
