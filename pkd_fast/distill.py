@@ -99,6 +99,7 @@ class DistillSpec:
 
     @property
     def masked_lm(self) -> bool:
+        """Whether the student is a masked-LM model whose gathered rows the loss reads (else a classifier)."""
         return self.logit_rows is not None
 
     @property
@@ -129,7 +130,7 @@ class DistillOutput:
 class Distiller:
     """One student's distillation step from a `DistillSpec` and a teacher (module docstring).
 
-    teacher   an `nn.Module` run live (frozen, in the training dtype: `engine.frozen_teacher`), a zero-argument
+    teacher   an `nn.Module` run live (frozen, in the training dtype: `engines.frozen_teacher`), a zero-argument
               callable returning one (loaded only when the spec reads a live teacher), a teacher-output store
               (`cache.TeacherCache`, `mlm_cache.MlmTeacherCache`: read at collate time), a `TeacherSource`,
               or None (FT)
@@ -142,7 +143,7 @@ class Distiller:
 
     def __init__(self, teacher=None, student: torch.nn.Module | None = None, spec: DistillSpec | None = None, *,
                  strategy: str | None = None, ds_config: dict | None = None, device: torch.device | str | None = None,
-                 read_options: dict | None = None, **spec_fields):
+                 **spec_fields):
         if spec is None:
             if strategy is not None:
                 if "layer_map" not in spec_fields:
@@ -159,7 +160,7 @@ class Distiller:
             device = next(student.parameters()).device if student is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.impl = self._impl(spec, self.device)
-        self.teacher = self.teacher_source(teacher, spec, ds_config, self.device, read_options or {})
+        self.teacher = self.teacher_source(teacher, spec, ds_config, self.device)
         self.capture = QkvCapture(student, spec.relations.student_layer) if spec.gamma else None
 
     @staticmethod
@@ -169,8 +170,7 @@ class Distiller:
 
     # -- what the step reads of the teacher ----------------------------------------------------------
     @staticmethod
-    def teacher_source(teacher, spec: DistillSpec, ds_config: dict | None, device: torch.device,
-                       read_options: dict) -> TeacherSource:
+    def teacher_source(teacher, spec: DistillSpec, ds_config: dict | None, device: torch.device) -> TeacherSource:
         """What `spec` learns from: nothing (it reads no teacher), a store's rows read at collate time, or a
         frozen module run live on only what the loss reads (a fresh one per run: it is cast and moved)."""
         if isinstance(teacher, TeacherSource):
@@ -180,9 +180,8 @@ class Distiller:
                 raise ValueError(f"the spec ({spec.describe()}, layer map {list(spec.layer_map)}) reads a teacher: give one")
             return NoTeacher()
         logits = spec.alpha > 0
-        if hasattr(teacher, "reader"):  # a teacher-output store
-            if spec.masked_lm:
-                read_options = {"kd_positions": spec.logit_rows, **read_options}
+        if hasattr(teacher, "reader"):  # a teacher-output store (a masked-LM one reads the KD rows the spec names)
+            read_options = {"kd_positions": spec.logit_rows} if spec.masked_lm else {}
             return CachedTeacher(teacher, spec.layer_map, spec.pt_tokens, logits=logits, pin=device.type == "cuda",
                                  relation_layer=spec.relation_layer, **read_options)
         model = teacher if isinstance(teacher, torch.nn.Module) else teacher()

@@ -370,7 +370,7 @@ class MlmContext(common.RecipeContext):
             if not reads_logits(cfg):  # no store has the held-out blocks' relations
                 self.held_out_teacher = (self.training.teacher if held_out_teacher is None else
                                          Distiller.teacher_source(load_encoder(held_out_teacher), step_spec, self.ds_config,
-                                                                  self.world.device, {}))
+                                                                  self.world.device))
             return self.training
 
         return self.train(model, name=spec.name, out=spec.out, key=run_key, lr=spec.lr, epochs=spec.epochs, distiller=distiller,
