@@ -78,6 +78,7 @@ def test_acceptance_example_gives_the_clis_first_logged_loss(teacher_dir, tmp_pa
     # HF's own DeepSpeed JSON ("auto" values and all, which HF fills in), ZeRO-2 on the one-process group the CLI made
     hf_deepspeed = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                     "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+    env = dict(os.environ)
     args = TrainingArguments(str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-4,
                              logging_steps=1, save_strategy="no", report_to="none", deepspeed=hf_deepspeed)
     trainer = pkd_fast.DistillationTrainer(model=student, args=args, train_dataset=rows.remove_columns("example_idx"),
@@ -85,7 +86,16 @@ def test_acceptance_example_gives_the_clis_first_logged_loss(teacher_dir, tmp_pa
     assert trainer.compute_loss(student, batch).item() == pytest.approx(first["total"], rel=1e-5)
     before = [p.detach().clone() for p in teacher.parameters()]
     weights = student.classifier.weight.detach().clone()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # HF's DeepSpeed state is process-wide (globals and ACCELERATE_* variables): the next Trainer must not inherit it
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        for name in [name for name in os.environ if name.startswith("ACCELERATE_") and name not in env]:
+            del os.environ[name]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all({"ce", "kd", "pt"} <= set(entry) for entry in logged)
     assert trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 2

@@ -53,12 +53,9 @@ class Run:
 
 
 def run(cfg: Config) -> dict:
-    # -- setup ---------------------------------------------------------------------------------------
-    world, out, ds_config, device = common.start(cfg)
     task = get_task(cfg.options.task)
-    log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
 
-    # -- every flag against the models' configs (no weights loaded), before any work ---------------------
+    # -- every flag against the models' configs (no weights loaded), before any work (nothing started yet) --
     configs = {flag: model_config(flag, path) for flag, path in (("--teacher", cfg.teacher), ("--base-model", cfg.options.base_model)) if path}
     for flag, config in configs.items():
         check_max_seq_length(cfg.max_seq_length, flag, config)
@@ -76,6 +73,9 @@ def run(cfg: Config) -> dict:
             configs.get("--base-model" if cfg.init_from == "pretrained" else "--teacher", configs["--teacher"]).hidden_size
         relations = relation_plan(cfg.relation_layers, cfg.relation_heads, configs["--teacher"], k, student_width)
 
+    # -- setup ---------------------------------------------------------------------------------------
+    world, out, ds_config, device = common.start(cfg)
+    log.info("PT term: %s reduction (%s)", cfg.pt_reduction, _PT_SCALES[cfg.pt_reduction])
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if "--base-model" in configs and cfg.stage in ("all", "student"):
         check_same_tokenizer(tokenizer, saved_tokenizer("--base-model", cfg.options.base_model), f"--base-model {cfg.options.base_model}")

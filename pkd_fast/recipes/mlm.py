@@ -80,16 +80,13 @@ class MlmRun:
 
 
 def run(cfg: Config) -> dict:
-    world, out, ds_config, device = common.start(cfg)
+    # every flag against the teacher's config (no weights loaded), before any work (nothing started yet)
     teacher_config = model_config("--teacher", cfg.teacher)
     check_max_seq_length(cfg.max_seq_length, "--teacher", teacher_config)
     headless = not has_mlm_head(cfg.teacher)
-    if not reads_logits(cfg):
-        log.info("no term reads logits (--alpha 0, --mlm-ce-weight 0): the teacher is used as its encoder, no masked-LM head "
-                 "is fitted or trained")
-    elif headless and cfg.stage in ("student", "cache"):
+    if reads_logits(cfg) and headless and cfg.stage in ("student", "cache"):
         raise PkdError(f"--teacher {cfg.teacher} has no masked-LM head to {'distil from' if cfg.stage == 'student' else 'cache'}; "
-                       f"fit one first with --stage teacher (or --stage all), then pass --teacher {out / 'teacher' / 'model'}")
+                       f"fit one first with --stage teacher (or --stage all), then pass --teacher {Path(cfg.output_dir) / 'teacher' / 'model'}")
     relations = None
     if cfg.stage != "teacher":  # a bad layer choice or relation term fails before any work (a fitted head keeps the depth)
         layers = mlm_student_layers(cfg.options.student_layer_choice, teacher_config.num_hidden_layers, cfg.student_layers, cfg.options.student_layer_list)
@@ -98,6 +95,10 @@ def run(cfg: Config) -> dict:
                                       cfg.student_hidden_size or teacher_config.hidden_size)
         if cfg.init_from == "scratch" and cfg.stage in ("all", "student"):  # the width against the teacher's heads
             width_config(teacher_config, len(layers), cfg.student_hidden_size or teacher_config.hidden_size)
+    world, out, ds_config, device = common.start(cfg)
+    if not reads_logits(cfg):
+        log.info("no term reads logits (--alpha 0, --mlm-ce-weight 0): the teacher is used as its encoder, no masked-LM head "
+                 "is fitted or trained")
     ctx = MlmContext(cfg, world, ds_config, AutoTokenizer.from_pretrained(cfg.teacher), out, relations)
     fits_head = headless and reads_logits(cfg)
     if not cfg.options.streaming and (fits_head or cfg.stage != "teacher"):  # something trains on the blocks: checked before it does
