@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.aot_compile import (  # noqa: E402
-    DTYPES, HEAD_HIDDEN, KERNELS, QUICK_DTYPE, QUICK_TOPK_K, SHARED_LIMIT, VOCAB, compile_kernels, problems, repo_kernel,
+    DTYPES, KERNELS, QUICK_DTYPE, QUICK_HEAD_HIDDEN, QUICK_TOPK_K, SHARED_LIMIT, VOCAB, compile_kernels, problems, repo_kernel,
 )  # fmt: skip
 from pkd_fast.kernels import relation_loss, topk_kd_loss  # noqa: E402
 from pkd_fast.kernels.kd_loss import kd_blocks  # noqa: E402
@@ -65,7 +65,7 @@ def test_the_new_kernels_and_variants_were_compiled(rows):
 
 def test_the_head_kd_blocks_were_compiled(rows):
     """The fused masked-LM head + KD (`mlm_head_kd`): every block `launch_config` picks for the student widths
-    of HEAD_HIDDEN, for its three kernels, each loss variant (KL alone, CE alone, both at T = 1 and T ≠ 1)."""
+    of QUICK_HEAD_HIDDEN (each padded width once), for its three kernels, each loss variant (KL, CE, both at T = 1, T ≠ 1)."""
     import torch
 
     launch_config = repo_kernel("mlm_head_kd").launch_config
@@ -74,7 +74,7 @@ def test_the_head_kd_blocks_were_compiled(rows):
         mine = [r for r in rows if r["target"] == target and r["kernel"] in names.values()]
         got = {(r["kernel"], *(r["constexprs"].get(b) for b in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_H")), r["num_warps"],
                 r["constexprs"]["HAS_KL"], r["constexprs"]["CE_OWN_STATS"]) for r in mine}  # fmt: skip
-        for hidden, _ in HEAD_HIDDEN:
+        for hidden, _ in QUICK_HEAD_HIDDEN:
             for part, config in launch_config(hidden, getattr(torch, QUICK_DTYPE)).items():
                 for has_kl, ce_own in ((True, False), (False, False), (True, True)):
                     want = (names[part], *(config.get(b) for b in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_H")), config["num_warps"],
