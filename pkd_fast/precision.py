@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -40,6 +41,8 @@ from pathlib import Path
 import torch
 
 from pkd_fast.errors import PkdError
+
+log = logging.getLogger("pkd_fast")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # bf16 counts as native when a bf16 matmul takes at most this multiple of the fp32 one. Native bf16 measured
@@ -152,7 +155,10 @@ def probe_run_step(teacher_config, student_config, micro_batch: int, seq_len: in
     path = pkd_cache_dir() / RUN_PROBE_CACHE
     try:
         known = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        known = {}
+    except (OSError, ValueError) as err:  # a damaged cache is measured again, and says so
+        log.warning("%s: unreadable (%s); timing this run's step again and rewriting it", path, err)
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), dict):
         try:

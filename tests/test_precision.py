@@ -199,7 +199,7 @@ def tiny_bert(layers: int):
                       max_position_embeddings=64)
 
 
-def test_the_run_probe_times_a_shape_once_per_machine_and_survives_a_damaged_cache(tmp_path, monkeypatch):
+def test_the_run_probe_times_a_shape_once_per_machine_and_survives_a_damaged_cache(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PKD_FAST_CACHE", str(tmp_path))
     first = precision.probe_run_step(tiny_bert(4), tiny_bert(2), 4, 16)
     assert first.fp32_ms > 0 and first.bf16_ms > 0
@@ -216,3 +216,4 @@ def test_the_run_probe_times_a_shape_once_per_machine_and_survives_a_damaged_cac
     cache.write_text('{"truncated": ')  # a damaged file is measured again and rewritten
     again = precision.probe_run_step(tiny_bert(4), tiny_bert(2), 4, 16)
     assert again.fp32_ms > 0 and len(json.loads(cache.read_text())) == 1
+    assert [r.message for r in caplog.records if "unreadable" in r.message and "timing this run's step again" in r.message]
